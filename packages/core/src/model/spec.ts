@@ -1,0 +1,104 @@
+/**
+ * The typed description of a model that every backend works from. Parsed from an HF
+ * `config.json` by {@link parseModelConfig}; nothing downstream reads `config.json` again.
+ */
+
+/** Model families moeflash runs (HF `model_type`). */
+export type ModelFamily = 'qwen3_moe' | 'mixtral' | 'gpt_oss';
+
+/** Rotary position embedding parameters. */
+export interface RopeSpec {
+  /** Base frequency (HF `rope_theta`). */
+  theta: number;
+  /** `default` (plain RoPE) or `yarn` (YaRN-scaled frequencies and attention factor). */
+  type: 'default' | 'yarn';
+  /** Number of leading dims of each head that rotate (== headDim unless partial rotary). */
+  rotaryDim: number;
+  /** YaRN only. */
+  yarn?: {
+    factor: number;
+    betaFast: number;
+    betaSlow: number;
+    originalMaxPositionEmbeddings: number;
+    /** Multiplier applied to cos/sin (HF `attention_factor`; default 0.1*ln(factor)+1). */
+    attentionFactor: number;
+    /** Whether the correction range is truncated to integers (HF `truncate`, default true). */
+    truncate: boolean;
+  };
+}
+
+/** Attention shared by all layers (per-layer differences live in {@link LayerSpec}). */
+export interface AttentionSpec {
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  /** q/k/v/o projections carry biases (gpt-oss). */
+  bias: boolean;
+  /** Per-head RMSNorm on q and k before RoPE (Qwen3). */
+  qkNorm: boolean;
+  /** A learned per-head sink logit joins the softmax denominator (gpt-oss). */
+  sinks: boolean;
+  /** Softmax scale, 1/sqrt(headDim) unless the config says otherwise. */
+  scale: number;
+  rope: RopeSpec;
+  maxPositionEmbeddings: number;
+}
+
+/** How router logits become expert weights (exact formulas: refs/FORMATS.md, "Routing"). */
+export type RoutingRule =
+  /** softmax over all experts, then top-k of the probabilities (Qwen3-MoE). */
+  | 'softmax_then_topk'
+  /** top-k of the logits, then softmax over those k (Mixtral, gpt-oss). */
+  | 'topk_then_softmax';
+
+/** Expert MLP activation. */
+export type ExpertActivation =
+  /** y = down(silu(gate x) * up x) */
+  | { kind: 'swiglu' }
+  /** gpt-oss: gate,up interleaved; gate=min(gate,limit); up=clamp(up,-limit,limit); (up+1)*gate*sigmoid(alpha*gate). */
+  | { kind: 'gpt_oss_clamped_swiglu'; limit: number; alpha: number };
+
+export interface MoeSpec {
+  numExperts: number;
+  topK: number;
+  rule: RoutingRule;
+  /** Qwen3-MoE: divide the chosen top-k probabilities by their sum. */
+  normTopkProb: boolean;
+  /** Router linear has a bias (gpt-oss). */
+  routerBias: boolean;
+  /** Expert projections carry biases (gpt-oss). */
+  expertBias: boolean;
+  /** Hidden width of one expert. */
+  intermediateSize: number;
+  activation: ExpertActivation;
+}
+
+/** One decoder layer. */
+export interface LayerSpec {
+  /** `null`: full causal attention; a number: a key is visible while (queryPos - keyPos) < window. */
+  slidingWindow: number | null;
+  /** `moe`: routed experts; `dense`: a plain SwiGLU MLP of width {@link ModelSpec.denseIntermediateSize}. */
+  mlp: 'moe' | 'dense';
+}
+
+export interface ModelSpec {
+  family: ModelFamily;
+  /** Path of the config.json this came from (for error messages). */
+  source: string;
+  vocabSize: number;
+  hiddenSize: number;
+  numLayers: number;
+  rmsNormEps: number;
+  /** LM head shares the embedding matrix. */
+  tieWordEmbeddings: boolean;
+  attention: AttentionSpec;
+  moe: MoeSpec;
+  /** Width of dense (non-MoE) MLP layers, when any layer is dense. */
+  denseIntermediateSize: number | null;
+  layers: LayerSpec[];
+  bosTokenId: number | null;
+  /** End-of-sequence ids from config.json (generation_config.json may add more). */
+  eosTokenIds: number[];
+  /** Checkpoint quantization as declared by `quantization_config`. */
+  quantization: { method: 'mxfp4' | 'fp8'; weightBlockSize?: [number, number]; modulesToNotConvert?: string[] } | null;
+}
