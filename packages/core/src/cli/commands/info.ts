@@ -1,0 +1,41 @@
+import path from 'node:path';
+import { loadModelSpec } from '../../model/config.js';
+import { bytesPerToken, footprint, WEIGHT_FORMATS } from '../../model/footprint.js';
+import { openWeights } from '../../weights/safetensors.js';
+import { parse, required } from '../args.js';
+import { fmtBytes } from '../progress.js';
+
+export const infoHelp = `moeflash info --model DIR [--json]
+  Parameters, experts, and the bytes a batch-1 decode step reads in each weight format.`;
+
+const g = (n: number) => `${(n / 1e9).toFixed(3)} G`;
+
+export async function info(argv: string[]): Promise<void> {
+  const { values: v } = parse('info', argv, { model: { type: 'string' }, json: { type: 'boolean' } });
+  if (v.help) return void console.log(infoHelp);
+  const dir = path.resolve(required('info', 'model', v.model));
+  const spec = await loadModelSpec(dir);
+  const f = footprint(spec);
+  const weights = await openWeights(dir).catch(() => null);
+  const stored = weights ? weights.names().reduce((s, n) => s + weights.info(n).byteLength, 0) : null;
+  await weights?.close();
+  const perToken = Object.fromEntries(Object.keys(WEIGHT_FORMATS).map((k) => [k, bytesPerToken(spec, k as keyof typeof WEIGHT_FORMATS)]));
+  if (v.json) {
+    console.log(JSON.stringify({ family: spec.family, footprint: f, bytesPerToken: perToken, storedBytes: stored, spec }, null, 2));
+    return;
+  }
+  const a = spec.attention;
+  const moeLayers = spec.layers.filter((l) => l.mlp === 'moe').length;
+  const lines = [
+    `model       ${dir}`,
+    `family      ${spec.family}, ${spec.numLayers} layers (${moeLayers} MoE), hidden ${spec.hiddenSize}, vocab ${spec.vocabSize}`,
+    `attention   ${a.numHeads} heads, ${a.numKvHeads} kv heads, head dim ${a.headDim}, rope ${a.rope.type} (theta ${a.rope.theta})` +
+      `${a.sinks ? ', sinks' : ''}${spec.layers.some((l) => l.slidingWindow !== null) ? `, sliding window ${spec.layers.find((l) => l.slidingWindow !== null)!.slidingWindow}` : ''}`,
+    `experts     ${spec.moe.numExperts} per layer, top-${spec.moe.topK} (${spec.moe.rule}), expert width ${spec.moe.intermediateSize}`,
+    `parameters  ${g(f.total)} total: attention ${g(f.attention)}, experts ${g(f.expertsTotal)} (${g(f.expertsPerToken)} routed a token), embedding ${g(f.embedding)}, lm head ${g(f.lmHead || f.embedding)}${spec.tieWordEmbeddings ? ' (tied)' : ''}`,
+    `stored      ${stored === null ? 'weights not readable' : fmtBytes(stored)}${spec.quantization ? ` (quantization: ${spec.quantization.method})` : ''}`,
+    `bytes read per token at batch 1:`,
+    ...Object.entries(perToken).map(([k, b]) => `  ${k.padEnd(22)} ${fmtBytes(b)}`),
+  ];
+  console.log(lines.join('\n'));
+}

@@ -1,0 +1,57 @@
+import { createEngine } from '../../engine/engine.js';
+import type { BackendChoice } from '../../backends/registry.js';
+import { num, parse, required } from '../args.js';
+import { progressBar } from '../progress.js';
+
+export const runHelp = `moeflash run --model DIR --prompt TEXT [options]
+  Stream a completion of TEXT.
+  --backend auto|cpu|cuda   (default auto)
+  --max-tokens N            (default 128)
+  --temperature T --top-k K --top-p P --min-p P --seed S
+  --stop STR                stop string (repeatable)
+  --chat                    wrap the prompt as one user message with the chat template
+  --stats                   print tokens/s and timings at the end`;
+
+export async function run(argv: string[]): Promise<void> {
+  const { values: v } = parse('run', argv, {
+    model: { type: 'string' }, prompt: { type: 'string' }, backend: { type: 'string' },
+    'max-tokens': { type: 'string' }, temperature: { type: 'string' }, 'top-k': { type: 'string' },
+    'top-p': { type: 'string' }, 'min-p': { type: 'string' }, seed: { type: 'string' },
+    stop: { type: 'string', multiple: true }, chat: { type: 'boolean' }, stats: { type: 'boolean' },
+  });
+  if (v.help) return void console.log(runHelp);
+  const engine = await createEngine({
+    model: required('run', 'model', v.model),
+    backend: (v.backend ?? 'auto') as BackendChoice,
+    on: { 'load:progress': progressBar() },
+  });
+  const controller = new AbortController();
+  const onSigint = () => controller.abort();
+  process.once('SIGINT', onSigint);
+  try {
+    const prompt = required('run', 'prompt', v.prompt);
+    const opts = {
+      maxTokens: num('run', 'max-tokens', v['max-tokens'], 128),
+      temperature: num('run', 'temperature', v.temperature),
+      topK: num('run', 'top-k', v['top-k']),
+      topP: num('run', 'top-p', v['top-p']),
+      minP: num('run', 'min-p', v['min-p']),
+      seed: num('run', 'seed', v.seed),
+      stop: v.stop,
+      signal: controller.signal,
+    };
+    const stream = v.chat ? engine.chat([{ role: 'user', content: prompt }], opts) : engine.generate(prompt, opts);
+    if (!v.chat) process.stdout.write(prompt);
+    for await (const chunk of stream) process.stdout.write(chunk.text);
+    process.stdout.write('\n');
+    const r = await stream.result;
+    if (v.stats) {
+      console.error(
+        `[${engine.backend.name}] ${r.tokens.length} tokens, ${r.tokensPerSecond.toFixed(1)} tokens/s, first token after ${(r.timeToFirstToken * 1000).toFixed(0)} ms (prompt ${r.promptTokens} tokens), finish: ${r.finishReason}`,
+      );
+    }
+  } finally {
+    process.off('SIGINT', onSigint);
+    await engine.close();
+  }
+}

@@ -1,0 +1,265 @@
+import { EventEmitter } from 'eventemitter3';
+import path from 'node:path';
+import type { Backend, LoadedModel, LoadProgress } from '../backends/backend.js';
+import { resolveBackend, type BackendChoice } from '../backends/registry.js';
+import { MoeflashError } from '../errors.js';
+import type { ModelSpec } from '../model/spec.js';
+import { argmax, sampleToken, validateSamplingParams, type SamplingParams } from '../sampling/sample.js';
+import { ChatTemplate, type ChatMessage } from '../tokenizer/chat.js';
+import { loadGenerationConfig, stopTokenIds, type GenerationConfig } from '../tokenizer/generation-config.js';
+import { loadTokenizer, StreamDecoder, type TextTokenizer } from '../tokenizer/tokenizer.js';
+import { loadModel } from './load.js';
+import { ChunkStream } from './chunk-stream.js';
+import { Scheduler } from './scheduler.js';
+import { StopStringFilter } from './stop-strings.js';
+
+export interface EngineOptions {
+  /** Folder of an HF model: config.json, safetensors, tokenizer files. */
+  model: string;
+  /** Where to run: `auto` (CUDA when usable, else CPU), `cpu`, `cuda`, or a Backend object. */
+  backend?: BackendChoice;
+  /** Most sequences decoded together in one step (default 16). */
+  maxBatch?: number;
+  /** Called for one line of diagnostics (default console.warn). */
+  log?: (line: string) => void;
+  /**
+   * Listeners attached before loading starts, so that `load:progress` and `load:done` reach them
+   * (`createEngine` resolves only after the load).
+   */
+  on?: Partial<EngineEvents>;
+}
+
+export interface GenerateOptions extends SamplingParams {
+  /** Most new tokens (default: generation_config.json's max_new_tokens, else 256). */
+  maxTokens?: number;
+  /** Generation ends before any of these strings; it is not part of the output. */
+  stop?: string[];
+  /** Ends the request within one step; the stream then ends with finishReason 'abort'. */
+  signal?: AbortSignal;
+  /** Stop token ids in addition to the model's end-of-sequence ids. */
+  stopTokenIds?: number[];
+  /** Keep generating past end-of-sequence tokens (benchmarks). */
+  ignoreEos?: boolean;
+  /** Random stream of this request (with `seed`): equal seeds and streams reproduce a run. */
+  stream?: number;
+}
+
+/** One streamed piece of output. */
+export interface GenerateChunk {
+  /** Text added since the last chunk (may be empty while a multi-byte character completes). */
+  text: string;
+  /** New token ids. */
+  tokens: number[];
+}
+
+export type FinishReason = 'stop' | 'length' | 'abort';
+
+export interface GenerateResult {
+  text: string;
+  tokens: number[];
+  finishReason: FinishReason;
+  promptTokens: number;
+  /** Seconds from submission to the first token, and tokens per second after it. */
+  timeToFirstToken: number;
+  tokensPerSecond: number;
+}
+
+/** The stream `generate()` returns: iterate it for chunks; `result` settles when it ends. */
+export interface GenerateStream extends AsyncIterable<GenerateChunk> {
+  readonly result: Promise<GenerateResult>;
+}
+
+export interface EngineEvents {
+  'load:progress': (p: LoadProgress) => void;
+  'load:done': (info: { ms: number; backend: string; memory: ReturnType<LoadedModel['memory']> }) => void;
+  step: (info: { sequences: number; tokens: number; ms: number }) => void;
+  'request:done': (r: GenerateResult) => void;
+}
+
+/** A loaded model ready to generate; create it with {@link createEngine}. */
+export class Engine extends EventEmitter<EngineEvents> {
+  private scheduler!: Scheduler;
+  private closed = false;
+
+  private constructor(
+    readonly spec: ModelSpec,
+    readonly tokenizer: TextTokenizer,
+    readonly generationConfig: GenerationConfig,
+    private readonly chatTemplate: ChatTemplate | null,
+    readonly backend: Backend,
+    private readonly log: (line: string) => void,
+    private readonly dir: string,
+  ) {
+    super();
+  }
+
+  /** @internal */
+  static async create(opts: EngineOptions): Promise<Engine> {
+    const dir = path.resolve(opts.model);
+    const log = opts.log ?? ((l: string) => console.warn(l));
+    const tokenizer = await loadTokenizer(dir);
+    const genConfig = await loadGenerationConfig(dir);
+    const chat = await ChatTemplate.load(dir);
+    const handle = await loadModel({
+      model: dir,
+      backend: opts.backend,
+      log,
+      onProgress: opts.on?.['load:progress'],
+    });
+    const engine = new Engine(handle.spec, tokenizer, genConfig, chat, handle.backend, log, dir);
+    for (const [event, fn] of Object.entries(opts.on ?? {})) engine.on(event as keyof EngineEvents, fn as never);
+    const model = handle.model;
+    engine.model = model;
+    engine.stopIds = new Set(stopTokenIds(handle.spec.eosTokenIds, genConfig, tokenizer));
+    engine.scheduler = new Scheduler(model, {
+      maxBatch: opts.maxBatch ?? 16,
+      onStep: (info) => engine.emit('step', info),
+    });
+    engine.emit('load:done', { ms: handle.loadMs, backend: handle.backend.name, memory: model.memory() });
+    return engine;
+  }
+
+  /** The model on its backend (for tools that drive steps themselves, such as `moeflash logits`). */
+  model!: LoadedModel;
+  private stopIds = new Set<number>();
+
+  /** Generate from a prompt string (tokenized as is) or from token ids. */
+  generate(prompt: string | number[], opts: GenerateOptions = {}): GenerateStream {
+    if (this.closed) throw new MoeflashError('CLOSED', 'the engine is closed; create a new one');
+    const params = this.samplingDefaults(opts);
+    validateSamplingParams(params);
+    const ids = typeof prompt === 'string' ? this.tokenizer.encode(prompt) : [...prompt];
+    if (ids.length === 0) throw new MoeflashError('INVALID_ARGUMENT', 'the prompt is empty: give at least one token');
+    const maxTokens = opts.maxTokens ?? this.generationConfig.maxNewTokens ?? 256;
+    if (!Number.isInteger(maxTokens) || maxTokens < 0) {
+      throw new MoeflashError('INVALID_ARGUMENT', `maxTokens must be a non-negative integer, got ${maxTokens}`);
+    }
+    const stopIds = new Set([...(opts.ignoreEos ? [] : this.stopIds), ...(opts.stopTokenIds ?? [])]);
+    const stream = new ChunkStream<GenerateChunk>();
+    const decoder = new StreamDecoder(this.tokenizer);
+    const stops = new StopStringFilter(opts.stop ?? []);
+    const generated: number[] = [];
+    let text = '';
+    let finishReason: FinishReason = 'length';
+    const t0 = performance.now();
+    let tFirst = 0;
+    let resolveResult!: (r: GenerateResult) => void;
+    let rejectResult!: (e: unknown) => void;
+    const result = new Promise<GenerateResult>((res, rej) => {
+      resolveResult = res;
+      rejectResult = rej;
+    });
+    result.catch(() => {}); // the stream reports the error too; an unobserved result must not crash the process
+    const emit = (chunk: GenerateChunk) => {
+      text += chunk.text;
+      stream.push(chunk);
+    };
+    const aborted = () => opts.signal?.aborted === true;
+
+    let settled = false;
+    const finish = () => {
+      if (settled) return;
+      settled = true;
+      if (finishReason !== 'abort' && aborted()) finishReason = 'abort';
+      const rest = finishReason === 'abort' ? '' : stops.flush();
+      if (rest) emit({ text: rest, tokens: [] });
+      stream.end();
+      const now = performance.now();
+      const r: GenerateResult = {
+        text,
+        tokens: generated,
+        finishReason,
+        promptTokens: ids.length,
+        timeToFirstToken: tFirst ? (tFirst - t0) / 1000 : 0,
+        tokensPerSecond: generated.length > 1 && tFirst ? ((generated.length - 1) * 1000) / (now - tFirst) : 0,
+      };
+      resolveResult(r);
+      this.emit('request:done', r);
+    };
+
+    if (maxTokens === 0) {
+      queueMicrotask(finish);
+      return { [Symbol.asyncIterator]: () => stream[Symbol.asyncIterator](), result };
+    }
+
+    this.scheduler.submit({
+      pending: ids,
+      cancelled: aborted,
+      fail: (e) => {
+        if (settled) return;
+        settled = true;
+        stream.fail(e);
+        rejectResult(e);
+      },
+      finished: finish,
+      advance: (logits, position) => {
+        const token =
+          params.temperature === 0
+            ? argmax(logits)
+            : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position });
+        if (!tFirst) tFirst = performance.now();
+        if (stopIds.has(token)) {
+          finishReason = 'stop';
+          return null;
+        }
+        generated.push(token);
+        const delta = stops.push(decoder.push([token]));
+        emit({ text: delta, tokens: [token] });
+        if (stops.stopped) {
+          finishReason = 'stop';
+          return null;
+        }
+        if (generated.length >= maxTokens) {
+          const tail = stops.push(decoder.flush());
+          if (tail) emit({ text: tail, tokens: [] });
+          return null;
+        }
+        return token;
+      },
+    });
+    return { [Symbol.asyncIterator]: () => stream[Symbol.asyncIterator](), result };
+  }
+
+  /** Apply the model's chat template to `messages` and generate the assistant's reply. */
+  chat(messages: ChatMessage[], opts: GenerateOptions & { tools?: unknown[] } = {}): GenerateStream {
+    if (!this.chatTemplate) {
+      throw new MoeflashError('TOKENIZER_INVALID', `the model in ${this.dir} has no chat template (tokenizer_config.json chat_template or chat_template.jinja); use generate() with a prompt instead`);
+    }
+    const prompt = this.chatTemplate.apply(messages, { addGenerationPrompt: true, tools: opts.tools });
+    return this.generate(this.tokenizer.encode(prompt, { addSpecialTokens: false }), opts);
+  }
+
+  private samplingDefaults(opts: GenerateOptions): SamplingParams {
+    const g = this.generationConfig;
+    const sampleByDefault = g.doSample !== false && g.temperature !== undefined;
+    return {
+      temperature: opts.temperature ?? (sampleByDefault ? g.temperature : 0) ?? 0,
+      topK: opts.topK ?? g.topK,
+      topP: opts.topP ?? g.topP,
+      minP: opts.minP ?? g.minP,
+      seed: opts.seed ?? 0,
+    };
+  }
+
+  /** Cancel running requests and free the model and its backend memory. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.scheduler.close();
+    await this.model.dispose();
+    this.removeAllListeners();
+  }
+}
+
+/**
+ * Load a model folder and get an {@link Engine}.
+ *
+ * ```ts
+ * const engine = await createEngine({ model: './models/tiny-demo', backend: 'auto' });
+ * for await (const chunk of engine.generate('def add(a, b):', { maxTokens: 32 })) process.stdout.write(chunk.text);
+ * await engine.close();
+ * ```
+ */
+export async function createEngine(opts: EngineOptions): Promise<Engine> {
+  return Engine.create(opts);
+}

@@ -1,0 +1,36 @@
+import path from 'node:path';
+import type { Backend, LoadedModel, LoadProgress } from '../backends/backend.js';
+import { resolveBackend, type BackendChoice } from '../backends/registry.js';
+import { loadModelSpec } from '../model/config.js';
+import type { ModelSpec } from '../model/spec.js';
+import { openWeights } from '../weights/safetensors.js';
+
+export interface LoadModelOptions {
+  model: string;
+  backend?: BackendChoice;
+  log?: (line: string) => void;
+  onProgress?: (p: LoadProgress) => void;
+}
+
+/** A model on a backend without tokenizer or engine (what `moeflash logits` and tests drive directly). */
+export interface ModelHandle {
+  dir: string;
+  spec: ModelSpec;
+  backend: Backend;
+  model: LoadedModel;
+  loadMs: number;
+}
+
+export async function loadModel(opts: LoadModelOptions): Promise<ModelHandle> {
+  const dir = path.resolve(opts.model);
+  const spec = await loadModelSpec(dir);
+  const backend = await resolveBackend(opts.backend ?? 'auto', opts.log);
+  const t0 = performance.now();
+  const weights = await openWeights(dir);
+  try {
+    const model = await backend.load(spec, weights, { onProgress: opts.onProgress });
+    return { dir, spec, backend, model, loadMs: performance.now() - t0 };
+  } finally {
+    await weights.close();
+  }
+}
