@@ -4,15 +4,16 @@ import { chat, chatHelp } from './cli/commands/chat.js';
 import { info, infoHelp } from './cli/commands/info.js';
 import { logits, logitsHelp } from './cli/commands/logits.js';
 import { run, runHelp } from './cli/commands/run.js';
+import { synth, synthHelp } from './cli/commands/synth.js';
 
 const commands: Record<string, { fn: (argv: string[]) => Promise<void>; help: string }> = {
   run: { fn: run, help: runHelp },
   chat: { fn: chat, help: chatHelp },
   info: { fn: info, help: infoHelp },
   logits: { fn: logits, help: logitsHelp },
+  synth: { fn: synth, help: synthHelp },
 };
 
-/** Registers an extra command (other packages add theirs, e.g. quantize, bench). */
 export function usage(): string {
   return `moeflash <command> [options]\n\ncommands:\n${Object.entries(commands)
     .map(([name, c]) => `  ${name.padEnd(8)} ${c.help.split('\n')[1]?.trim() ?? ''}`)

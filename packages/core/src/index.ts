@@ -39,3 +39,5 @@ export * from './engine/engine.js';
 export * from './engine/load.js';
 export { Scheduler, type ScheduledRequest, type SchedulerOptions } from './engine/scheduler.js';
 export { StopStringFilter } from './engine/stop-strings.js';
+export * from './synth/synth.js';
+export * from './synth/presets.js';
