@@ -11,7 +11,7 @@ export const TINY: Record<string, { preset: string; overrides: Record<string, un
     overrides: {
       vocab_size: 512, hidden_size: 64, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
       num_key_value_heads: 2, head_dim: 16, num_local_experts: 4, sliding_window: 4,
-      layer_types: ['sliding_attention', 'full_attention'], eos_token_id: 2, pad_token_id: 1,
+      layer_types: ['sliding_attention', 'full_attention'], eos_token_id: 511, pad_token_id: 509,
     },
   },
 };

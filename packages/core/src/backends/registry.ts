@@ -14,19 +14,19 @@ interface CudaModule {
 }
 
 /**
- * @moeflash/cuda-backend depends on core, so core finds it at run time: from core itself when an
- * application installed both, else from the working directory.
+ * The optional packages (@moeflash/cuda-backend, @moeflash/speculative) depend on core, so core
+ * finds them at run time: from core itself when an application installed both, else from the
+ * working directory. Returns the module, or why it could not be loaded.
  */
-async function importCuda(): Promise<CudaModule | string> {
-  const id = '@moeflash/cuda-backend';
+export async function importOptional<T>(id: string): Promise<T | string> {
   try {
-    return (await import(/* @vite-ignore */ id)) as CudaModule;
+    return (await import(/* @vite-ignore */ id)) as T;
   } catch {
     try {
       const req = createRequire(path.join(process.cwd(), 'package.json'));
-      return (await import(/* @vite-ignore */ pathToFileURL(req.resolve(id)).href)) as CudaModule;
+      return (await import(/* @vite-ignore */ pathToFileURL(req.resolve(id)).href)) as T;
     } catch (e) {
-      return `the package @moeflash/cuda-backend is not installed (${(e as Error).message.split('\n')[0]}); add it with \`pnpm add @moeflash/cuda-backend\``;
+      return `the package ${id} is not installed or failed to load (${(e as Error).message.split('\n')[0]}); add it with \`pnpm add ${id}\``;
     }
   }
 }
@@ -41,9 +41,10 @@ export async function resolveBackend(choice: BackendChoice, log: (line: string) 
   if (choice !== 'cuda' && choice !== 'auto') {
     throw new MoeflashError('INVALID_ARGUMENT', `unknown backend '${String(choice)}'; use 'auto', 'cpu', 'cuda' or a Backend object`);
   }
-  const mod = await importCuda();
+  const mod = await importOptional<CudaModule>('@moeflash/cuda-backend');
   let reason: string;
   if (typeof mod === 'string') reason = mod;
+  else if (typeof mod.isCudaAvailable !== 'function') reason = '@moeflash/cuda-backend does not export isCudaAvailable (a mismatched version?)';
   else {
     const avail = mod.isCudaAvailable();
     if (avail.ok) return mod.createCudaBackend();

@@ -4,7 +4,7 @@ import { MoeflashError } from '../errors.js';
 type Options = NonNullable<ParseArgsConfig['options']>;
 
 /** parseArgs with errors that name the command and point at --help. */
-export function parse<O extends Options>(command: string, argv: string[], options: O) {
+export function parse<O extends Options>(command: string, argv: string[], options: O): { values: Record<string, any> } {
   try {
     return parseArgs({ args: argv, options: { ...options, help: { type: 'boolean', short: 'h' } }, allowPositionals: false, strict: true });
   } catch (e) {

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'eventemitter3';
 import path from 'node:path';
 import type { Backend, LoadedModel, LoadProgress } from '../backends/backend.js';
-import { resolveBackend, type BackendChoice } from '../backends/registry.js';
+import { importOptional, type BackendChoice } from '../backends/registry.js';
 import { MoeflashError } from '../errors.js';
 import type { ModelSpec } from '../model/spec.js';
 import { argmax, sampleToken, validateSamplingParams, type SamplingParams } from '../sampling/sample.js';
@@ -11,6 +11,7 @@ import { loadTokenizer, StreamDecoder, type TextTokenizer } from '../tokenizer/t
 import { loadModel } from './load.js';
 import { ChunkStream } from './chunk-stream.js';
 import { Scheduler } from './scheduler.js';
+import type { Proposal, SpeculationContext, SpeculationStats, Speculator, SpeculatorFactoryInput } from './speculation.js';
 import { StopStringFilter } from './stop-strings.js';
 
 export interface EngineOptions {
@@ -27,6 +28,17 @@ export interface EngineOptions {
    * (`createEngine` resolves only after the load).
    */
   on?: Partial<EngineEvents>;
+  /**
+   * Speculative decoding (needs @moeflash/speculative): DFlash with a draft model folder, or
+   * prompt lookup (n-gram drafts from the prompt and output, no weights).
+   */
+  speculative?:
+    | { method: 'dflash'; draft: string; blockSize?: number; [option: string]: unknown }
+    | { method: 'prompt-lookup'; blockSize?: number; [option: string]: unknown };
+}
+
+interface SpeculativeModule {
+  createSpeculator(input: SpeculatorFactoryInput): Promise<Speculator>;
 }
 
 export interface GenerateOptions extends SamplingParams {
@@ -42,6 +54,8 @@ export interface GenerateOptions extends SamplingParams {
   ignoreEos?: boolean;
   /** Random stream of this request (with `seed`): equal seeds and streams reproduce a run. */
   stream?: number;
+  /** Per-request speculation: `false` turns it off, an object overrides the engine's block size. */
+  speculative?: false | { blockSize?: number };
 }
 
 /** One streamed piece of output. */
@@ -62,6 +76,8 @@ export interface GenerateResult {
   /** Seconds from submission to the first token, and tokens per second after it. */
   timeToFirstToken: number;
   tokensPerSecond: number;
+  /** Speculative decoding statistics, when the engine speculates. */
+  speculation?: SpeculationStats;
 }
 
 /** The stream `generate()` returns: iterate it for chunks; `result` settles when it ends. */
@@ -99,7 +115,7 @@ export class Engine extends EventEmitter<EngineEvents> {
     const log = opts.log ?? ((l: string) => console.warn(l));
     const tokenizer = await loadTokenizer(dir);
     const genConfig = await loadGenerationConfig(dir);
-    const chat = await ChatTemplate.load(dir);
+    const chat = tokenizer.chatTemplate;
     const handle = await loadModel({
       model: dir,
       backend: opts.backend,
@@ -111,6 +127,15 @@ export class Engine extends EventEmitter<EngineEvents> {
     const model = handle.model;
     engine.model = model;
     engine.stopIds = new Set(stopTokenIds(handle.spec.eosTokenIds, genConfig, tokenizer));
+    if (opts.speculative) {
+      const mod = await importOptional<SpeculativeModule>('@moeflash/speculative');
+      if (typeof mod === 'string') {
+        await model.dispose();
+        throw new MoeflashError('BACKEND_UNAVAILABLE', `speculative decoding needs ${mod}`);
+      }
+      const { method, ...options } = opts.speculative;
+      engine.speculator = await mod.createSpeculator({ target: model, targetSpec: handle.spec, targetDir: dir, options: { method, ...options } });
+    }
     engine.scheduler = new Scheduler(model, {
       maxBatch: opts.maxBatch ?? 16,
       onStep: (info) => engine.emit('step', info),
@@ -122,6 +147,8 @@ export class Engine extends EventEmitter<EngineEvents> {
   /** The model on its backend (for tools that drive steps themselves, such as `moeflash logits`). */
   model!: LoadedModel;
   private stopIds = new Set<number>();
+  /** The speculative method, when EngineOptions.speculative set one. */
+  speculator: Speculator | null = null;
 
   /** Generate from a prompt string (tokenized as is) or from token ids. */
   generate(prompt: string | number[], opts: GenerateOptions = {}): GenerateStream {
@@ -157,11 +184,17 @@ export class Engine extends EventEmitter<EngineEvents> {
     const aborted = () => opts.signal?.aborted === true;
 
     let settled = false;
+    let speculation: SpeculationStats | undefined;
     const finish = () => {
       if (settled) return;
       settled = true;
       if (finishReason !== 'abort' && aborted()) finishReason = 'abort';
-      const rest = finishReason === 'abort' ? '' : stops.flush();
+      let rest = '';
+      if (finishReason !== 'abort') {
+        rest = stops.push(decoder.flush());
+        if (stops.stopped) finishReason = 'stop';
+        rest += stops.flush();
+      }
       if (rest) emit({ text: rest, tokens: [] });
       stream.end();
       const now = performance.now();
@@ -172,6 +205,7 @@ export class Engine extends EventEmitter<EngineEvents> {
         promptTokens: ids.length,
         timeToFirstToken: tFirst ? (tFirst - t0) / 1000 : 0,
         tokensPerSecond: generated.length > 1 && tFirst ? ((generated.length - 1) * 1000) / (now - tFirst) : 0,
+        speculation,
       };
       resolveResult(r);
       this.emit('request:done', r);
@@ -182,39 +216,87 @@ export class Engine extends EventEmitter<EngineEvents> {
       return { [Symbol.asyncIterator]: () => stream[Symbol.asyncIterator](), result };
     }
 
-    this.scheduler.submit({
-      pending: ids,
-      cancelled: aborted,
-      fail: (e) => {
-        if (settled) return;
-        settled = true;
-        stream.fail(e);
-        rejectResult(e);
-      },
-      finished: finish,
-      advance: (logits, position) => {
-        const token =
-          params.temperature === 0
-            ? argmax(logits)
-            : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position });
+    const V = this.spec.vocabSize;
+    const speculator = opts.speculative === false ? null : this.speculator?.forRequest(opts.speculative ?? {}) ?? null;
+    const ctx = (cacheLength: number): SpeculationContext => ({
+      tokens: [...ids, ...generated],
+      cacheLength,
+      params,
+      stream: opts.stream ?? 0,
+    });
+    let pending = ids;
+    let prefilled = false;
+    let proposal: Proposal | null = null;
+    let lengthBefore = 0;
+
+    /** Emit tokens in order until one ends the request; true while it goes on. */
+    const accept = (tokens: number[]): boolean => {
+      for (const token of tokens) {
         if (!tFirst) tFirst = performance.now();
         if (stopIds.has(token)) {
           finishReason = 'stop';
-          return null;
+          return false;
         }
         generated.push(token);
         const delta = stops.push(decoder.push([token]));
         emit({ text: delta, tokens: [token] });
         if (stops.stopped) {
           finishReason = 'stop';
-          return null;
+          return false;
         }
-        if (generated.length >= maxTokens) {
-          const tail = stops.push(decoder.flush());
-          if (tail) emit({ text: tail, tokens: [] });
-          return null;
+        if (generated.length >= maxTokens) return false;
+      }
+      pending = [tokens[tokens.length - 1]];
+      return true;
+    };
+
+    this.scheduler.submit({
+      cancelled: aborted,
+      fail: (e) => {
+        if (settled) return;
+        settled = true;
+        speculator?.release();
+        stream.fail(e);
+        rejectResult(e);
+      },
+      finished: () => {
+        if (speculator) speculation = speculator.stats();
+        speculator?.release();
+        finish();
+      },
+      prepare: speculator
+        ? async (seq) => {
+            proposal = null;
+            if (!prefilled) return;
+            lengthBefore = seq.length;
+            const room = maxTokens - generated.length - 1;
+            proposal = await speculator.propose(ctx(lengthBefore));
+            if (proposal.tokens.length > room) proposal.tokens = proposal.tokens.slice(0, Math.max(0, room));
+            pending = [pending[0], ...proposal.tokens];
+          }
+        : undefined,
+      work: () => ({
+        tokens: pending,
+        logits: proposal ? 'all' : 'last',
+        hiddenLayers: speculator?.hiddenLayers.length ? speculator.hiddenLayers : undefined,
+      }),
+      advance: (out, seq) => {
+        if (speculator && !prefilled) {
+          prefilled = true;
+          void speculator.prefilled(ctx(seq.length), out);
         }
-        return token;
+        prefilled = true;
+        if (speculator && proposal) {
+          const verdict = speculator.verify(ctx(lengthBefore), proposal, out);
+          seq.truncate(lengthBefore + 1 + verdict.accepted);
+          return accept(verdict.emit);
+        }
+        const logits = out.logits.subarray((out.rows - 1) * V, out.rows * V);
+        const token =
+          params.temperature === 0
+            ? argmax(logits)
+            : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position: seq.length });
+        return accept([token]);
       },
     });
     return { [Symbol.asyncIterator]: () => stream[Symbol.asyncIterator](), result };
@@ -231,9 +313,9 @@ export class Engine extends EventEmitter<EngineEvents> {
 
   private samplingDefaults(opts: GenerateOptions): SamplingParams {
     const g = this.generationConfig;
-    const sampleByDefault = g.doSample !== false && g.temperature !== undefined;
+    const sampleByDefault = g.doSample === true;
     return {
-      temperature: opts.temperature ?? (sampleByDefault ? g.temperature : 0) ?? 0,
+      temperature: opts.temperature ?? (sampleByDefault ? (g.temperature ?? 1) : 0),
       topK: opts.topK ?? g.topK,
       topP: opts.topP ?? g.topP,
       minP: opts.minP ?? g.minP,
@@ -246,6 +328,7 @@ export class Engine extends EventEmitter<EngineEvents> {
     if (this.closed) return;
     this.closed = true;
     await this.scheduler.close();
+    await this.speculator?.dispose();
     await this.model.dispose();
     this.removeAllListeners();
   }

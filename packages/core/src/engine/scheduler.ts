@@ -1,15 +1,29 @@
 import { MoeflashError } from '../errors.js';
-import type { LoadedModel, SeqId, StepPlan } from '../backends/backend.js';
+import type { LoadedModel, SeqId, SequenceOutput, StepPlan } from '../backends/backend.js';
+
+/** One request's share of the next step. */
+export interface StepWork {
+  tokens: number[];
+  logits: 'last' | 'all';
+  hiddenLayers?: number[];
+}
+
+/** A request's view of its own sequence in the model. */
+export interface SequenceControl {
+  /** Positions in the cache. */
+  readonly length: number;
+  /** Roll back to `length` positions (speculative rejection). */
+  truncate(length: number): void;
+}
 
 /** What the scheduler needs from one generation request. */
 export interface ScheduledRequest {
-  /** Tokens to run next: the prompt first, then each sampled token. */
-  pending: number[];
-  /**
-   * Called with the last-position logits after each step that ran this request's tokens, and
-   * the position the next token will take. Returns the next token to feed, or null when done.
-   */
-  advance(logits: Float32Array, position: number): number | null;
+  /** Work that must happen before the step (drafting); awaited before the plan is built. */
+  prepare?(seq: SequenceControl): Promise<void>;
+  /** Tokens to run in the next step: the prompt first, then sampled (and drafted) tokens. */
+  work(seq: SequenceControl): StepWork;
+  /** Consume the step's output; false when the request is done. */
+  advance(out: SequenceOutput, seq: SequenceControl): boolean;
   /** The request ended without finishing (abort, engine error). */
   fail(error: unknown): void;
   /** True once the caller no longer wants tokens (abort). */
@@ -57,6 +71,16 @@ export class Scheduler {
     await this.running;
   }
 
+  private control(seq: SeqId): SequenceControl {
+    const model = this.model;
+    return {
+      get length() {
+        return model.length(seq);
+      },
+      truncate: (n) => model.truncate(seq, n),
+    };
+  }
+
   private retire(i: number): void {
     const [e] = this.active.splice(i, 1);
     this.model.release(e.seq);
@@ -71,8 +95,21 @@ export class Scheduler {
       for (let i = this.active.length - 1; i >= 0; i--) if (this.active[i].req.cancelled() || this.closed) this.retire(i);
       if (!this.active.length) continue;
 
+      const controls = this.active.map((e) => this.control(e.seq));
+      for (let i = this.active.length - 1; i >= 0; i--) {
+        const e = this.active[i];
+        if (!e.req.prepare) continue;
+        try {
+          await e.req.prepare(controls[i]);
+        } catch (err) {
+          e.req.fail(err);
+          this.retire(i);
+          controls.splice(i, 1);
+        }
+      }
+      if (!this.active.length) continue;
       const plan: StepPlan = {
-        sequences: this.active.map((e) => ({ seq: e.seq, tokens: e.req.pending, logits: 'last' as const })),
+        sequences: this.active.map((e, i) => ({ seq: e.seq, ...e.req.work(controls[i]) })),
       };
       const t0 = performance.now();
       let result;
@@ -92,15 +129,13 @@ export class Scheduler {
       });
       for (let i = this.active.length - 1; i >= 0; i--) {
         const e = this.active[i];
-        const out = result.sequences[i];
-        let next: number | null = null;
+        let more = false;
         try {
-          next = e.req.cancelled() ? null : e.req.advance(out.logits, this.model.length(e.seq));
+          more = !e.req.cancelled() && e.req.advance(result.sequences[i], controls[i]);
         } catch (err) {
           e.req.fail(err);
         }
-        if (next === null) this.retire(i);
-        else e.req.pending = [next];
+        if (!more) this.retire(i);
       }
       // Let consumers run between steps (stream delivery, aborts, new submissions).
       await new Promise((r) => setImmediate(r));

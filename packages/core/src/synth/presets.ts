@@ -75,7 +75,7 @@ export const PRESETS: Record<string, { family: SynthFamily; config: Record<strin
       vocab_size: 512, hidden_size: 128, intermediate_size: 256, moe_intermediate_size: 96,
       num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 32,
       num_experts: 8, num_experts_per_tok: 2, max_position_embeddings: 2048,
-      bos_token_id: null, eos_token_id: 2, tie_word_embeddings: true,
+      bos_token_id: null, eos_token_id: 511, pad_token_id: 509, tie_word_embeddings: true,
     }),
   },
 };

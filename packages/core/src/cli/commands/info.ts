@@ -8,7 +8,7 @@ import { fmtBytes } from '../progress.js';
 export const infoHelp = `moeflash info --model DIR [--json]
   Parameters, experts, and the bytes a batch-1 decode step reads in each weight format.`;
 
-const g = (n: number) => `${(n / 1e9).toFixed(3)} G`;
+const g = (n: number) => (n >= 1e9 ? `${(n / 1e9).toFixed(2)} G` : n >= 1e6 ? `${(n / 1e6).toFixed(2)} M` : `${(n / 1e3).toFixed(1)} k`);
 
 export async function info(argv: string[]): Promise<void> {
   const { values: v } = parse('info', argv, { model: { type: 'string' }, json: { type: 'boolean' } });

@@ -1,0 +1,74 @@
+import type { LoadedModel, SequenceOutput } from '../backends/backend.js';
+import type { ModelSpec } from '../model/spec.js';
+import type { SamplingParams } from '../sampling/sample.js';
+
+/**
+ * The contract between the engine and a speculative decoding method (implemented in
+ * @moeflash/speculative). The engine owns the target model's steps; a speculator proposes tokens
+ * and decides, from the target's verify output, which of them to keep.
+ */
+export interface SpeculationContext {
+  /** Prompt and every emitted token so far (the last one is not yet in the target's cache). */
+  tokens: readonly number[];
+  /** Target cache length before this round's verify. */
+  cacheLength: number;
+  params: SamplingParams;
+  /** Random stream of the request (with params.seed). */
+  stream: number;
+}
+
+export interface Proposal {
+  /** Drafted tokens (may be empty: the round is then a plain decode step). */
+  tokens: number[];
+  /** Row-major [tokens.length, vocab] draft probabilities, after the same sampling transforms (sampling mode only). */
+  q?: Float32Array;
+}
+
+export interface Verdict {
+  /** Tokens to emit this round: the accepted drafts, then the target's correction or bonus token. */
+  emit: number[];
+  /** How many of the proposal's drafts were accepted. */
+  accepted: number;
+}
+
+/** Per-request speculation state (drafter caches, statistics). */
+export interface RequestSpeculator {
+  /** Target layers whose hidden states the verify step must return (DFlash context features). */
+  readonly hiddenLayers: number[];
+  /** Called after the prompt's prefill step with its output (hidden states for the drafter). */
+  prefilled(ctx: SpeculationContext, out: SequenceOutput): Promise<void> | void;
+  propose(ctx: SpeculationContext): Promise<Proposal>;
+  /** Judge the verify output (rows for [last token, ...drafts]) and update drafter state. */
+  verify(ctx: SpeculationContext, proposal: Proposal, out: SequenceOutput): Verdict;
+  /** The engine rolled back or finished; free drafter caches. */
+  release(): void;
+  /** Statistics so far (accepted per round, per-position acceptance, timings). */
+  stats(): SpeculationStats;
+}
+
+export interface SpeculationStats {
+  method: string;
+  rounds: number;
+  draftedTokens: number;
+  acceptedTokens: number;
+  /** Mean tokens emitted per verify round (accepted + 1). */
+  meanAcceptedPerRound: number;
+  /** acceptance[i]: fraction of rounds in which draft position i was accepted. */
+  acceptanceByPosition: number[];
+  blockSize: number;
+}
+
+/** A speculative method bound to a loaded target; creates per-request speculators. */
+export interface Speculator {
+  readonly method: string;
+  forRequest(opts: { blockSize?: number }): RequestSpeculator;
+  dispose(): Promise<void>;
+}
+
+/** What a speculative package's factory receives. */
+export interface SpeculatorFactoryInput {
+  target: LoadedModel;
+  targetSpec: ModelSpec;
+  targetDir: string;
+  options: Record<string, unknown>;
+}
