@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { MoeflashError } from './errors.js';
+import { importOptional } from './backends/registry.js';
 import { chat, chatHelp } from './cli/commands/chat.js';
 import { info, infoHelp } from './cli/commands/info.js';
 import { logits, logitsHelp } from './cli/commands/logits.js';
@@ -20,18 +21,32 @@ export function usage(): string {
     .join('\n')}\n\nmoeflash <command> --help for its options`;
 }
 
+/** Commands that live in optional packages (e.g. quantize and quant-report in @moeflash/quant). */
+const OPTIONAL_COMMANDS: Record<string, string> = {
+  quantize: '@moeflash/quant',
+  'quant-report': '@moeflash/quant',
+};
+
+async function optionalCommand(name: string): Promise<(typeof commands)[string] | undefined> {
+  const pkg = OPTIONAL_COMMANDS[name];
+  if (!pkg) return undefined;
+  const mod = await importOptional<{ cliCommands?: typeof commands }>(pkg);
+  if (typeof mod === 'string') throw new MoeflashError('BACKEND_UNAVAILABLE', `\`moeflash ${name}\` needs ${mod}`);
+  return mod.cliCommands?.[name];
+}
+
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (!name || name === '--help' || name === '-h' || name === 'help') {
     console.log(usage());
     return 0;
   }
-  const cmd = commands[name];
-  if (!cmd) {
-    console.error(`moeflash: unknown command '${name}'\n\n${usage()}`);
-    return 2;
-  }
   try {
+    const cmd = commands[name] ?? (await optionalCommand(name));
+    if (!cmd) {
+      console.error(`moeflash: unknown command '${name}'\n\n${usage()}`);
+      return 2;
+    }
     await cmd.fn(rest);
     return 0;
   } catch (e) {
