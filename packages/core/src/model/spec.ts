@@ -99,6 +99,15 @@ export interface ModelSpec {
   bosTokenId: number | null;
   /** End-of-sequence ids from config.json (generation_config.json may add more). */
   eosTokenIds: number[];
-  /** Checkpoint quantization as declared by `quantization_config`. */
-  quantization: { method: 'mxfp4' | 'fp8'; weightBlockSize?: [number, number]; modulesToNotConvert?: string[] } | null;
+  /**
+   * Checkpoint quantization as declared by `quantization_config`. `dense` is moeflash's mixed form:
+   * MXFP4 experts (`quant_method: "mxfp4"`) with block-scaled FP8 dense weights declared by a nested
+   * `dense_quantization_config` (one `quant_method` cannot name both).
+   */
+  quantization: {
+    method: 'mxfp4' | 'fp8';
+    weightBlockSize?: [number, number];
+    modulesToNotConvert?: string[];
+    dense?: { method: 'fp8'; weightBlockSize: [number, number]; modulesToNotConvert?: string[] };
+  } | null;
 }

@@ -63,6 +63,8 @@ class Reader {
     readonly totalBytes: number,
     readonly totalTensors: number,
     readonly onProgress?: (p: LoadProgress) => void,
+    /** FP8 scale blocks [rows, cols]: config.json's `weight_block_size` (edge blocks are partial). */
+    readonly fp8Block: [number, number] = [128, 128],
   ) {}
 
   private tick(name: string): void {
@@ -100,8 +102,16 @@ class Reader {
       this.tick(scaleName);
       const [rows, cols] = shape;
       const bCols = sinfo.shape[1];
-      const br = Math.ceil(rows / sinfo.shape[0]);
-      const bc = Math.ceil(cols / bCols);
+      // The block size cannot be recovered from the shapes: with partial edge blocks, rows / scale
+      // rows is not the block height (2880 rows in 128-row blocks give 23 scale rows, and 2880 / 23
+      // is not 128).
+      const [br, bc] = this.fp8Block;
+      if (sinfo.shape.length !== 2 || sinfo.shape[0] !== Math.ceil(rows / br) || bCols !== Math.ceil(cols / bc)) {
+        throw new MoeflashError(
+          'WEIGHTS_INVALID',
+          `tensor ${scaleName} in ${sinfo.file} has shape [${sinfo.shape}] but a [${shape}] weight in ${br}x${bc} blocks needs [${Math.ceil(rows / br)},${Math.ceil(cols / bc)}]; check weight_block_size in config.json`,
+        );
+      }
       for (let r = 0; r < rows; r++) {
         for (let c = 0; c < cols; c++) data[r * cols + c] *= scale[Math.floor(r / br) * bCols + Math.floor(c / bc)];
       }
@@ -138,7 +148,9 @@ export async function loadModelWeights(
 ): Promise<ModelWeights> {
   const names = tensorsToRead(src);
   const total = names.reduce((s, n) => s + src.info(n).byteLength, 0);
-  const rd = new Reader(src, total, names.length, onProgress);
+  const q = spec.quantization;
+  const fp8Block = q?.method === 'fp8' ? q.weightBlockSize : q?.dense?.weightBlockSize;
+  const rd = new Reader(src, total, names.length, onProgress, fp8Block);
   const H = spec.hiddenSize;
   const V = spec.vocabSize;
   const a = spec.attention;

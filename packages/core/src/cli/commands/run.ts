@@ -1,4 +1,5 @@
-import { createEngine } from '../../engine/engine.js';
+import { createEngine, type EngineOptions } from '../../engine/engine.js';
+import { MoeflashError } from '../../errors.js';
 import type { BackendChoice } from '../../backends/registry.js';
 import { num, parse, required } from '../args.js';
 import { progressBar } from '../progress.js';
@@ -10,7 +11,19 @@ export const runHelp = `moeflash run --model DIR --prompt TEXT [options]
   --temperature T --top-k K --top-p P --min-p P --seed S
   --stop STR                stop string (repeatable)
   --chat                    wrap the prompt as one user message with the chat template
+  --speculative METHOD      dflash (with --draft DIR) or prompt-lookup
+  --draft DIR               DFlash draft model folder
+  --block-size B            drafted tokens a round (default 8, at most 16)
   --stats                   print tokens/s and timings at the end`;
+
+export function speculativeOption(v: Record<string, any>): EngineOptions['speculative'] {
+  const method = v.speculative ?? (v.draft ? 'dflash' : undefined);
+  if (!method) return undefined;
+  const blockSize = num('run', 'block-size', v['block-size']);
+  if (method === 'dflash') return { method, draft: required('run', 'draft', v.draft), blockSize };
+  if (method === 'prompt-lookup') return { method, blockSize };
+  throw new MoeflashError('INVALID_ARGUMENT', `--speculative must be dflash or prompt-lookup, got '${method}'`);
+}
 
 export async function run(argv: string[]): Promise<void> {
   const { values: v } = parse('run', argv, {
@@ -18,12 +31,14 @@ export async function run(argv: string[]): Promise<void> {
     'max-tokens': { type: 'string' }, temperature: { type: 'string' }, 'top-k': { type: 'string' },
     'top-p': { type: 'string' }, 'min-p': { type: 'string' }, seed: { type: 'string' },
     stop: { type: 'string', multiple: true }, chat: { type: 'boolean' }, stats: { type: 'boolean' },
+    speculative: { type: 'string' }, draft: { type: 'string' }, 'block-size': { type: 'string' },
   });
   if (v.help) return void console.log(runHelp);
   const engine = await createEngine({
     model: required('run', 'model', v.model),
     backend: (v.backend ?? 'auto') as BackendChoice,
     on: { 'load:progress': progressBar() },
+    speculative: speculativeOption(v),
   });
   const controller = new AbortController();
   const onSigint = () => controller.abort();
@@ -46,6 +61,12 @@ export async function run(argv: string[]): Promise<void> {
     process.stdout.write('\n');
     const r = await stream.result;
     if (v.stats) {
+      if (r.speculation) {
+        const s = r.speculation;
+        console.error(
+          `[${s.method}] block ${s.blockSize}: ${s.rounds} verify rounds, ${s.meanAcceptedPerRound.toFixed(2)} tokens a round (${s.acceptedTokens}/${s.draftedTokens} drafts accepted)`,
+        );
+      }
       console.error(
         `[${engine.backend.name}] ${r.tokens.length} tokens, ${r.tokensPerSecond.toFixed(1)} tokens/s, first token after ${(r.timeToFirstToken * 1000).toFixed(0)} ms (prompt ${r.promptTokens} tokens), finish: ${r.finishReason}`,
       );

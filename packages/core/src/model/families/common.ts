@@ -263,19 +263,33 @@ export const SUPPORTED_QUANT_METHODS = ['mxfp4', 'fp8'] as const;
 
 export function readQuantization(f: ConfigFields): ModelSpec['quantization'] {
   const q = f.maybeObject('quantization_config');
-  if (q === null) return null;
+  return q === null ? null : readQuantizationObject(q, f.source);
+}
+
+function readQuantizationObject(q: ConfigFields, source: string): NonNullable<ModelSpec['quantization']> {
   const method = q.requireString('quant_method');
 
   if (method === 'mxfp4') {
     const modulesToNotConvert = q.maybeStringList('modules_to_not_convert');
-    return modulesToNotConvert === undefined ? { method } : { method, modulesToNotConvert };
+    const out: NonNullable<ModelSpec['quantization']> = modulesToNotConvert === undefined ? { method } : { method, modulesToNotConvert };
+    // `moeflash quantize --dense fp8` writes MXFP4 experts with FP8 dense weights; one quant_method
+    // cannot say both, so the FP8 part is a nested fp8 config.
+    const nested = q.maybeObject('dense_quantization_config');
+    if (nested !== null) {
+      const dense = readQuantizationObject(nested, source);
+      if (dense.method !== 'fp8' || dense.dense) {
+        throw unsupportedConfig(source, `"${nested.name('quant_method')}" is ${JSON.stringify(dense.method)}; only a plain "fp8" config can be nested in an mxfp4 one`);
+      }
+      out.dense = { method: 'fp8', weightBlockSize: dense.weightBlockSize!, ...(dense.modulesToNotConvert ? { modulesToNotConvert: dense.modulesToNotConvert } : {}) };
+    }
+    return out;
   }
 
   if (method === 'fp8') {
     const scheme = q.optionalString('activation_scheme', 'dynamic').toLowerCase();
     if (scheme !== 'dynamic') {
       throw unsupportedConfig(
-        f.source,
+        source,
         `"${q.name('activation_scheme')}" is ${JSON.stringify(scheme)}; moeflash supports FP8 checkpoints with "dynamic" activations only`,
       );
     }
@@ -284,7 +298,7 @@ export function readQuantization(f: ConfigFields): ModelSpec['quantization'] {
       const raw = q.raw('weight_block_size');
       if (raw === null) {
         throw unsupportedConfig(
-          f.source,
+          source,
           `"${q.name('weight_block_size')}" is null (one FP8 scale per tensor); moeflash supports block-scaled FP8 only`,
         );
       }
@@ -298,7 +312,7 @@ export function readQuantization(f: ConfigFields): ModelSpec['quantization'] {
   }
 
   throw unsupportedConfig(
-    f.source,
+    source,
     `"${q.name('quant_method')}" is ${JSON.stringify(method)}; moeflash loads ${SUPPORTED_QUANT_METHODS.join(', ')} checkpoints ` +
       '(or unquantized ones, without quantization_config)',
   );
