@@ -29,7 +29,9 @@ for d in sorted(glob.glob('/tmp/golden/*/')):
     a = load_file(os.path.join(d, 'logits.safetensors'))
     b = load_file(os.path.join('packages/core/test/fixtures/golden', name, 'logits.safetensors'))
     diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    same_w = open(os.path.join(d, 'model.safetensors') if os.path.exists(os.path.join(d, 'model.safetensors')) else os.path.join(d, sorted(x for x in os.listdir(d) if x.endswith('.safetensors') and x != 'logits.safetensors')[0]), 'rb').read() == open(os.path.join('packages/core/test/fixtures/golden', name, os.path.basename(os.path.join(d, 'model.safetensors') if os.path.exists(os.path.join(d, 'model.safetensors')) else sorted(x for x in os.listdir(d) if x.endswith('.safetensors') and x != 'logits.safetensors')[0])), 'rb').read()
+    weights = [f for f in sorted(os.listdir(d)) if f.endswith('.safetensors') and f != 'logits.safetensors']
+    committed = os.path.join('packages/core/test/fixtures/golden', name)
+    same_w = all(open(os.path.join(d, f), 'rb').read() == open(os.path.join(committed, f), 'rb').read() for f in weights)
     worst = max(worst, diff)
     print(f'{name:24s} max |logits(host) - logits(committed)| = {diff:.3e}  weights identical: {same_w}')
 print(f'worst {worst:.3e}')

@@ -1,1 +1,26 @@
-export {};
+/**
+ * @moeflash/cuda-backend: moeflash on NVIDIA GPUs through a native addon (node-addon-api + nvcc).
+ *
+ * ```
+ *  src/native.ts ──> build/Release/moeflash_cuda.node ──> native/*.cc ──> kernels/*.cu
+ *   (typed boundary)     (node-gyp, cudart_static)         (glue, errors)   (one file a kernel family)
+ *  src/ops.ts: test-only kernel calls, compared with @moeflash/core's math/ and sampling/
+ * ```
+ * @packageDocumentation
+ */
+export {
+  isCudaAvailable,
+  loadAddon,
+  tryLoadAddon,
+  translateNativeError,
+  ADDON_PATH,
+  BUILD_COMMAND,
+  type CudaAvailability,
+  type CudaDeviceInfo,
+  type CudaErrorFields,
+  type NativeAddon,
+  type NativeBench,
+  type NativeOps,
+  type NativeProbe,
+} from './native.js';
+export { cudaOps, type CudaOps, type MoeShape, type MoeWeights } from './ops.js';
