@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Writes the tokenizer files of the bundled demo model (models/tiny-demo): a GPT-2 style
+// Writes the tokenizer files of the bundled demo model (packages/core/test/fixtures/demo-tokenizer; tests pair it with synthesized tiny models): a GPT-2 style
 // byte-level BPE tokenizer with 512 ids, trained on corpus.txt, plus its tokenizer_config.json
 // (ChatML chat template) and generation_config.json.
 //
@@ -12,7 +12,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const outDir = resolve(process.argv[2] ?? join(here, '..', '..', 'models', 'tiny-demo'));
+const outDir = resolve(process.argv[2] ?? join(here, '..', '..', 'packages', 'core', 'test', 'fixtures', 'demo-tokenizer'));
 
 // The demo model's embedding has exactly this many rows.
 const VOCAB_SIZE = 512;

@@ -12,7 +12,8 @@
 # Environment:
 #   TARGET_MINUTES, DRAFT_MINUTES   budgets of the two training stages (default 6 each)
 #   TARGET_ARGS, DRAFT_ARGS         extra flags for them, e.g. TARGET_ARGS="--compile"
-#   STAGES                          which stages to run, default "test data target draft"; a later
+#   STAGES                          which stages to run, default "test data target quantize draft"
+#                                   (quantize needs Node and `pnpm build`); a later
 #                                   stage reads what earlier ones left in $WORK and OUT_ROOT, so
 #                                   STAGES="test data target" then STAGES="draft" split one run
 #                                   into two commands
@@ -26,7 +27,7 @@ work=${WORK:-$repo/tmp/moeflash-train}
 python=${PYTHON:-python3}
 target_minutes=${TARGET_MINUTES:-6}
 draft_minutes=${DRAFT_MINUTES:-6}
-stages=" ${STAGES:-test data target draft} "
+stages=" ${STAGES:-test data target quantize draft} "
 target_dir=$out_root/moeflash-tiny-coder
 draft_dir=$out_root/moeflash-tiny-coder-dflash
 mkdir -p "$work"
@@ -72,11 +73,24 @@ if want target; then
   echo "== [2/3] done in $(( $(stamp) - t )) s"
 fi
 
+# The shipped target keeps its experts in MXFP4 (moeflash quantize, Node); the drafter then learns
+# that exact model through an exact bf16 copy of it that torch can run.
+draft_target=$target_dir
+if want quantize; then
+  echo "== [2b] MXFP4 experts (moeflash quantize)"
+  node "$repo/packages/core/dist/cli.js" quantize --in "$target_dir" --out "$work/target-mxfp4" --experts mxfp4 --dense bf16 --force
+  node "$repo/packages/core/dist/cli.js" quant-report --ref "$target_dir" --quant "$work/target-mxfp4" --json "$work/quant-report.json" --no-weights | tail -8
+  "$python" "$here/dequantize_target.py" "$work/target-mxfp4" "$work/target-for-draft"
+  cp "$target_dir/train_results.json" "$work/target-mxfp4/" 2>/dev/null || true
+  rm -rf "$target_dir" && mv "$work/target-mxfp4" "$target_dir"
+fi
+[ -d "$work/target-for-draft" ] && draft_target=$work/target-for-draft
+
 if want draft; then
   echo "== [3/3] DFlash drafter (budget $draft_minutes min)"
   t=$(stamp)
   # shellcheck disable=SC2086
-  "$python" "$here/train_draft.py" --work "$work" --target "$target_dir" --out "$draft_dir" --minutes "$draft_minutes" ${DRAFT_ARGS:-}
+  "$python" "$here/train_draft.py" --work "$work" --target "$draft_target" --out "$draft_dir" --minutes "$draft_minutes" ${DRAFT_ARGS:-}
   echo "== [3/3] done in $(( $(stamp) - t )) s"
 fi
 

@@ -13,7 +13,7 @@ import {
   type TextTokenizer,
 } from '../src/tokenizer/index.js';
 
-const DEMO = fileURLToPath(new URL('../../../models/tiny-demo', import.meta.url));
+const DEMO = fileURLToPath(new URL('./fixtures/demo-tokenizer', import.meta.url));
 
 let tok: TextTokenizer;
 let scratch: string;

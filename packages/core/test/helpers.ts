@@ -23,7 +23,7 @@ export async function tinyModel(family: keyof typeof TINY, seed = 7): Promise<st
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `moeflash-${family}-`));
   await synthesizeModel({ preset: TINY[family].preset, overrides: TINY[family].overrides, out: dir, seed });
   for (const f of ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json']) {
-    const src = path.join(repoRoot, 'models', 'tiny-demo', f);
+    const src = path.join(repoRoot, 'packages', 'core', 'test', 'fixtures', 'demo-tokenizer', f);
     if (fs.existsSync(src)) fs.copyFileSync(src, path.join(dir, f));
   }
   return dir;

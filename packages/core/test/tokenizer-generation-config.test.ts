@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MoeflashError } from '../src/errors.js';
 import { loadGenerationConfig, loadTokenizer, parseGenerationConfig, stopTokenIds } from '../src/tokenizer/index.js';
 
-const DEMO = fileURLToPath(new URL('../../../models/tiny-demo', import.meta.url));
+const DEMO = fileURLToPath(new URL('./fixtures/demo-tokenizer', import.meta.url));
 
 let scratch: string;
 beforeAll(async () => {

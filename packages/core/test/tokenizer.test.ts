@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MoeflashError } from '../src/errors.js';
 import { loadTokenizer, TextTokenizer, type StreamDecoder } from '../src/tokenizer/index.js';
 
-const DEMO = fileURLToPath(new URL('../../../models/tiny-demo', import.meta.url));
+const DEMO = fileURLToPath(new URL('./fixtures/demo-tokenizer', import.meta.url));
 
 let tok: TextTokenizer;
 let demoJson: Record<string, unknown>;

@@ -243,7 +243,7 @@ export async function writeTinyCheckpoint(dir: string, layout: TinyLayout, opts:
   await writeSafetensors(path.join(dir, 'model.safetensors'), t, { format: 'pt' });
   fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config, null, 2) + '\n');
   for (const f of ['tokenizer.json', 'tokenizer_config.json', 'generation_config.json']) {
-    fs.copyFileSync(path.join(repoRoot, 'models', 'tiny-demo', f), path.join(dir, f));
+    fs.copyFileSync(path.join(repoRoot, 'packages', 'core', 'test', 'fixtures', 'demo-tokenizer', f), path.join(dir, f));
   }
   return spec;
 }

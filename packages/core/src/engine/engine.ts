@@ -338,7 +338,7 @@ export class Engine extends EventEmitter<EngineEvents> {
  * Load a model folder and get an {@link Engine}.
  *
  * ```ts
- * const engine = await createEngine({ model: './models/tiny-demo', backend: 'auto' });
+ * const engine = await createEngine({ model: './models/moeflash-tiny-coder', backend: 'auto' });
  * for await (const chunk of engine.generate('def add(a, b):', { maxTokens: 32 })) process.stdout.write(chunk.text);
  * await engine.close();
  * ```

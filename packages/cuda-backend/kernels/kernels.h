@@ -1,0 +1,181 @@
+// Host-callable entry points of the kernels: the one interface between native/*.cc (built by the
+// host compiler) and kernels/*.cu (built by nvcc). Every pointer is a device pointer. Each function
+// launches on `stream`, returns the launch status (cudaGetLastError right after the launch) and
+// never synchronizes; argument checking is the caller's job (native/ops.cc does it for tests).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __CUDACC__
+#define MOEFLASH_HOST_DEVICE __host__ __device__
+#else
+#define MOEFLASH_HOST_DEVICE
+#endif
+
+namespace moeflash {
+
+// bf16 crosses this boundary as raw bits: the top 16 bits of the float32 it stands for.
+using bf16_bits = uint16_t;
+
+// ---------------------------------------------------------------- embedding.cu
+// out[t, :] = float(table[ids[t], :]). hidden % 8 == 0.
+cudaError_t embedding_bf16(const bf16_bits* table, const int32_t* ids, int tokens, int hidden,
+                           float* out, cudaStream_t stream);
+
+// ---------------------------------------------------------------- norm.cu
+// Per row: if residual, x += residual (x is updated in place: it is the residual stream);
+// out = x * rsqrt(mean(x^2) + eps) * weight, float32 arithmetic. hidden % 4 == 0; out must not
+// alias x or residual.
+cudaError_t rmsnorm_residual(float* x, const float* residual, const bf16_bits* weight, float eps,
+                             int rows, int hidden, float* out, cudaStream_t stream);
+
+// ---------------------------------------------------------------- rope.cu
+// In place, rotate-half convention (dim i pairs with i + rotary_dim/2) on q [tokens, num_heads,
+// head_dim] and k [tokens, num_kv_heads, head_dim] (k may be null). angle = float(pos) * inv_freq[i]
+// rounded to float32; cos and sin are multiplied by attention_factor (YaRN; 1 for plain RoPE).
+cudaError_t rope_rotate_half(float* q, float* k, const int32_t* positions, const float* inv_freq,
+                             double attention_factor, int tokens, int num_heads, int num_kv_heads,
+                             int head_dim, int rotary_dim, cudaStream_t stream);
+
+// ---------------------------------------------------------------- gemv_bf16.cu
+// y[t, r] = sum_c w[r, c] * x[t, c] (+ bias[r]) for t < tokens (1..8), w row-major bf16
+// [rows, cols], float32 accumulation. cols % 8 == 0, w 16-byte aligned. The result for a token
+// does not depend on `tokens` (same reduction order for every batch size).
+cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows,
+                      int cols, int tokens, cudaStream_t stream);
+
+// ---------------------------------------------------------------- experts_mxfp4.cu
+enum class ExpertActivation : int {
+  // gate rows [0, inter), up rows [inter, 2*inter): y = silu(g) * u
+  SwiGLU = 0,
+  // gpt-oss: gate rows even, up rows odd; g = min(g, limit), u = clamp(u, -limit, limit),
+  // y = (u + 1) * g * sigmoid(alpha * g)
+  GptOssClamped = 1,
+};
+
+struct MoeDims {
+  int tokens;       // 1..8
+  int top_k;        // 1..8; a token's expert ids must be distinct (the router guarantees it)
+  int num_experts;
+  int hidden;       // % 32 == 0
+  int inter;        // % 32 == 0
+};
+
+// MXFP4 expert weights exactly as gpt-oss stores them:
+//   blocks uint8 [E, rows, cols/32, 16]: E2M1 codes, element 2i in the low nibble of byte i
+//   scales uint8 [E, rows, cols/32]: E8M0, 2^(s - 127), 0xFF = NaN
+//   bias   bf16  [E, rows] or null
+struct Mxfp4Experts {
+  const uint8_t* blocks;
+  const uint8_t* scales;
+  const bf16_bits* bias;
+};
+
+// The expert activations travel between the two kernels in a blocked layout that lets the down
+// kernel read them with coalesced 16-byte loads: for each (token, slot) a vector of `inter` floats
+// where element i = 32*b + 4*s + c is stored at float index (s * (inter/32) + b) * 4 + c.
+// These two convert one such vector (host or device code; used by tests).
+MOEFLASH_HOST_DEVICE inline size_t moe_act_blocked_index(int i, int inter) {
+  const int b = i >> 5, s = (i >> 2) & 7, c = i & 3;
+  return (static_cast<size_t>(s) * (inter >> 5) + b) * 4 + c;
+}
+
+// act[t, k, :] (blocked) = activation(W_gate_up[e] x[t] + bias) for e = expert_ids[t, k].
+// x [tokens, hidden] float32; act [tokens, top_k, inter] float32 (blocked layout).
+cudaError_t moe_gate_up_mxfp4(const Mxfp4Experts& w, const float* x, const int32_t* expert_ids,
+                              const MoeDims& dims, ExpertActivation act, float limit, float alpha,
+                              float* act_out, cudaStream_t stream);
+
+// y[t, :] = sum over k in slot order of expert_weights[t, k] * (W_down[e] act[t, k] + bias[e]).
+// Each thread block owns a slice of output rows for every token, so no atomics are used and the
+// result is deterministic. y [tokens, hidden] float32 (overwritten).
+cudaError_t moe_down_mxfp4(const Mxfp4Experts& w, const float* act, const int32_t* expert_ids,
+                           const float* expert_weights, const MoeDims& dims, float* y,
+                           cudaStream_t stream);
+
+// ---------------------------------------------------------------- router.cu
+enum class RoutingRule : int {
+  TopkThenSoftmax = 0,  // Mixtral, gpt-oss
+  SoftmaxThenTopk = 1,  // Qwen3-MoE (renormalize = norm_topk_prob)
+};
+
+// The router is two launches: gemv_bf16 for logits = W_r x + b_r, then this top-k with the
+// weighting rule fused in.
+// logits [tokens, num_experts] (the router GEMV's output, bias included) -> ids [tokens, top_k]
+// (best first, ties to the lower index) and weights [tokens, top_k]. num_experts <= 1024,
+// top_k <= 32.
+cudaError_t router_topk(const float* logits, int tokens, int num_experts, int top_k,
+                        RoutingRule rule, bool renormalize, int32_t* ids, float* weights,
+                        cudaStream_t stream);
+
+// ---------------------------------------------------------------- attention.cu
+// Decode attention: one new query token per sequence over a paged bf16 KV cache.
+//   q        [num_seqs, num_heads, head_dim] float32 (RoPE applied)
+//   k_cache, v_cache  bf16 [num_pages, page_size, num_kv_heads, head_dim]
+//   block_table [num_seqs, max_pages_per_seq] int32: page of each page_size positions
+//   seq_lens [num_seqs] int32: keys 0..len-1 are in the cache, the query is at position len-1
+//   sinks    [num_heads] float32 or null: a logit that joins each head's softmax denominator
+//   window   0 = full causal; else key p is visible while (len-1) - p < window
+//   out      [num_seqs, num_heads, head_dim] float32
+// head_dim % 8 == 0 and <= 128; num_heads % num_kv_heads == 0, group size <= 16.
+struct AttentionDecodeArgs {
+  const float* q;
+  const bf16_bits* k_cache;
+  const bf16_bits* v_cache;
+  const int32_t* block_table;
+  const int32_t* seq_lens;
+  const float* sinks;
+  float* out;
+  void* workspace;  // attention_decode_workspace_bytes(...)
+  int num_seqs, num_heads, num_kv_heads, head_dim;
+  int page_size, max_pages_per_seq;
+  int max_seq_len;  // upper bound of seq_lens (sizes the split grid)
+  int window;
+  float scale;
+};
+size_t attention_decode_workspace_bytes(int num_seqs, int num_heads, int head_dim, int max_seq_len);
+cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream);
+
+// ---------------------------------------------------------------- sample.cu
+// Greedy: the index of the largest logit of each row, lowest index among equals; NaN ranks below
+// every number (an all-NaN row gives 0), as core's sampling/sample.ts argmax.
+size_t argmax_workspace_bytes(int rows, int vocab);
+cudaError_t argmax_rows(const float* logits, int rows, int vocab, int32_t* out, void* workspace,
+                        cudaStream_t stream);
+
+// Temperature sampling by inverse CDF, mirroring core's probabilities() + sampleFrom() with only a
+// temperature: w = exp((l - max) / T) and its sums in float64, prob = float32(w / sum), the first
+// index whose running sum (float64) exceeds u * total. u is Philox4x32-10 with key (seed_lo,
+// seed_hi) and counter (position, seq, 0, purpose), x >> 8 times 2^-24 (core's sampling/rng.ts).
+struct SampleArgs {
+  const float* logits;  // [rows, vocab]
+  int rows, vocab;
+  double temperature;   // > 0 (a double: the reference divides by the JS number itself)
+  uint32_t seed_lo, seed_hi;
+  const uint32_t* seqs;       // [rows]
+  const uint32_t* positions;  // [rows]
+  uint32_t purpose;
+  int32_t* out;         // [rows]
+  void* workspace;      // sample_workspace_bytes(rows, vocab)
+};
+size_t sample_workspace_bytes(int rows, int vocab);
+cudaError_t sample_rows(const SampleArgs& a, cudaStream_t stream);
+
+// Uniforms exactly as sample_rows draws them (tests compare them with rng.ts).
+cudaError_t philox_uniforms(uint32_t seed_lo, uint32_t seed_hi, const uint32_t* counters /*[n,4]*/,
+                            int n, float* u, uint32_t* words /*[n,4]*/, cudaStream_t stream);
+
+// ---------------------------------------------------------------- fill.cu (benchmarks)
+// Deterministic pseudo-random contents, generated on the device so large buffers need no upload.
+cudaError_t fill_bf16_random(bf16_bits* p, size_t n, uint32_t seed, float scale, cudaStream_t stream);
+cudaError_t fill_f32_random(float* p, size_t n, uint32_t seed, float scale, cudaStream_t stream);
+// Bytes uniform in [lo, hi].
+cudaError_t fill_u8_random(uint8_t* p, size_t n, uint32_t seed, int lo, int hi, cudaStream_t stream);
+// Occupies the stream for about `nanoseconds`: a benchmark queues its timed launches behind it so
+// that the device runs them back to back instead of waiting on the host between launches.
+cudaError_t gpu_sleep(uint64_t nanoseconds, cudaStream_t stream);
+
+}  // namespace moeflash

@@ -1,0 +1,275 @@
+/**
+ * The one typed boundary to the native addon (`build/Release/moeflash_cuda.node`): it loads the
+ * addon through `bindings` and describes every native function in TypeScript. Nothing else in
+ * moeflash touches the addon directly.
+ */
+import { createRequire } from 'node:module';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { MoeflashError, type DeviceInfo } from '@moeflash/core';
+
+/** What the addon reports about one GPU. */
+export interface CudaDeviceInfo extends DeviceInfo {
+  multiprocessors: number;
+  /** "9.0" for Hopper. */
+  computeCapability: string;
+  major: number;
+  minor: number;
+  l2CacheBytes: number;
+  sharedMemoryPerBlockOptin: number;
+  pciBusId: number;
+}
+
+/** Raw result of the native driver probe. */
+export type NativeProbe =
+  | { ok: true; devices: CudaDeviceInfo[]; driverVersion: number; runtimeVersion: number }
+  | {
+      ok: false;
+      kind: 'no-driver' | 'no-device' | 'old-driver' | 'cuda-error';
+      reason: string;
+      runtimeVersion: number;
+      driverVersion?: number;
+    };
+
+/**
+ * Test-only kernel entry points: host arrays in, host arrays out (copy to the device, run one
+ * kernel family, synchronize, copy back). bf16 tensors are Uint16Arrays of raw bits. Argument
+ * order is fixed by native/ops.cc; src/ops.ts wraps these with named arguments.
+ */
+export interface NativeOps {
+  embedding(table: Uint16Array, hidden: number, ids: Int32Array): Float32Array;
+  rmsnorm(
+    x: Float32Array,
+    residual: Float32Array | null,
+    weight: Uint16Array,
+    eps: number,
+    rows: number,
+  ): { out: Float32Array; x: Float32Array };
+  rope(
+    q: Float32Array,
+    k: Float32Array | null,
+    positions: Int32Array,
+    invFreq: Float32Array,
+    attentionFactor: number,
+    numHeads: number,
+    numKvHeads: number,
+    headDim: number,
+    rotaryDim: number,
+  ): { q: Float32Array; k: Float32Array | null };
+  gemvBf16(
+    w: Uint16Array,
+    bias: Uint16Array | null,
+    x: Float32Array,
+    rows: number,
+    cols: number,
+    tokens: number,
+  ): Float32Array;
+  moeGateUp(
+    blocks: Uint8Array,
+    scales: Uint8Array,
+    bias: Uint16Array | null,
+    x: Float32Array,
+    expertIds: Int32Array,
+    tokens: number,
+    topK: number,
+    numExperts: number,
+    hidden: number,
+    inter: number,
+    activation: 0 | 1,
+    limit: number,
+    alpha: number,
+  ): Float32Array;
+  moeDown(
+    blocks: Uint8Array,
+    scales: Uint8Array,
+    bias: Uint16Array | null,
+    act: Float32Array,
+    expertIds: Int32Array,
+    tokens: number,
+    topK: number,
+    numExperts: number,
+    hidden: number,
+    inter: number,
+    expertWeights: Float32Array,
+  ): Float32Array;
+  router(
+    w: Uint16Array,
+    bias: Uint16Array | null,
+    x: Float32Array,
+    tokens: number,
+    numExperts: number,
+    hidden: number,
+    topK: number,
+    rule: 0 | 1,
+    renormalize: boolean,
+  ): { logits: Float32Array; ids: Int32Array; weights: Float32Array };
+  routerTopk(
+    logits: Float32Array,
+    tokens: number,
+    numExperts: number,
+    topK: number,
+    rule: 0 | 1,
+    renormalize: boolean,
+  ): { ids: Int32Array; weights: Float32Array };
+  attentionDecode(
+    q: Float32Array,
+    kCache: Uint16Array,
+    vCache: Uint16Array,
+    blockTable: Int32Array,
+    seqLens: Int32Array,
+    sinks: Float32Array | null,
+    numHeads: number,
+    numKvHeads: number,
+    headDim: number,
+    pageSize: number,
+    window: number,
+    scale: number,
+  ): Float32Array;
+  argmax(logits: Float32Array, rows: number, vocab: number): Int32Array;
+  sample(
+    logits: Float32Array,
+    rows: number,
+    vocab: number,
+    temperature: number,
+    seedLo: number,
+    seedHi: number,
+    seqs: Uint32Array,
+    positions: Uint32Array,
+    purpose: number,
+  ): Int32Array;
+  philox(seedLo: number, seedHi: number, counters: Uint32Array): { u: Float32Array; words: Uint32Array };
+  /** Allocates and frees `bytes` of device memory (exercises the out-of-memory error). */
+  allocate(bytes: number): void;
+}
+
+/** Device-side timing for bench/kernels-bench.mjs; every time is in milliseconds. */
+export interface NativeBench {
+  copy(bytes: number, iters: number): Float64Array;
+  gemvBf16(
+    rows: number,
+    cols: number,
+    tokens: number,
+    iters: number,
+    copies: number,
+    warmup: number,
+  ): { times: Float64Array; bytes: number };
+  moe(
+    tokens: number,
+    topK: number,
+    numExperts: number,
+    hidden: number,
+    inter: number,
+    iters: number,
+    layers: number,
+    warmup: number,
+    activation: 0 | 1,
+  ): { gateUp: Float64Array; down: Float64Array; gateUpBytes: Float64Array; downBytes: Float64Array };
+}
+
+export interface NativeAddon {
+  abiVersion: number;
+  /** Never throws: says why CUDA is unusable when it is. */
+  probe(): NativeProbe;
+  listDevices(): CudaDeviceInfo[];
+  setDevice(index: number): void;
+  ops: NativeOps;
+  bench: NativeBench;
+}
+
+/** The package folder (one level above both src/ and dist/). */
+export const PACKAGE_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+/** The addon file: MOEFLASH_CUDA_ADDON when set, else where node-gyp puts it. */
+export const ADDON_PATH = process.env.MOEFLASH_CUDA_ADDON || join(PACKAGE_ROOT, 'build', 'Release', 'moeflash_cuda.node');
+/** The command that builds the addon. */
+export const BUILD_COMMAND = 'pnpm --filter @moeflash/cuda-backend build:native';
+
+const EXPECTED_ABI = 1;
+
+let loaded: { addon: NativeAddon } | { error: string } | undefined;
+
+/**
+ * Loads the addon once; on failure returns the reason instead of throwing. MOEFLASH_CUDA_ADDON,
+ * when set, is the path of a .node file to load instead (a prebuilt addon, or a bundled test run).
+ */
+export function tryLoadAddon(): { addon: NativeAddon } | { error: string } {
+  if (loaded) return loaded;
+  try {
+    const require = createRequire(import.meta.url);
+    let addon: NativeAddon;
+    if (process.env.MOEFLASH_CUDA_ADDON) {
+      addon = require(ADDON_PATH) as NativeAddon;
+    } else {
+      const bindings = require('bindings') as (opts: { bindings: string; module_root: string }) => unknown;
+      addon = bindings({ bindings: 'moeflash_cuda.node', module_root: PACKAGE_ROOT }) as NativeAddon;
+    }
+    if (addon.abiVersion !== EXPECTED_ABI) {
+      loaded = {
+        error: `the CUDA addon at ${ADDON_PATH} is from another version of @moeflash/cuda-backend (ABI ${String(addon.abiVersion)}, expected ${EXPECTED_ABI}): rebuild it with \`${BUILD_COMMAND}\``,
+      };
+    } else {
+      loaded = { addon };
+    }
+  } catch (e) {
+    const message = e instanceof Error ? e.message : String(e);
+    loaded = /Could not locate the bindings file/.test(message)
+      ? {
+          error: `the CUDA addon is not built (no ${ADDON_PATH}): build it with \`${BUILD_COMMAND}\`, which needs nvcc from the CUDA toolkit (set CUDA_HOME if it is not in /usr/local/cuda)`,
+        }
+      : {
+          error: `the CUDA addon at ${ADDON_PATH} failed to load (${message}): rebuild it with \`${BUILD_COMMAND}\``,
+        };
+  }
+  return loaded;
+}
+
+/** The addon, or a BACKEND_UNAVAILABLE error that says how to build it. */
+export function loadAddon(): NativeAddon {
+  const r = tryLoadAddon();
+  if ('error' in r) throw new MoeflashError('BACKEND_UNAVAILABLE', `moeflash CUDA backend: ${r.error}`);
+  return r.addon;
+}
+
+export type CudaAvailability = { ok: true; devices: CudaDeviceInfo[] } | { ok: false; reason: string };
+
+/**
+ * Whether the CUDA backend can run here, and if not, why (addon not built, no driver, no GPU,
+ * driver too old). Never throws.
+ */
+export function isCudaAvailable(): CudaAvailability {
+  const r = tryLoadAddon();
+  if ('error' in r) return { ok: false, reason: r.error };
+  try {
+    const p = r.addon.probe();
+    return p.ok ? { ok: true, devices: p.devices } : { ok: false, reason: p.reason };
+  } catch (e) {
+    return { ok: false, reason: `the CUDA probe failed: ${e instanceof Error ? e.message : String(e)}` };
+  }
+}
+
+/** A native error that carries a CUDA error name (code 'CUDA_ERROR'). */
+export interface CudaErrorFields {
+  code: 'CUDA_ERROR';
+  cudaError: string;
+  cudaCall: string;
+}
+
+/**
+ * Re-raises an error thrown by the addon as a MoeflashError where moeflash has a code for it
+ * (OUT_OF_MEMORY, INVALID_ARGUMENT); CUDA failures keep their own error (code 'CUDA_ERROR',
+ * with `cudaError` and `cudaCall`).
+ */
+export function translateNativeError(e: unknown): unknown {
+  if (e instanceof Error) {
+    const code = (e as { code?: unknown }).code;
+    if (code === 'OUT_OF_MEMORY' || code === 'INVALID_ARGUMENT') {
+      const err = new MoeflashError(code, e.message, { cause: e });
+      for (const k of ['requestedBytes', 'freeBytes', 'totalBytes'] as const) {
+        const v = (e as unknown as Record<string, unknown>)[k];
+        if (typeof v === 'number') (err as unknown as Record<string, unknown>)[k] = v;
+      }
+      return err;
+    }
+  }
+  return e;
+}

@@ -1,0 +1,241 @@
+/**
+ * Test-only access to the CUDA kernels, one call per kernel family. Each call copies its host
+ * arrays to fresh device buffers, runs the kernel, waits for it and copies the result back, so it
+ * is slow by design: it exists to compare every kernel with its TypeScript twin in
+ * packages/core/src/math and sampling (test/kernels.gpu.test.ts) and is not the engine's path.
+ *
+ * Conventions: bf16 tensors are Uint16Arrays of raw bf16 bits; matrices are row-major; MXFP4
+ * expert weights are gpt-oss's `*_blocks` / `*_scales` bytes unchanged.
+ */
+import { seedKey, type ExpertActivation, type RoutingRule } from '@moeflash/core';
+
+import { loadAddon, translateNativeError, type NativeOps } from './native.js';
+
+function call<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    throw translateNativeError(e);
+  }
+}
+
+export interface MoeWeights {
+  /** uint8 [experts, rows, cols/32, 16]: E2M1 codes, element 2i in the low nibble. */
+  blocks: Uint8Array;
+  /** uint8 [experts, rows, cols/32]: E8M0 scales. */
+  scales: Uint8Array;
+  /** bf16 [experts, rows], or none. */
+  bias?: Uint16Array | null;
+}
+
+export interface MoeShape {
+  tokens: number;
+  topK: number;
+  numExperts: number;
+  hidden: number;
+  /** Width of one expert (its intermediate size). */
+  inter: number;
+}
+
+export interface CudaOps {
+  /** out[t] = table[ids[t]] as float32. table bf16 [vocab, hidden]. */
+  embedding(a: { table: Uint16Array; hidden: number; ids: Int32Array }): Float32Array;
+  /** x += residual (returned as `x`); out = rmsnorm(x) * weight. x [rows, hidden]. */
+  rmsnorm(a: {
+    x: Float32Array;
+    residual?: Float32Array | null;
+    weight: Uint16Array;
+    eps: number;
+    rows: number;
+  }): { out: Float32Array; x: Float32Array };
+  /** Rotate-half RoPE on q [tokens, numHeads, headDim] and k [tokens, numKvHeads, headDim]. */
+  rope(a: {
+    q: Float32Array;
+    k?: Float32Array | null;
+    positions: Int32Array;
+    invFreq: Float32Array;
+    attentionFactor: number;
+    numHeads: number;
+    numKvHeads: number;
+    headDim: number;
+    rotaryDim: number;
+  }): { q: Float32Array; k: Float32Array | null };
+  /** y [tokens, rows] = x [tokens, cols] W^T (+ bias); W bf16 [rows, cols]. */
+  gemvBf16(a: {
+    w: Uint16Array;
+    bias?: Uint16Array | null;
+    x: Float32Array;
+    rows: number;
+    cols: number;
+    tokens: number;
+  }): Float32Array;
+  /**
+   * Expert gate/up projection with the activation fused: act [tokens, topK, inter]. The weights
+   * are [experts, 2 * inter, hidden]: gate rows then up rows for `swiglu`, interleaved (even gate,
+   * odd up) for `gpt_oss_clamped_swiglu`.
+   */
+  moeGateUp(a: MoeWeights & MoeShape & { x: Float32Array; expertIds: Int32Array; activation: ExpertActivation }): Float32Array;
+  /** y [tokens, hidden] = sum_k expertWeights[t, k] * (W_down[e] act[t, k] + bias[e]). */
+  moeDown(
+    a: MoeWeights & MoeShape & { act: Float32Array; expertIds: Int32Array; expertWeights: Float32Array },
+  ): Float32Array;
+  /** Router GEMV (bf16 [numExperts, hidden], optional bias) and top-k under `rule`. */
+  router(a: {
+    w: Uint16Array;
+    bias?: Uint16Array | null;
+    x: Float32Array;
+    tokens: number;
+    numExperts: number;
+    hidden: number;
+    topK: number;
+    rule: RoutingRule;
+    renormalize: boolean;
+  }): { logits: Float32Array; ids: Int32Array; weights: Float32Array };
+  /** Top-k of given logits [tokens, numExperts]. */
+  routerTopk(a: {
+    logits: Float32Array;
+    tokens: number;
+    numExperts: number;
+    topK: number;
+    rule: RoutingRule;
+    renormalize: boolean;
+  }): { ids: Int32Array; weights: Float32Array };
+  /**
+   * Decode attention of one query per sequence over a paged bf16 cache
+   * [pages, pageSize, numKvHeads, headDim]; blockTable [numSeqs, maxPagesPerSeq]; the query sits at
+   * position seqLens[s] - 1. window 0 = full causal.
+   */
+  attentionDecode(a: {
+    q: Float32Array;
+    kCache: Uint16Array;
+    vCache: Uint16Array;
+    blockTable: Int32Array;
+    seqLens: Int32Array;
+    sinks?: Float32Array | null;
+    numHeads: number;
+    numKvHeads: number;
+    headDim: number;
+    pageSize: number;
+    window?: number;
+    scale: number;
+  }): Float32Array;
+  /** Index of the largest logit per row (lowest among equals, NaN last). */
+  argmax(a: { logits: Float32Array; rows: number; vocab: number }): Int32Array;
+  /**
+   * Temperature sampling with core's Philox mapping: row r draws uniform(seed, seqs[r],
+   * positions[r], purpose), draw 0.
+   */
+  sample(a: {
+    logits: Float32Array;
+    rows: number;
+    vocab: number;
+    temperature: number;
+    seed: number | bigint;
+    seqs: ArrayLike<number>;
+    positions: ArrayLike<number>;
+    purpose?: number;
+  }): Int32Array;
+  /** Philox4x32-10 words and sampling uniforms for counters [n, 4] (c0 position, c1 seq, c2 draw, c3 purpose). */
+  philox(a: { seed: number | bigint; counters: Uint32Array }): { u: Float32Array; words: Uint32Array };
+  /** Allocates and frees `bytes` of device memory; throws OUT_OF_MEMORY when it cannot. */
+  allocate(bytes: number): void;
+}
+
+const activationCode = (a: ExpertActivation): 0 | 1 => (a.kind === 'swiglu' ? 0 : 1);
+const ruleCode = (r: RoutingRule): 0 | 1 => (r === 'topk_then_softmax' ? 0 : 1);
+
+/** The test-only kernel calls; throws BACKEND_UNAVAILABLE when the addon is not built. */
+export function cudaOps(): CudaOps {
+  const n: NativeOps = loadAddon().ops;
+  return {
+    embedding: (a) => call(() => n.embedding(a.table, a.hidden, a.ids)),
+    rmsnorm: (a) => call(() => n.rmsnorm(a.x, a.residual ?? null, a.weight, a.eps, a.rows)),
+    rope: (a) =>
+      call(() =>
+        n.rope(a.q, a.k ?? null, a.positions, a.invFreq, a.attentionFactor, a.numHeads, a.numKvHeads, a.headDim, a.rotaryDim),
+      ),
+    gemvBf16: (a) => call(() => n.gemvBf16(a.w, a.bias ?? null, a.x, a.rows, a.cols, a.tokens)),
+    moeGateUp: (a) =>
+      call(() => {
+        const act = a.activation;
+        const limit = act.kind === 'gpt_oss_clamped_swiglu' ? act.limit : 0;
+        const alpha = act.kind === 'gpt_oss_clamped_swiglu' ? act.alpha : 0;
+        return n.moeGateUp(
+          a.blocks,
+          a.scales,
+          a.bias ?? null,
+          a.x,
+          a.expertIds,
+          a.tokens,
+          a.topK,
+          a.numExperts,
+          a.hidden,
+          a.inter,
+          activationCode(act),
+          limit,
+          alpha,
+        );
+      }),
+    moeDown: (a) =>
+      call(() =>
+        n.moeDown(
+          a.blocks,
+          a.scales,
+          a.bias ?? null,
+          a.act,
+          a.expertIds,
+          a.tokens,
+          a.topK,
+          a.numExperts,
+          a.hidden,
+          a.inter,
+          a.expertWeights,
+        ),
+      ),
+    router: (a) =>
+      call(() =>
+        n.router(a.w, a.bias ?? null, a.x, a.tokens, a.numExperts, a.hidden, a.topK, ruleCode(a.rule), a.renormalize),
+      ),
+    routerTopk: (a) =>
+      call(() => n.routerTopk(a.logits, a.tokens, a.numExperts, a.topK, ruleCode(a.rule), a.renormalize)),
+    attentionDecode: (a) =>
+      call(() =>
+        n.attentionDecode(
+          a.q,
+          a.kCache,
+          a.vCache,
+          a.blockTable,
+          a.seqLens,
+          a.sinks ?? null,
+          a.numHeads,
+          a.numKvHeads,
+          a.headDim,
+          a.pageSize,
+          a.window ?? 0,
+          a.scale,
+        ),
+      ),
+    argmax: (a) => call(() => n.argmax(a.logits, a.rows, a.vocab)),
+    sample: (a) =>
+      call(() => {
+        const [lo, hi] = seedKey(a.seed);
+        return n.sample(
+          a.logits,
+          a.rows,
+          a.vocab,
+          a.temperature,
+          lo,
+          hi,
+          Uint32Array.from(a.seqs),
+          Uint32Array.from(a.positions),
+          a.purpose ?? 0,
+        );
+      }),
+    philox: (a) =>
+      call(() => {
+        const [lo, hi] = seedKey(a.seed);
+        return n.philox(lo, hi, a.counters);
+      }),
+    allocate: (bytes) => call(() => n.allocate(bytes)),
+  };
+}
