@@ -56,7 +56,7 @@ job_train_target() {
 job_train_draft() {
   # The drafter learns the shipped target: its MXFP4 experts dequantized to bf16 (exact) for torch.
   tar -xJf tmp/train-data.tar.xz -C tmp
-  python3 tools/train/dequantize_target.py models/moeflash-tiny-coder tmp/models/moeflash-tiny-coder || return 1
+  python3 tools/train/dequantize_target.py models/moeflash-tiny-coder tmp/models/moeflash-tiny-coder && cp models/moeflash-tiny-coder/train_results.json tmp/models/moeflash-tiny-coder/ || return 1
   STAGES="draft" DRAFT_MINUTES=${DRAFT_MINUTES:-5} bash tools/train/run_all.sh tmp/models 2>&1 | tee "$OUT/train-draft.log" | grep -vE '^\s+step' | tail -60
   tar -cf - tmp/models/moeflash-tiny-coder-dflash | split -b 15M - "$OUT/draft.tar.part-"
 }

@@ -81,7 +81,7 @@ if want quantize; then
   node "$repo/packages/core/dist/cli.js" quantize --in "$target_dir" --out "$work/target-mxfp4" --experts mxfp4 --dense bf16 --force
   node "$repo/packages/core/dist/cli.js" quant-report --ref "$target_dir" --quant "$work/target-mxfp4" --json "$work/quant-report.json" --no-weights | tail -8
   "$python" "$here/dequantize_target.py" "$work/target-mxfp4" "$work/target-for-draft"
-  cp "$target_dir/train_results.json" "$work/target-mxfp4/" 2>/dev/null || true
+  cp "$target_dir/train_results.json" "$work/target-mxfp4/" && cp "$target_dir/train_results.json" "$work/target-for-draft/"
   rm -rf "$target_dir" && mv "$work/target-mxfp4" "$target_dir"
 fi
 [ -d "$work/target-for-draft" ] && draft_target=$work/target-for-draft
