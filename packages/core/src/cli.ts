@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { MoeflashError } from './errors.js';
 import { importOptional } from './backends/registry.js';
+import { bench, benchHelp } from './cli/commands/bench.js';
 import { chat, chatHelp } from './cli/commands/chat.js';
 import { info, infoHelp } from './cli/commands/info.js';
 import { logits, logitsHelp } from './cli/commands/logits.js';
@@ -13,6 +14,7 @@ const commands: Record<string, { fn: (argv: string[]) => Promise<void>; help: st
   info: { fn: info, help: infoHelp },
   logits: { fn: logits, help: logitsHelp },
   synth: { fn: synth, help: synthHelp },
+  bench: { fn: bench, help: benchHelp },
 };
 
 export function usage(): string {

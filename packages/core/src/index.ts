@@ -37,7 +37,7 @@ export * from './tokenizer/chat.js';
 export * from './tokenizer/generation-config.js';
 export * from './engine/engine.js';
 export * from './engine/load.js';
-export { Scheduler, type ScheduledRequest, type SchedulerOptions, type StepWork, type SequenceControl } from './engine/scheduler.js';
+export { Scheduler, type ScheduledRequest, type SchedulerOptions, type SchedulerStats, type StepInfo, type StepWork, type SequenceControl } from './engine/scheduler.js';
 export { StopStringFilter } from './engine/stop-strings.js';
 export * from './synth/synth.js';
 export * from './synth/presets.js';

@@ -57,10 +57,41 @@ export interface LoadProgress {
   totalTensors: number;
 }
 
+/** The KV cache as a pool of fixed-size pages (backends that page their cache). */
+export interface KvPageStats {
+  /** Positions a page holds. */
+  pageSize: number;
+  /** Pages in the pool, fixed at load. */
+  total: number;
+  /** Pages nobody holds. */
+  free: number;
+  /** Pages held only by the prefix cache: reclaimed on demand, so as good as free for allocation. */
+  cached: number;
+  /** Pages held by live sequences (total = free + cached + used). */
+  used: number;
+}
+
+/** How a backend that pages its KV cache sizes the pool. */
+export interface KvCacheOptions {
+  /** Positions a page holds (CPU default 16). */
+  pageSize?: number;
+  /** Pages in the pool; wins over `bytes`. */
+  pages?: number;
+  /**
+   * Memory for the pool. CPU default: 256 MiB, or one sequence of maxSequenceLength (else of the
+   * model's context, up to 32k positions) when that is more; pages are allocated on first use.
+   */
+  bytes?: number;
+  /** Share full pages between sequences with the same prefix (default true). */
+  prefixCaching?: boolean;
+}
+
 export interface LoadOptions {
   onProgress?: (p: LoadProgress) => void;
   /** Largest sequence length a KV cache must hold (defaults to the model's context). */
   maxSequenceLength?: number;
+  /** KV page pool size, for backends that page their cache. */
+  kvCache?: KvCacheOptions;
   /** Backend-specific options. */
   [key: string]: unknown;
 }
@@ -77,6 +108,23 @@ export interface LoadedModel {
   release(seq: SeqId): void;
   memory(): MemoryReport;
   dispose(): Promise<void>;
+  /**
+   * The KV page pool, for backends that page their cache. A backend that implements it also
+   * implements `reserve` and, with prefix caching, `reusePrefix`.
+   */
+  kvPages?(): KvPageStats;
+  /**
+   * Make room for `length` positions in a sequence's cache before a step needs them (growth
+   * pages, and a private copy of a shared page about to be written). All or nothing: false, with
+   * nothing allocated, when the pool cannot supply them now. Also enters the sequence's full pages
+   * in the prefix cache.
+   */
+  reserve?(seq: SeqId, length: number): boolean;
+  /**
+   * Attach the cached pages of the longest run of full pages that starts `tokens` to an empty
+   * sequence, leaving at least the last token to run; returns the positions now cached.
+   */
+  reusePrefix?(seq: SeqId, tokens: readonly number[]): number;
 }
 
 /** A compute backend, found by name. */

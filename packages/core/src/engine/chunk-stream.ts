@@ -1,6 +1,11 @@
 /**
  * A single-consumer async queue: the scheduler pushes, one `for await` pulls.
- * Unbounded on purpose for now: the scheduler is the only producer and emits one chunk a step.
+ *
+ * Back-pressure: once a consumer has started iterating, `full()` turns true when `highWaterMark`
+ * items wait unread, and the scheduler pauses the request instead of buffering without bound;
+ * `onPull` fires when the consumer takes an item from a full buffer (or stops), so the scheduler can resume it. A stream nobody
+ * iterates (a caller that only awaits the result) is never full: its items are kept for a late
+ * iterator, and its text is kept for the result anyway.
  */
 export class ChunkStream<T> implements AsyncIterable<T> {
   private readonly items: T[] = [];
@@ -8,6 +13,16 @@ export class ChunkStream<T> implements AsyncIterable<T> {
   private failWaiting: ((e: unknown) => void) | null = null;
   private done = false;
   private error: unknown = null;
+  private iterating = false;
+  /** The consumer stopped early (break out of `for await`). */
+  abandoned = false;
+
+  constructor(private readonly opts: { highWaterMark?: number; onPull?: () => void } = {}) {}
+
+  /** True while a consumer lags `highWaterMark` items behind. */
+  full(): boolean {
+    return this.iterating && !this.done && this.items.length >= (this.opts.highWaterMark ?? Infinity);
+  }
 
   push(item: T): void {
     if (this.done) return;
@@ -39,9 +54,15 @@ export class ChunkStream<T> implements AsyncIterable<T> {
   }
 
   [Symbol.asyncIterator](): AsyncIterator<T> {
+    this.iterating = true;
     return {
       next: () => {
-        if (this.items.length) return Promise.resolve({ value: this.items.shift()!, done: false });
+        if (this.items.length) {
+          const wasFull = this.full();
+          const value = this.items.shift()!;
+          if (wasFull) this.opts.onPull?.();
+          return Promise.resolve({ value, done: false });
+        }
         if (this.error) return Promise.reject(this.error);
         if (this.done) return Promise.resolve({ value: undefined as never, done: true });
         return new Promise((resolve, reject) => {
@@ -50,8 +71,10 @@ export class ChunkStream<T> implements AsyncIterable<T> {
         });
       },
       return: () => {
+        if (!this.done) this.abandoned = true;
         this.done = true;
         this.items.length = 0;
+        this.opts.onPull?.();
         return Promise.resolve({ value: undefined as never, done: true });
       },
     };

@@ -1,6 +1,6 @@
 import { EventEmitter } from 'eventemitter3';
 import path from 'node:path';
-import type { Backend, LoadedModel, LoadProgress } from '../backends/backend.js';
+import type { Backend, KvCacheOptions, KvPageStats, LoadedModel, LoadProgress } from '../backends/backend.js';
 import { importOptional, type BackendChoice } from '../backends/registry.js';
 import { MoeflashError } from '../errors.js';
 import type { ModelSpec } from '../model/spec.js';
@@ -10,7 +10,7 @@ import { loadGenerationConfig, stopTokenIds, type GenerationConfig } from '../to
 import { loadTokenizer, StreamDecoder, type TextTokenizer } from '../tokenizer/tokenizer.js';
 import { loadModel } from './load.js';
 import { ChunkStream } from './chunk-stream.js';
-import { Scheduler } from './scheduler.js';
+import { Scheduler, type StepInfo } from './scheduler.js';
 import type { Proposal, SpeculationContext, SpeculationStats, Speculator, SpeculatorFactoryInput } from './speculation.js';
 import { StopStringFilter } from './stop-strings.js';
 
@@ -19,8 +19,22 @@ export interface EngineOptions {
   model: string;
   /** Where to run: `auto` (CUDA when usable, else CPU), `cpu`, `cuda`, or a Backend object. */
   backend?: BackendChoice;
-  /** Most sequences decoded together in one step (default 16). */
+  /** Most sequences in one step (default 16). */
   maxBatch?: number;
+  /**
+   * Most tokens in one step, decode tokens and prompt chunks together (default 256): a long
+   * prompt is prefilled in chunks between the decode steps of running requests.
+   */
+  maxStepTokens?: number;
+  /** Most prompt tokens of one request in one step (default maxStepTokens). */
+  prefillChunk?: number;
+  /**
+   * Chunks a streaming consumer may fall behind before its request pauses (default 64). A
+   * request whose stream nobody iterates never pauses.
+   */
+  streamBuffer?: number;
+  /** KV page pool (backends that page their cache): page size, pages or bytes, prefix caching. */
+  kvCache?: KvCacheOptions;
   /** Called for one line of diagnostics (default console.warn). */
   log?: (line: string) => void;
   /**
@@ -56,6 +70,8 @@ export interface GenerateOptions extends SamplingParams {
   stream?: number;
   /** Per-request speculation: `false` turns it off, an object overrides the engine's block size. */
   speculative?: false | { blockSize?: number };
+  /** Scheduling priority: higher runs first (default 0); equal priorities are first come, first served. */
+  priority?: number;
 }
 
 /** One streamed piece of output. */
@@ -76,6 +92,12 @@ export interface GenerateResult {
   /** Seconds from submission to the first token, and tokens per second after it. */
   timeToFirstToken: number;
   tokensPerSecond: number;
+  /** Seconds from submission to the request's first step. */
+  queueTime: number;
+  /** Prompt tokens whose KV came from the prefix cache instead of being computed. */
+  cachedPromptTokens: number;
+  /** Times the scheduler took this request's cache to make room (each costs a recomputation). */
+  preemptions: number;
   /** Speculative decoding statistics, when the engine speculates. */
   speculation?: SpeculationStats;
 }
@@ -88,8 +110,42 @@ export interface GenerateStream extends AsyncIterable<GenerateChunk> {
 export interface EngineEvents {
   'load:progress': (p: LoadProgress) => void;
   'load:done': (info: { ms: number; backend: string; memory: ReturnType<LoadedModel['memory']> }) => void;
-  step: (info: { sequences: number; tokens: number; ms: number }) => void;
+  step: (info: StepInfo) => void;
+  /** A request got its first step. */
+  'request:start': (info: { queueTime: number; promptTokens: number; cachedPromptTokens: number }) => void;
   'request:done': (r: GenerateResult) => void;
+  /** A sequence's cache was freed to make room; it will be recomputed. */
+  'request:preempted': (info: { positions: number }) => void;
+}
+
+/** Engine counters, from {@link Engine.stats}. */
+export interface EngineStats {
+  requests: {
+    /** Waiting for a slot (never started, or preempted). */
+    queued: number;
+    /** Admitted, paused ones included. */
+    running: number;
+    /** Admitted but sitting out because their consumers are behind. */
+    paused: number;
+    completed: number;
+    aborted: number;
+    failed: number;
+    /** Refused at submission (could never fit). */
+    rejected: number;
+  };
+  steps: number;
+  /** Mean over steps of sequences / maxBatch. */
+  batchOccupancy: number;
+  maxBatch: number;
+  promptTokens: number;
+  generatedTokens: number;
+  preemptions: number;
+  /** KV pages (backends that page their cache), else null. */
+  kvPages: KvPageStats | null;
+  prefixCache: { lookupTokens: number; hitTokens: number; hitRate: number };
+  /** Means over finished requests, seconds. */
+  meanTimeToFirstToken: number;
+  meanQueueTime: number;
 }
 
 /** A loaded model ready to generate; create it with {@link createEngine}. */
@@ -111,6 +167,13 @@ export class Engine extends EventEmitter<EngineEvents> {
 
   /** @internal */
   static async create(opts: EngineOptions): Promise<Engine> {
+    // Checked before the load, which may take minutes.
+    for (const key of ['maxBatch', 'maxStepTokens', 'prefillChunk', 'streamBuffer'] as const) {
+      const v = opts[key];
+      if (v !== undefined && !(Number.isInteger(v) && v >= 1)) {
+        throw new MoeflashError('INVALID_ARGUMENT', `${key} must be a positive integer, got ${String(v)}`);
+      }
+    }
     const dir = path.resolve(opts.model);
     const log = opts.log ?? ((l: string) => console.warn(l));
     const tokenizer = await loadTokenizer(dir);
@@ -121,6 +184,7 @@ export class Engine extends EventEmitter<EngineEvents> {
       backend: opts.backend,
       log,
       onProgress: opts.on?.['load:progress'],
+      kvCache: opts.kvCache,
     });
     const engine = new Engine(handle.spec, tokenizer, genConfig, chat, handle.backend, log, dir);
     for (const [event, fn] of Object.entries(opts.on ?? {})) engine.on(event as keyof EngineEvents, fn as never);
@@ -136,9 +200,14 @@ export class Engine extends EventEmitter<EngineEvents> {
       const { method, ...options } = opts.speculative;
       engine.speculator = await mod.createSpeculator({ target: model, targetSpec: handle.spec, targetDir: dir, options: { method, ...options } });
     }
+    engine.maxBatch = opts.maxBatch ?? 16;
+    engine.streamBuffer = opts.streamBuffer ?? 64;
     engine.scheduler = new Scheduler(model, {
-      maxBatch: opts.maxBatch ?? 16,
+      maxBatch: engine.maxBatch,
+      maxStepTokens: opts.maxStepTokens ?? 256,
+      prefillChunk: opts.prefillChunk,
       onStep: (info) => engine.emit('step', info),
+      onPreempt: (info) => engine.emit('request:preempted', { positions: info.positions }),
     });
     engine.emit('load:done', { ms: handle.loadMs, backend: handle.backend.name, memory: model.memory() });
     return engine;
@@ -149,6 +218,28 @@ export class Engine extends EventEmitter<EngineEvents> {
   private stopIds = new Set<number>();
   /** The speculative method, when EngineOptions.speculative set one. */
   speculator: Speculator | null = null;
+  private maxBatch = 16;
+  private streamBuffer = 64;
+  private readonly counters = { completed: 0, aborted: 0, failed: 0, rejected: 0, promptTokens: 0, generatedTokens: 0, ttftSum: 0, queueSum: 0, finished: 0 };
+
+  /** Counters of the scheduler, the KV cache and finished requests. */
+  stats(): EngineStats {
+    const s = this.scheduler.stats();
+    const c = this.counters;
+    return {
+      requests: { queued: s.queued, running: s.running, paused: s.paused, completed: c.completed, aborted: c.aborted, failed: c.failed, rejected: c.rejected },
+      steps: s.steps,
+      batchOccupancy: s.batchOccupancy,
+      maxBatch: this.maxBatch,
+      promptTokens: c.promptTokens,
+      generatedTokens: c.generatedTokens,
+      preemptions: s.preemptions,
+      kvPages: s.kvPages,
+      prefixCache: { lookupTokens: s.prefixLookupTokens, hitTokens: s.prefixHitTokens, hitRate: s.prefixLookupTokens ? s.prefixHitTokens / s.prefixLookupTokens : 0 },
+      meanTimeToFirstToken: c.finished ? c.ttftSum / c.finished : 0,
+      meanQueueTime: c.finished ? c.queueSum / c.finished : 0,
+    };
+  }
 
   /** Generate from a prompt string (tokenized as is) or from token ids. */
   generate(prompt: string | number[], opts: GenerateOptions = {}): GenerateStream {
@@ -161,15 +252,24 @@ export class Engine extends EventEmitter<EngineEvents> {
     if (!Number.isInteger(maxTokens) || maxTokens < 0) {
       throw new MoeflashError('INVALID_ARGUMENT', `maxTokens must be a non-negative integer, got ${maxTokens}`);
     }
+    const priority = opts.priority ?? 0;
+    if (typeof priority !== 'number' || !Number.isFinite(priority)) {
+      throw new MoeflashError('INVALID_ARGUMENT', `priority must be a finite number, got ${String(opts.priority)}`);
+    }
     const stopIds = new Set([...(opts.ignoreEos ? [] : this.stopIds), ...(opts.stopTokenIds ?? [])]);
-    const stream = new ChunkStream<GenerateChunk>();
+    const stream = new ChunkStream<GenerateChunk>({ highWaterMark: this.streamBuffer, onPull: () => this.scheduler.wake() });
     const decoder = new StreamDecoder(this.tokenizer);
     const stops = new StopStringFilter(opts.stop ?? []);
+    /** The prompt, then every emitted token: what the scheduler keeps in the cache. */
+    const context = [...ids];
     const generated: number[] = [];
     let text = '';
     let finishReason: FinishReason = 'length';
     const t0 = performance.now();
     let tFirst = 0;
+    let tStart = 0;
+    let cachedPromptTokens = 0;
+    let preemptions = 0;
     let resolveResult!: (r: GenerateResult) => void;
     let rejectResult!: (e: unknown) => void;
     const result = new Promise<GenerateResult>((res, rej) => {
@@ -181,13 +281,16 @@ export class Engine extends EventEmitter<EngineEvents> {
       text += chunk.text;
       stream.push(chunk);
     };
-    const aborted = () => opts.signal?.aborted === true;
+    const aborted = () => opts.signal?.aborted === true || stream.abandoned;
+    const wake = () => this.scheduler.wake();
+    opts.signal?.addEventListener('abort', wake, { once: true });
 
     let settled = false;
     let speculation: SpeculationStats | undefined;
     const finish = () => {
       if (settled) return;
       settled = true;
+      opts.signal?.removeEventListener('abort', wake);
       if (finishReason !== 'abort' && aborted()) finishReason = 'abort';
       let rest = '';
       if (finishReason !== 'abort') {
@@ -205,8 +308,19 @@ export class Engine extends EventEmitter<EngineEvents> {
         promptTokens: ids.length,
         timeToFirstToken: tFirst ? (tFirst - t0) / 1000 : 0,
         tokensPerSecond: generated.length > 1 && tFirst ? ((generated.length - 1) * 1000) / (now - tFirst) : 0,
+        queueTime: ((tStart || now) - t0) / 1000,
+        cachedPromptTokens,
+        preemptions,
         speculation,
       };
+      const c = this.counters;
+      if (finishReason === 'abort') c.aborted++;
+      else c.completed++;
+      c.finished++;
+      c.promptTokens += ids.length;
+      c.generatedTokens += generated.length;
+      c.ttftSum += r.timeToFirstToken;
+      c.queueSum += r.queueTime;
       resolveResult(r);
       this.emit('request:done', r);
     };
@@ -219,13 +333,11 @@ export class Engine extends EventEmitter<EngineEvents> {
     const V = this.spec.vocabSize;
     const speculator = opts.speculative === false ? null : this.speculator?.forRequest(opts.speculative ?? {}) ?? null;
     const ctx = (cacheLength: number): SpeculationContext => ({
-      tokens: [...ids, ...generated],
+      tokens: context.slice(),
       cacheLength,
       params,
       stream: opts.stream ?? 0,
     });
-    let pending = ids;
-    let prefilled = false;
     let proposal: Proposal | null = null;
     let lengthBefore = 0;
 
@@ -238,6 +350,7 @@ export class Engine extends EventEmitter<EngineEvents> {
           return false;
         }
         generated.push(token);
+        context.push(token);
         const delta = stops.push(decoder.push([token]));
         emit({ text: delta, tokens: [token] });
         if (stops.stopped) {
@@ -246,59 +359,80 @@ export class Engine extends EventEmitter<EngineEvents> {
         }
         if (generated.length >= maxTokens) return false;
       }
-      pending = [tokens[tokens.length - 1]];
       return true;
     };
 
-    this.scheduler.submit({
-      cancelled: aborted,
-      fail: (e) => {
-        if (settled) return;
-        settled = true;
-        speculator?.release();
-        stream.fail(e);
-        rejectResult(e);
-      },
-      finished: () => {
-        if (speculator) speculation = speculator.stats();
-        speculator?.release();
-        finish();
-      },
-      prepare: speculator
-        ? async (seq) => {
-            proposal = null;
-            if (!prefilled) return;
-            lengthBefore = seq.length;
-            const room = maxTokens - generated.length - 1;
-            proposal = await speculator.propose(ctx(lengthBefore));
-            if (proposal.tokens.length > room) proposal.tokens = proposal.tokens.slice(0, Math.max(0, room));
-            pending = [pending[0], ...proposal.tokens];
-          }
-        : undefined,
-      work: () => ({
-        tokens: pending,
-        logits: proposal ? 'all' : 'last',
+    try {
+      this.scheduler.submit({
+        priority,
+        maxPositions: ids.length + maxTokens,
         hiddenLayers: speculator?.hiddenLayers.length ? speculator.hiddenLayers : undefined,
-      }),
-      advance: (out, seq) => {
-        if (speculator && !prefilled) {
-          prefilled = true;
-          void speculator.prefilled(ctx(seq.length), out);
-        }
-        prefilled = true;
-        if (speculator && proposal) {
-          const verdict = speculator.verify(ctx(lengthBefore), proposal, out);
-          seq.truncate(lengthBefore + 1 + verdict.accepted);
-          return accept(verdict.emit);
-        }
-        const logits = out.logits.subarray((out.rows - 1) * V, out.rows * V);
-        const token =
-          params.temperature === 0
-            ? argmax(logits)
-            : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position: seq.length });
-        return accept([token]);
-      },
-    });
+        context: () => context,
+        ready: () => !stream.full(),
+        cancelled: aborted,
+        started: (info) => {
+          tStart = performance.now();
+          cachedPromptTokens = info.cachedTokens;
+          this.emit('request:start', { queueTime: (tStart - t0) / 1000, promptTokens: ids.length, cachedPromptTokens });
+        },
+        fail: (e) => {
+          if (settled) return;
+          settled = true;
+          opts.signal?.removeEventListener('abort', wake);
+          this.counters.failed++;
+          speculator?.release();
+          stream.fail(e);
+          rejectResult(e);
+        },
+        finished: () => {
+          if (speculator) speculation = speculator.stats();
+          speculator?.release();
+          finish();
+        },
+        preempted: () => {
+          preemptions++;
+          proposal = null;
+          // The drafter's cache mirrors the target's; both are rebuilt from the history.
+          speculator?.release();
+        },
+        draft: speculator
+          ? async (seq, max) => {
+              proposal = null;
+              lengthBefore = seq.length;
+              const room = Math.min(maxTokens - generated.length - 1, max);
+              const p = await speculator.propose(ctx(lengthBefore));
+              if (p.tokens.length > room) {
+                const keep = Math.max(0, room);
+                p.tokens = p.tokens.slice(0, keep);
+                if (p.q) p.q = p.q.subarray(0, keep * V);
+              }
+              proposal = p;
+              return p.tokens;
+            }
+          : undefined,
+        chunk: speculator ? (out, seq) => void speculator.prefilled(ctx(seq.length), out) : undefined,
+        advance: (out, seq) => {
+          if (speculator && proposal) {
+            const verdict = speculator.verify(ctx(lengthBefore), proposal, out);
+            proposal = null;
+            seq.truncate(lengthBefore + 1 + verdict.accepted);
+            return accept(verdict.emit);
+          }
+          const logits = out.logits.subarray((out.rows - 1) * V, out.rows * V);
+          const token =
+            params.temperature === 0
+              ? argmax(logits)
+              : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position: seq.length });
+          return accept([token]);
+        },
+      });
+    } catch (e) {
+      settled = true;
+      opts.signal?.removeEventListener('abort', wake);
+      this.counters.rejected++;
+      speculator?.release();
+      throw e;
+    }
     return { [Symbol.asyncIterator]: () => stream[Symbol.asyncIterator](), result };
   }
 
@@ -323,11 +457,23 @@ export class Engine extends EventEmitter<EngineEvents> {
     };
   }
 
-  /** Cancel running requests and free the model and its backend memory. */
-  async close(): Promise<void> {
-    if (this.closed) return;
+  /**
+   * Stop taking requests, end the ones in flight, and free the model and its backend memory.
+   * By default running requests fail with a CLOSED error; with `drain: true` they run to the end
+   * first (and what is left after `timeoutMs`, when given, fails). Every KV page is released
+   * before the model is disposed.
+   */
+  async close(opts: { drain?: boolean; timeoutMs?: number } = {}): Promise<void> {
+    if (this.closed) return this.closing;
     this.closed = true;
-    await this.scheduler.close();
+    this.closing = this.shutdown(opts);
+    return this.closing;
+  }
+
+  private closing: Promise<void> = Promise.resolve();
+
+  private async shutdown(opts: { drain?: boolean; timeoutMs?: number }): Promise<void> {
+    await this.scheduler.close(opts);
     await this.speculator?.dispose();
     await this.model.dispose();
     this.removeAllListeners();

@@ -1,5 +1,5 @@
 import path from 'node:path';
-import type { Backend, LoadedModel, LoadProgress } from '../backends/backend.js';
+import type { Backend, KvCacheOptions, LoadedModel, LoadProgress } from '../backends/backend.js';
 import { resolveBackend, type BackendChoice } from '../backends/registry.js';
 import { loadModelSpec } from '../model/config.js';
 import type { ModelSpec } from '../model/spec.js';
@@ -10,6 +10,10 @@ export interface LoadModelOptions {
   backend?: BackendChoice;
   log?: (line: string) => void;
   onProgress?: (p: LoadProgress) => void;
+  /** KV page pool (backends that page their cache). */
+  kvCache?: KvCacheOptions;
+  /** Largest sequence length a KV cache must hold. */
+  maxSequenceLength?: number;
 }
 
 /** A model on a backend without tokenizer or engine (what `moeflash logits` and tests drive directly). */
@@ -28,7 +32,7 @@ export async function loadModel(opts: LoadModelOptions): Promise<ModelHandle> {
   const t0 = performance.now();
   const weights = await openWeights(dir);
   try {
-    const model = await backend.load(spec, weights, { onProgress: opts.onProgress });
+    const model = await backend.load(spec, weights, { onProgress: opts.onProgress, kvCache: opts.kvCache, maxSequenceLength: opts.maxSequenceLength });
     return { dir, spec, backend, model, loadMs: performance.now() - t0 };
   } finally {
     await weights.close();

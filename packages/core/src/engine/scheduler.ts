@@ -1,10 +1,10 @@
 import { MoeflashError } from '../errors.js';
-import type { LoadedModel, SeqId, SequenceOutput, StepPlan } from '../backends/backend.js';
+import type { KvPageStats, LoadedModel, SeqId, SequenceOutput, StepPlan } from '../backends/backend.js';
 
 /** One request's share of the next step. */
 export interface StepWork {
   tokens: number[];
-  logits: 'last' | 'all';
+  logits: 'none' | 'last' | 'all';
   hiddenLayers?: number[];
 }
 
@@ -16,129 +16,466 @@ export interface SequenceControl {
   truncate(length: number): void;
 }
 
-/** What the scheduler needs from one generation request. */
+/**
+ * What the scheduler needs from one generation request.
+ *
+ * The request owns its token history (`context()`: the prompt, then every token it emitted); the
+ * scheduler owns the cache and keeps it a prefix of that history. It runs the history in chunks
+ * until only the last token is left out ("prefill"), then one token a step plus any drafts
+ * ("decode"). After a preemption the cache is gone and the whole history runs again, which gives
+ * the same cache bit for bit on a batch-invariant backend.
+ */
 export interface ScheduledRequest {
-  /** Work that must happen before the step (drafting); awaited before the plan is built. */
-  prepare?(seq: SequenceControl): Promise<void>;
-  /** Tokens to run in the next step: the prompt first, then sampled (and drafted) tokens. */
-  work(seq: SequenceControl): StepWork;
-  /** Consume the step's output; false when the request is done. */
-  advance(out: SequenceOutput, seq: SequenceControl): boolean;
-  /** The request ended without finishing (abort, engine error). */
-  fail(error: unknown): void;
+  /** Higher runs first; equal priorities run in arrival order. */
+  readonly priority: number;
+  /** Most positions the request can come to hold (prompt + most new tokens). */
+  readonly maxPositions: number;
+  /** Layers whose hidden states every step must return for this request (turns off prefix reuse). */
+  readonly hiddenLayers?: number[];
+  /** The prompt, then every emitted token. */
+  context(): readonly number[];
+  /** False while the caller is behind on its stream: the request sits out steps and keeps its cache. */
+  ready(): boolean;
   /** True once the caller no longer wants tokens (abort). */
   cancelled(): boolean;
+  /**
+   * Before a decode step: up to `max` drafted tokens to verify after the last context token.
+   * Awaited before the plan is built.
+   */
+  draft?(seq: SequenceControl, max: number): Promise<number[]>;
+  /** A chunk of the history ran (every prefill chunk, the last one included, before `advance`). */
+  chunk?(out: SequenceOutput, seq: SequenceControl): void;
+  /** A step ran up to the end of the history (plus drafts): consume its logits; false when done. */
+  advance(out: SequenceOutput, seq: SequenceControl): boolean;
+  /** The cache was taken to make room for others; it will be recomputed from `context()`. */
+  preempted?(): void;
+  /** The request got its first step; `cachedTokens` prompt positions came from the prefix cache. */
+  started?(info: { cachedTokens: number }): void;
+  /** The request ended without finishing (engine error, close). */
+  fail(error: unknown): void;
   /** Called once when the request leaves the scheduler, however it ended. */
   finished(): void;
+}
+
+export interface StepInfo {
+  /** Sequences and tokens in the step, and how long the backend took. */
+  sequences: number;
+  tokens: number;
+  ms: number;
+  /** Of `tokens`: history chunks (prompts, recomputation) and decode tokens (with drafts). */
+  prefillTokens: number;
+  decodeTokens: number;
+  /** sequences / maxBatch. */
+  occupancy: number;
+  /** Requests waiting for a slot, and admitted ones (paused ones included). */
+  queued: number;
+  running: number;
+  /** KV pages held by live sequences after the step (backends that page their cache). */
+  kvPagesUsed?: number;
 }
 
 export interface SchedulerOptions {
   /** Most sequences in one step. */
   maxBatch: number;
-  onStep?: (info: { sequences: number; tokens: number; ms: number }) => void;
+  /** Most tokens in one step, decodes and prefill chunks together. */
+  maxStepTokens: number;
+  /** Most history tokens of one sequence in one step (default maxStepTokens). */
+  prefillChunk?: number;
+  onStep?: (info: StepInfo) => void;
+  onPreempt?: (info: { generated: number; positions: number }) => void;
 }
 
+export interface SchedulerStats {
+  queued: number;
+  running: number;
+  /** Admitted requests sitting out because their callers are behind. */
+  paused: number;
+  steps: number;
+  /** Mean over steps of sequences / maxBatch. */
+  batchOccupancy: number;
+  preemptions: number;
+  /** Prompt tokens of admitted requests, and those of them found in the prefix cache. */
+  prefixLookupTokens: number;
+  prefixHitTokens: number;
+  kvPages: KvPageStats | null;
+}
+
+interface Entry {
+  req: ScheduledRequest;
+  seq: SeqId;
+  /** Arrival order: lower is older. */
+  order: number;
+  state: 'queued' | 'running' | 'done';
+  /** True until a step reaches the end of the history (after admission or recomputation). */
+  prefilling: boolean;
+  started: boolean;
+  control: SequenceControl;
+}
+
+interface Planned {
+  e: Entry;
+  work: StepWork;
+  /** A history chunk (as opposed to a decode); `final` when it reaches the end of the history. */
+  prefill: boolean;
+  final: boolean;
+}
+
+const setImmediateP = () => new Promise<void>((r) => setImmediate(r));
+
 /**
- * Runs every live request in shared steps: each step carries the prompt of newly admitted
- * requests and one token of each decoding one; requests join and leave at step boundaries.
+ * Runs every live request in shared steps (continuous batching): requests join and leave at step
+ * boundaries; each step carries one token (plus drafts) of every decoding request, oldest first,
+ * then history chunks of prefilling requests up to the token budget, so a long prompt never
+ * stalls the decodes. On a backend with a KV page pool it reuses cached prompt prefixes, reserves
+ * pages before each step, and when the pool runs dry preempts the youngest sequence (its cache is
+ * freed and recomputed later) rather than failing anyone.
  */
 export class Scheduler {
-  private readonly queue: Array<{ req: ScheduledRequest; seq: SeqId }> = [];
-  private readonly active: Array<{ req: ScheduledRequest; seq: SeqId }> = [];
-  private running: Promise<void> | null = null;
+  private readonly queue: Entry[] = [];
+  private readonly running: Entry[] = [];
+  private loopDone: Promise<void> | null = null;
   private nextSeq = 1;
-  private closed = false;
+  private nextOrder = 0;
+  private accepting = true;
+  private aborting: MoeflashError | null = null;
+  private wakeUp: (() => void) | null = null;
+  private woken = false;
+  private steps = 0;
+  private occupancySum = 0;
+  private preemptions = 0;
+  private prefixLookup = 0;
+  private prefixHit = 0;
+  private readonly prefillChunk: number;
 
-  constructor(private readonly model: LoadedModel, private readonly opts: SchedulerOptions) {}
+  constructor(private readonly model: LoadedModel, private readonly opts: SchedulerOptions) {
+    for (const [k, v] of [['maxBatch', opts.maxBatch], ['maxStepTokens', opts.maxStepTokens], ['prefillChunk', opts.prefillChunk ?? 1]] as const) {
+      if (!Number.isInteger(v) || v < 1) throw new MoeflashError('INVALID_ARGUMENT', `${k} must be a positive integer, got ${v}`);
+    }
+    this.prefillChunk = Math.min(opts.prefillChunk ?? opts.maxStepTokens, opts.maxStepTokens);
+  }
 
+  /**
+   * Queue a request. Throws OUT_OF_MEMORY when its prompt and most new tokens could not fit in
+   * the whole KV pool even alone.
+   */
   submit(req: ScheduledRequest): void {
-    if (this.closed) throw new MoeflashError('CLOSED', 'the engine is closed; create a new one');
-    this.queue.push({ req, seq: this.nextSeq++ });
-    this.running ??= this.loop().finally(() => {
-      this.running = null;
+    if (!this.accepting) throw new MoeflashError('CLOSED', 'the engine is closed; create a new one');
+    const pool = this.model.kvPages?.();
+    if (pool && Math.ceil(req.maxPositions / pool.pageSize) > pool.total) {
+      throw new MoeflashError(
+        'OUT_OF_MEMORY',
+        `the request can never fit in the KV cache: prompt and maxTokens need ${req.maxPositions} positions (${Math.ceil(req.maxPositions / pool.pageSize)} pages of ${pool.pageSize}) but the pool holds ${pool.total} pages (${pool.total * pool.pageSize} positions); lower maxTokens, shorten the prompt, or load with a larger kvCache`,
+      );
+    }
+    const seq = this.nextSeq++;
+    const model = this.model;
+    const e: Entry = {
+      req,
+      seq,
+      order: this.nextOrder++,
+      state: 'queued',
+      prefilling: true,
+      started: false,
+      control: {
+        get length() {
+          return model.length(seq);
+        },
+        truncate: (n) => model.truncate(seq, n),
+      },
+    };
+    this.insertSorted(this.queue, e);
+    this.wake();
+    this.loopDone ??= this.loop().finally(() => {
+      this.loopDone = null;
     });
   }
 
+  /** Something a paused or idle loop waits for happened (a consumer caught up, an abort). */
+  wake(): void {
+    this.woken = true;
+    const w = this.wakeUp;
+    this.wakeUp = null;
+    w?.();
+  }
+
   get size(): number {
-    return this.queue.length + this.active.length;
+    return this.queue.length + this.running.length;
   }
 
-  /** Stop admitting, cancel everything in flight and wait for the loop to stop. */
-  async close(): Promise<void> {
-    this.closed = true;
-    const err = new MoeflashError('CLOSED', 'the engine was closed while this request ran');
-    for (const e of [...this.queue, ...this.active]) e.req.fail(err);
-    await this.running;
-  }
-
-  private control(seq: SeqId): SequenceControl {
-    const model = this.model;
+  stats(): SchedulerStats {
     return {
-      get length() {
-        return model.length(seq);
-      },
-      truncate: (n) => model.truncate(seq, n),
+      queued: this.queue.length,
+      running: this.running.length,
+      paused: this.running.filter((e) => !e.req.ready()).length,
+      steps: this.steps,
+      batchOccupancy: this.steps ? this.occupancySum / this.steps : 0,
+      preemptions: this.preemptions,
+      prefixLookupTokens: this.prefixLookup,
+      prefixHitTokens: this.prefixHit,
+      kvPages: this.model.kvPages?.() ?? null,
     };
   }
 
-  private retire(i: number): void {
-    const [e] = this.active.splice(i, 1);
+  /**
+   * Stop admitting. With `drain`, let every request finish (aborting what is left after
+   * `timeoutMs`, when given); otherwise fail everything in flight with a CLOSED error. Resolves
+   * when the loop has stopped and every sequence's cache is released.
+   */
+  async close(opts: { drain?: boolean; timeoutMs?: number } = {}): Promise<void> {
+    this.accepting = false;
+    const abortAll = () => {
+      this.aborting ??= new MoeflashError('CLOSED', 'the engine was closed while this request ran');
+      this.wake();
+    };
+    if (!opts.drain) abortAll();
+    let timer: NodeJS.Timeout | undefined;
+    if (opts.drain && opts.timeoutMs !== undefined) timer = setTimeout(abortAll, opts.timeoutMs);
+    try {
+      await this.loopDone;
+    } finally {
+      if (timer) clearTimeout(timer);
+    }
+  }
+
+  private insertSorted(list: Entry[], e: Entry): void {
+    let i = list.length;
+    while (i > 0 && this.before(e, list[i - 1])) i--;
+    list.splice(i, 0, e);
+  }
+
+  /** True when a should run before b (and is the one kept when memory is short). */
+  private before(a: Entry, b: Entry): boolean {
+    if (a.req.priority !== b.req.priority) return a.req.priority > b.req.priority;
+    return a.order < b.order;
+  }
+
+  private retire(e: Entry, error?: unknown): void {
+    if (e.state === 'done') return;
+    const list = e.state === 'queued' ? this.queue : this.running;
+    list.splice(list.indexOf(e), 1);
+    e.state = 'done';
     this.model.release(e.seq);
+    if (error !== undefined) e.req.fail(error);
     e.req.finished();
+  }
+
+  /** Free a running sequence's cache and queue it again; it resumes by recomputing its history. */
+  private preempt(e: Entry): void {
+    const positions = this.model.length(e.seq);
+    this.running.splice(this.running.indexOf(e), 1);
+    this.model.release(e.seq);
+    e.state = 'queued';
+    e.prefilling = true;
+    this.insertSorted(this.queue, e);
+    this.preemptions++;
+    try {
+      e.req.preempted?.();
+    } catch (err) {
+      this.retire(e, err);
+    }
+    this.opts.onPreempt?.({ generated: e.req.context().length, positions });
+  }
+
+  /** The running sequence to give up for `x`: the youngest paused one, else the youngest younger than x. */
+  private victim(x: Entry): Entry | null {
+    for (let i = this.running.length - 1; i >= 0; i--) {
+      const e = this.running[i];
+      if (e !== x && !e.req.ready()) return e;
+    }
+    const last = this.running[this.running.length - 1];
+    return last && last !== x && this.before(x, last) ? last : null;
+  }
+
+  /** Reserve `length` positions for x, preempting others as needed; false when nobody is left to preempt. */
+  private makeRoom(x: Entry, length: number, planned: Planned[]): boolean {
+    const reserve = this.model.reserve?.bind(this.model);
+    if (!reserve) return true;
+    while (!reserve(x.seq, length)) {
+      const v = this.victim(x);
+      if (!v) return false;
+      const i = planned.findIndex((p) => p.e === v);
+      if (i >= 0) planned.splice(i, 1);
+      this.preempt(v);
+    }
+    return true;
+  }
+
+  private sweep(): void {
+    for (const list of [this.queue, this.running]) {
+      for (let i = list.length - 1; i >= 0; i--) {
+        const e = list[i];
+        if (this.aborting) this.retire(e, this.aborting);
+        else if (e.req.cancelled()) this.retire(e);
+      }
+    }
+  }
+
+  private chunkWork(e: Entry, budget: number): { work: StepWork; final: boolean } {
+    const ctx = e.req.context();
+    const have = this.model.length(e.seq);
+    const n = Math.min(ctx.length - have, budget, this.prefillChunk);
+    const final = have + n === ctx.length;
+    return { work: { tokens: ctx.slice(have, have + n), logits: final ? 'last' : 'none', hiddenLayers: e.req.hiddenLayers }, final };
+  }
+
+  private async plan(): Promise<Planned[]> {
+    const { maxBatch } = this.opts;
+    let budget = this.opts.maxStepTokens;
+    const planned: Planned[] = [];
+    const tokensOf = () => planned.reduce((s, p) => s + p.work.tokens.length, 0);
+
+    // Decodes first, oldest first: each gets one token, drafts come out of what the others leave.
+    const decodes = this.running.filter((e) => !e.prefilling && e.req.ready()).slice(0, maxBatch);
+    for (let i = 0; i < decodes.length && budget > 0; i++) {
+      const e = decodes[i];
+      if (e.state !== 'running') continue;
+      const ctx = e.req.context();
+      let drafts: number[] = [];
+      if (e.req.draft) {
+        const laterDecodes = decodes.length - i - 1;
+        const max = Math.max(0, budget - 1 - laterDecodes);
+        try {
+          drafts = max > 0 ? (await e.req.draft(e.control, max)).slice(0, max) : await e.req.draft(e.control, 0);
+        } catch (err) {
+          this.retire(e, err);
+          continue;
+        }
+        if (e.state !== 'running') continue;
+      }
+      const tokens = [ctx[ctx.length - 1], ...drafts];
+      if (!this.makeRoom(e, this.model.length(e.seq) + tokens.length, planned)) {
+        if (this.running.length > 1) this.preempt(e);
+        else this.retire(e, new MoeflashError('OUT_OF_MEMORY', `the KV cache cannot hold ${this.model.length(e.seq) + tokens.length} positions of one sequence`));
+        continue;
+      }
+      planned.push({ e, work: { tokens, logits: drafts.length ? 'all' : 'last', hiddenLayers: e.req.hiddenLayers }, prefill: false, final: true });
+      budget = this.opts.maxStepTokens - tokensOf();
+    }
+
+    // Then history chunks of admitted requests, oldest first.
+    for (const e of this.running.filter((x) => x.prefilling && x.req.ready())) {
+      if (planned.length >= maxBatch || budget <= 0) break;
+      if (e.state !== 'running') continue;
+      const { work, final } = this.chunkWork(e, budget);
+      if (!this.makeRoom(e, this.model.length(e.seq) + work.tokens.length, planned)) continue;
+      planned.push({ e, work, prefill: true, final });
+      budget = this.opts.maxStepTokens - tokensOf();
+    }
+
+    // Then admissions, in order; a request that does not fit blocks those behind it.
+    for (const e of [...this.queue]) {
+      if (planned.length >= maxBatch || budget <= 0) break;
+      if (e.state !== 'queued' || !e.req.ready()) continue;
+      const ctx = e.req.context();
+      let cached = 0;
+      if (this.model.reusePrefix && !e.req.hiddenLayers?.length) cached = this.model.reusePrefix(e.seq, ctx);
+      const { work, final } = this.chunkWork(e, budget);
+      const length = cached + work.tokens.length;
+      const admitted = this.makeRoom(e, length, planned);
+      const pool = this.model.kvPages?.();
+      // Leave a page of headroom per running sequence so that admissions do not force preemptions.
+      if (!admitted || (pool && this.running.length && pool.free + pool.cached < this.running.length)) {
+        this.model.release(e.seq);
+        break;
+      }
+      this.queue.splice(this.queue.indexOf(e), 1);
+      e.state = 'running';
+      e.prefilling = true;
+      this.insertSorted(this.running, e);
+      if (!e.started) {
+        e.started = true;
+        this.prefixLookup += ctx.length;
+        this.prefixHit += cached;
+        try {
+          e.req.started?.({ cachedTokens: cached });
+        } catch (err) {
+          this.retire(e, err);
+          continue;
+        }
+      }
+      planned.push({ e, work, prefill: true, final });
+      budget = this.opts.maxStepTokens - tokensOf();
+    }
+    return planned;
+  }
+
+  private idle(): Promise<void> {
+    if (this.woken) {
+      this.woken = false;
+      return Promise.resolve();
+    }
+    return new Promise<void>((r) => {
+      this.wakeUp = () => {
+        this.woken = false;
+        r();
+      };
+    });
   }
 
   private async loop(): Promise<void> {
     // Yield once so that requests submitted in the same tick share the first step.
-    await new Promise((r) => setImmediate(r));
-    while (this.queue.length || this.active.length) {
-      while (this.queue.length && this.active.length < this.opts.maxBatch) this.active.push(this.queue.shift()!);
-      for (let i = this.active.length - 1; i >= 0; i--) if (this.active[i].req.cancelled() || this.closed) this.retire(i);
-      if (!this.active.length) continue;
-
-      const controls = this.active.map((e) => this.control(e.seq));
-      for (let i = this.active.length - 1; i >= 0; i--) {
-        const e = this.active[i];
-        if (!e.req.prepare) continue;
-        try {
-          await e.req.prepare(controls[i]);
-        } catch (err) {
-          e.req.fail(err);
-          this.retire(i);
-          controls.splice(i, 1);
-        }
+    await setImmediateP();
+    while (this.queue.length || this.running.length) {
+      this.woken = false;
+      this.sweep();
+      if (!this.queue.length && !this.running.length) break;
+      const planned = await this.plan();
+      this.sweep();
+      const live = planned.filter((p) => p.e.state === 'running');
+      if (!live.length) {
+        await this.idle();
+        continue;
       }
-      if (!this.active.length) continue;
-      const plan: StepPlan = {
-        sequences: this.active.map((e, i) => ({ seq: e.seq, ...e.req.work(controls[i]) })),
-      };
+      const plan: StepPlan = { sequences: live.map((p) => ({ seq: p.e.seq, ...p.work })) };
       const t0 = performance.now();
       let result;
       try {
         result = await this.model.step(plan);
       } catch (err) {
-        for (let i = this.active.length - 1; i >= 0; i--) {
-          this.active[i].req.fail(err);
-          this.retire(i);
-        }
+        for (const p of live) this.retire(p.e, err);
         continue;
       }
-      this.opts.onStep?.({
-        sequences: plan.sequences.length,
-        tokens: plan.sequences.reduce((s, p) => s + p.tokens.length, 0),
-        ms: performance.now() - t0,
-      });
-      for (let i = this.active.length - 1; i >= 0; i--) {
-        const e = this.active[i];
-        let more = false;
-        try {
-          more = !e.req.cancelled() && e.req.advance(result.sequences[i], controls[i]);
-        } catch (err) {
-          e.req.fail(err);
-        }
-        if (!more) this.retire(i);
+      const ms = performance.now() - t0;
+      let prefillTokens = 0;
+      let decodeTokens = 0;
+      for (const p of live) {
+        if (p.prefill) prefillTokens += p.work.tokens.length;
+        else decodeTokens += p.work.tokens.length;
       }
+      live.forEach((p, i) => {
+        const e = p.e;
+        if (e.state !== 'running') return;
+        if (e.req.cancelled()) return this.retire(e);
+        let more = true;
+        try {
+          const out = result.sequences[i];
+          if (p.prefill) e.req.chunk?.(out, e.control);
+          if (p.final) {
+            e.prefilling = false;
+            more = e.req.advance(out, e.control);
+          }
+        } catch (err) {
+          this.retire(e, err);
+          return;
+        }
+        if (!more) this.retire(e);
+      });
+      this.steps++;
+      const occupancy = live.length / this.opts.maxBatch;
+      this.occupancySum += occupancy;
+      this.opts.onStep?.({
+        sequences: live.length,
+        tokens: prefillTokens + decodeTokens,
+        ms,
+        prefillTokens,
+        decodeTokens,
+        occupancy,
+        queued: this.queue.length,
+        running: this.running.length,
+        kvPagesUsed: this.model.kvPages?.().used,
+      });
       // Let consumers run between steps (stream delivery, aborts, new submissions).
-      await new Promise((r) => setImmediate(r));
+      await setImmediateP();
     }
   }
 }

@@ -35,12 +35,17 @@ export interface Verdict {
 export interface RequestSpeculator {
   /** Target layers whose hidden states the verify step must return (DFlash context features). */
   readonly hiddenLayers: number[];
-  /** Called after the prompt's prefill step with its output (hidden states for the drafter). */
+  /**
+   * Called after each prefill chunk with its output (hidden states of the chunk's rows for the
+   * drafter); `ctx.cacheLength` is the target's cache length after the chunk. A long prompt comes
+   * in several chunks; after a preemption (announced by `release()`) the whole history is
+   * prefilled again from an empty cache.
+   */
   prefilled(ctx: SpeculationContext, out: SequenceOutput): Promise<void> | void;
   propose(ctx: SpeculationContext): Promise<Proposal>;
   /** Judge the verify output (rows for [last token, ...drafts]) and update drafter state. */
   verify(ctx: SpeculationContext, proposal: Proposal, out: SequenceOutput): Verdict;
-  /** The engine rolled back or finished; free drafter caches. */
+  /** The engine finished the request, or dropped its target cache (preemption); free drafter caches. */
   release(): void;
   /** Statistics so far (accepted per round, per-position acceptance, timings). */
   stats(): SpeculationStats;

@@ -1,200 +1,355 @@
 import { MoeflashError } from '../../errors.js';
-import { attendOne, type AttentionShape } from '../../math/attention.js';
-import { mlpForward, mlpScratch, type MlpScratch } from '../../math/experts.js';
-import { linear } from '../../math/linear.js';
+import type { AttentionShape } from '../../math/attention.js';
 import { rmsNorm } from '../../math/norm.js';
 import { applyRope, ropeTable, type RopeTable } from '../../math/rope.js';
 import { route } from '../../math/router.js';
 import type { ModelSpec } from '../../model/spec.js';
 import type { ModelWeights } from '../../weights/layouts.js';
-import type { LoadedModel, MemoryReport, SeqId, SequenceOutput, StepPlan, StepResult } from '../backend.js';
-import { CpuKvCache } from './kv-cache.js';
+import type { KvPageStats, LoadedModel, MemoryReport, SeqId, SequenceOutput, StepPlan, StepResult } from '../backend.js';
+import { attendInterleaved } from './attention.js';
+import { linearBatch, mlpBatch, MlpBatchScratch } from './batched.js';
+import { KvPagePool, PagedSequence } from './kv-cache.js';
+import { WasmLinear } from './wasm-linear.js';
 
-/** A token of the step: which sequence, which id, at which position. */
-interface Row {
-  seqIndex: number;
-  token: number;
-  pos: number;
+/** The KV page pool of a CPU model. */
+export interface CpuKvOptions {
+  pageSize: number;
+  pages: number;
+  prefixCaching: boolean;
+}
+
+export interface CpuModelOptions {
+  /**
+   * Run matrix products on WebAssembly SIMD (same arithmetic, bit-identical results) where the
+   * runtime supports it and the weights fit in its 32-bit memory (default true).
+   */
+  simd?: boolean;
+  /**
+   * Move the weights into the WebAssembly memory instead of copying them there: the arrays of
+   * `w` are replaced by equal views, so the model does not hold them twice. For a `w` nobody
+   * else uses (CpuBackend.load).
+   */
+  adoptWeights?: boolean;
+}
+
+/** One step's tokens of one sequence: rows [first, first + count) of the step. */
+interface Span {
+  seq: PagedSequence;
+  first: number;
+  count: number;
+  start: number;
 }
 
 /**
  * The float32 reference forward pass of every supported family.
  *
- * Each token's arithmetic is the same whatever else shares its step (same loops, same order):
- * a sequence's logits are bit-identical alone or batched, one token a step or all at once.
+ * Each token's arithmetic is the same whatever else shares its step (same operations in the same
+ * order): a sequence's logits are bit-identical alone or batched, one token a step or all at once.
+ * Matrix products run over all tokens of the step at once, weight row by weight row, which only
+ * reorders independent dot products. Experts run on the tokens routed to them, gathered.
  */
 export class CpuModel implements LoadedModel {
-  private readonly caches = new Map<SeqId, CpuKvCache>();
+  private readonly seqs = new Map<SeqId, PagedSequence>();
+  private readonly pool: KvPagePool;
   private readonly rope: RopeTable;
   private readonly shape: AttentionShape;
   private readonly weightBytes: number;
+  private readonly mlp = new MlpBatchScratch();
+  /** The matrix-product kernels over this model's weights, when WebAssembly SIMD is in use. */
+  private readonly simd: WasmLinear | null;
+  private keyRun = new Float32Array(0);
+  private valueRun = new Float32Array(0);
   private disposed = false;
 
-  constructor(readonly spec: ModelSpec, private readonly w: ModelWeights) {
+  constructor(
+    readonly spec: ModelSpec,
+    private readonly w: ModelWeights,
+    kv: CpuKvOptions = { pageSize: 16, pages: 4096, prefixCaching: true },
+    opts: CpuModelOptions = {},
+  ) {
     this.rope = ropeTable(spec.attention.rope);
     const a = spec.attention;
+    this.simd = opts.simd === false ? null : placeWeights(spec, w, opts.adoptWeights === true);
     this.shape = { numHeads: a.numHeads, numKvHeads: a.numKvHeads, headDim: a.headDim, scale: a.scale };
     this.weightBytes = countWeightBytes(w);
+    this.pool = new KvPagePool({ numLayers: spec.numLayers, rowSize: a.numKvHeads * a.headDim, ...kv });
+  }
+
+  /** Where matrix products run: WebAssembly SIMD or plain JavaScript (same results either way). */
+  get kernels(): 'wasm-simd' | 'js' {
+    return this.simd ? 'wasm-simd' : 'js';
   }
 
   length(seq: SeqId): number {
-    return this.caches.get(seq)?.length ?? 0;
+    return this.seqs.get(seq)?.length ?? 0;
   }
 
   truncate(seq: SeqId, length: number): void {
-    const c = this.caches.get(seq);
-    if (!c) return;
-    if (length < 0 || length > c.length) {
-      throw new MoeflashError('INVALID_ARGUMENT', `truncate(${seq}, ${length}): the sequence holds ${c.length} positions; length must be in [0, ${c.length}]`);
+    const s = this.seqs.get(seq);
+    if (!s) return;
+    if (!Number.isInteger(length) || length < 0 || length > s.length) {
+      throw new MoeflashError('INVALID_ARGUMENT', `truncate(${seq}, ${length}): the sequence holds ${s.length} positions; length must be in [0, ${s.length}]`);
     }
-    c.length = length;
+    this.pool.truncate(s, length);
   }
 
   release(seq: SeqId): void {
-    this.caches.delete(seq);
+    const s = this.seqs.get(seq);
+    if (!s) return;
+    this.pool.releaseSequence(s);
+    this.seqs.delete(seq);
+  }
+
+  kvPages(): KvPageStats {
+    return this.pool.stats();
+  }
+
+  reserve(seq: SeqId, length: number): boolean {
+    return this.pool.ensure(this.sequence(seq), length);
+  }
+
+  reusePrefix(seq: SeqId, tokens: readonly number[]): number {
+    return this.pool.reusePrefix(this.sequence(seq), tokens);
   }
 
   memory(): MemoryReport {
-    let kv = 0;
-    for (const c of this.caches.values()) kv += c.bytes();
+    const kv = this.pool.bytes();
     return { weights: this.weightBytes, kvCache: kv, activations: 0, total: this.weightBytes + kv };
   }
 
   async dispose(): Promise<void> {
-    this.caches.clear();
+    for (const id of [...this.seqs.keys()]) this.release(id);
     this.disposed = true;
+  }
+
+  private sequence(id: SeqId): PagedSequence {
+    let s = this.seqs.get(id);
+    if (!s) {
+      s = new PagedSequence();
+      this.seqs.set(id, s);
+    }
+    return s;
   }
 
   async step(plan: StepPlan): Promise<StepResult> {
     if (this.disposed) throw new MoeflashError('CLOSED', 'step() on a disposed model');
-    const { spec, w } = this;
+    const { spec, w, pool } = this;
     const H = spec.hiddenSize;
     const V = spec.vocabSize;
     const a = spec.attention;
     const qDim = a.numHeads * a.headDim;
     const kvDim = a.numKvHeads * a.headDim;
+    const P = pool.pageSize;
 
-    const rows: Row[] = [];
-    const caches: CpuKvCache[] = [];
     const seen = new Set<SeqId>();
-    plan.sequences.forEach((s, seqIndex) => {
+    for (const s of plan.sequences) {
       if (seen.has(s.seq)) throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq} appears twice in one step`);
       seen.add(s.seq);
-      let cache = this.caches.get(s.seq);
-      if (!cache) {
-        cache = new CpuKvCache(spec.numLayers, kvDim);
-        this.caches.set(s.seq, cache);
-      }
-      caches.push(cache);
-      const start = cache.length;
-      s.tokens.forEach((token, i) => {
+      for (const token of s.tokens) {
         if (!Number.isInteger(token) || token < 0 || token >= V) {
           throw new MoeflashError('INVALID_ARGUMENT', `token id ${token} of sequence ${s.seq} is outside the vocabulary [0, ${V})`);
         }
-        rows.push({ seqIndex, token, pos: start + i });
+      }
+    }
+    const spans: Span[] = [];
+    let n = 0;
+    for (const s of plan.sequences) {
+      const seq = this.sequence(s.seq);
+      if (!pool.ensure(seq, seq.length + s.tokens.length)) {
+        const st = pool.stats();
+        throw new MoeflashError(
+          'OUT_OF_MEMORY',
+          `KV cache full: sequence ${s.seq} needs room for ${seq.length + s.tokens.length} positions but only ${st.free + st.cached} of ${st.total} pages of ${P} positions are free; load with a larger kvCache.pages, or let the engine's scheduler preempt`,
+        );
+      }
+      spans.push({ seq, first: n, count: s.tokens.length, start: seq.length });
+      n += s.tokens.length;
+    }
+    const pos = new Int32Array(n);
+    const tokens = new Int32Array(n);
+    spans.forEach((sp, si) => {
+      plan.sequences[si].tokens.forEach((t, i) => {
+        pos[sp.first + i] = sp.start + i;
+        tokens[sp.first + i] = t;
       });
-      cache.reserve(start + s.tokens.length);
     });
 
-    const n = rows.length;
     const x = new Float32Array(n * H);
-    rows.forEach((r, i) => x.set(w.embed.subarray(r.token * H, (r.token + 1) * H), i * H));
+    for (let i = 0; i < n; i++) x.set(w.embed.subarray(tokens[i] * H, (tokens[i] + 1) * H), i * H);
 
     const hiddenOut = plan.sequences.map((s) => (s.hiddenLayers?.length ? new Map<number, Float32Array>() : undefined));
-    const normed = new Float32Array(H);
+    const normed = new Float32Array(n * H);
     const q = new Float32Array(n * qDim);
-    const attnOut = new Float32Array(qDim);
-    const proj = new Float32Array(H);
-    const kRow = new Float32Array(kvDim);
-    const vRow = new Float32Array(kvDim);
-    const maxLen = Math.max(0, ...rows.map((r) => r.pos + 1));
+    const k = new Float32Array(n * kvDim);
+    const v = new Float32Array(n * kvDim);
+    const attnOut = new Float32Array(n * qDim);
+    const proj = new Float32Array(n * H);
+    let maxLen = 0;
+    for (const sp of spans) maxLen = Math.max(maxLen, sp.start + sp.count);
     const scores = new Float64Array(maxLen);
-    const scratch: MlpScratch = mlpScratch(Math.max(spec.moe.intermediateSize, spec.denseIntermediateSize ?? 0), H);
-    const routerLogits = new Float32Array(spec.moe.numExperts);
+    if (this.keyRun.length < maxLen * kvDim) {
+      this.keyRun = new Float32Array(maxLen * kvDim);
+      this.valueRun = new Float32Array(maxLen * kvDim);
+    }
+    const keyRun = this.keyRun;
+    const valueRun = this.valueRun;
+    const E = spec.moe.numExperts;
+    const topK = spec.moe.topK;
+    const routerLogits = new Float32Array(n * E);
+    const expertOut = new Float32Array(n * topK * H);
+    const mlpOut = new Float32Array(n * H);
     const mlpAcc = new Float64Array(H);
+    const routedTo: number[][] = Array.from({ length: E }, () => []);
+    const routeWeights: Float32Array[] = new Array(n);
+    const gathered = new Float32Array(n * H);
 
     for (let l = 0; l < spec.numLayers; l++) {
       const lw = w.layers[l];
       const window = spec.layers[l].slidingWindow;
-      // Pass 1: every token's q, and its k/v into the cache, so that later tokens of the same
-      // sequence see earlier ones in pass 2 exactly as if they had come in earlier steps.
-      for (let i = 0; i < n; i++) {
-        const r = rows[i];
-        const xi = x.subarray(i * H, (i + 1) * H);
-        rmsNorm(xi, lw.inputNorm, spec.rmsNormEps, normed);
-        const qi = q.subarray(i * qDim, (i + 1) * qDim);
-        linear(normed, lw.attn.q, qDim, H, lw.attn.qBias, qi);
-        linear(normed, lw.attn.k, kvDim, H, lw.attn.kBias, kRow);
-        linear(normed, lw.attn.v, kvDim, H, lw.attn.vBias, vRow);
-        for (let h = 0; h < a.numHeads; h++) {
-          if (lw.attn.qNorm) rmsNorm(qi, lw.attn.qNorm, spec.rmsNormEps, qi, h * a.headDim);
-          applyRope(qi, h * a.headDim, r.pos, this.rope);
-        }
-        for (let h = 0; h < a.numKvHeads; h++) {
-          if (lw.attn.kNorm) rmsNorm(kRow, lw.attn.kNorm, spec.rmsNormEps, kRow, h * a.headDim);
-          applyRope(kRow, h * a.headDim, r.pos, this.rope);
-        }
-        const c = caches[r.seqIndex];
-        c.keys[l].set(kRow, r.pos * kvDim);
-        c.values[l].set(vRow, r.pos * kvDim);
-      }
-      // Pass 2: attention, output projection, residual; then the MLP.
-      for (let i = 0; i < n; i++) {
-        const r = rows[i];
-        const c = caches[r.seqIndex];
-        const from = window === null ? 0 : Math.max(0, r.pos - window + 1);
-        attendOne(q, i * qDim, c.keys[l], c.values[l], from, r.pos, this.shape, lw.attn.sinks, attnOut, 0, scores);
-        linear(attnOut, lw.attn.o, H, qDim, lw.attn.oBias, proj);
-        const xi = x.subarray(i * H, (i + 1) * H);
-        for (let d = 0; d < H; d++) xi[d] += proj[d];
-
-        rmsNorm(xi, lw.postAttnNorm, spec.rmsNormEps, normed);
-        if (lw.dense) {
-          const y = mlpForward(normed, lw.dense, { kind: 'swiglu' }, scratch);
-          for (let d = 0; d < H; d++) xi[d] += y[d];
-        } else {
-          const router = lw.router!;
-          linear(normed, router.weight, spec.moe.numExperts, H, router.bias, routerLogits);
-          const { experts, weights } = route(routerLogits, spec.moe);
-          mlpAcc.fill(0);
-          for (let j = 0; j < experts.length; j++) {
-            const y = mlpForward(normed, lw.experts![experts[j]], spec.moe.activation, scratch);
-            const wj = weights[j];
-            for (let d = 0; d < H; d++) mlpAcc[d] += Math.fround(y[d] * wj);
+      // Every token's q, and its k/v into the cache, before any attention: later tokens of a
+      // sequence see earlier ones of the same step exactly as if those had come in earlier steps.
+      for (let i = 0; i < n; i++) rmsNorm(x, lw.inputNorm, spec.rmsNormEps, normed, i * H);
+      linearBatch(normed, n, lw.attn.q, qDim, H, lw.attn.qBias, q, this.simd);
+      linearBatch(normed, n, lw.attn.k, kvDim, H, lw.attn.kBias, k, this.simd);
+      linearBatch(normed, n, lw.attn.v, kvDim, H, lw.attn.vBias, v, this.simd);
+      const layerOff = l * pool.layerStride;
+      for (const sp of spans) {
+        for (let i = sp.first; i < sp.first + sp.count; i++) {
+          for (let h = 0; h < a.numHeads; h++) {
+            const off = i * qDim + h * a.headDim;
+            if (lw.attn.qNorm) rmsNorm(q, lw.attn.qNorm, spec.rmsNormEps, q, off);
+            applyRope(q, off, pos[i], this.rope);
           }
-          for (let d = 0; d < H; d++) xi[d] += mlpAcc[d];
+          for (let h = 0; h < a.numKvHeads; h++) {
+            const off = i * kvDim + h * a.headDim;
+            if (lw.attn.kNorm) rmsNorm(k, lw.attn.kNorm, spec.rmsNormEps, k, off);
+            applyRope(k, off, pos[i], this.rope);
+          }
+          const page = pool.page(sp.seq.pages[Math.floor(pos[i] / P)]);
+          const at = layerOff + (pos[i] % P) * kvDim;
+          page.set(k.subarray(i * kvDim, (i + 1) * kvDim), at);
+          page.set(v.subarray(i * kvDim, (i + 1) * kvDim), at + pool.valueOffset);
+        }
+      }
+      // Attention reads a sequence's rows from a contiguous run, gathered from its pages once per
+      // layer for all its tokens of the step.
+      for (const sp of spans) {
+        const end = sp.start + sp.count;
+        const lo = window === null ? 0 : Math.max(0, sp.start - window + 1);
+        for (let pg = Math.floor(lo / P); pg * P < end; pg++) {
+          const page = pool.page(sp.seq.pages[pg]);
+          const rows = Math.min(P, end - pg * P);
+          keyRun.set(page.subarray(layerOff, layerOff + rows * kvDim), pg * P * kvDim);
+          valueRun.set(page.subarray(layerOff + pool.valueOffset, layerOff + pool.valueOffset + rows * kvDim), pg * P * kvDim);
+        }
+        for (let i = sp.first; i < sp.first + sp.count; i++) {
+          const from = window === null ? 0 : Math.max(0, pos[i] - window + 1);
+          attendInterleaved(q, i * qDim, keyRun, valueRun, from, pos[i], this.shape, lw.attn.sinks, attnOut, i * qDim, scores);
+        }
+      }
+      linearBatch(attnOut, n, lw.attn.o, H, qDim, lw.attn.oBias, proj, this.simd);
+      for (let j = 0; j < n * H; j++) x[j] += proj[j];
+      for (let i = 0; i < n; i++) rmsNorm(x, lw.postAttnNorm, spec.rmsNormEps, normed, i * H);
+
+      if (lw.dense) {
+        mlpBatch(normed, n, lw.dense, { kind: 'swiglu' }, this.mlp, mlpOut, this.simd);
+        for (let j = 0; j < n * H; j++) x[j] += mlpOut[j];
+      } else {
+        const router = lw.router!;
+        linearBatch(normed, n, router.weight, E, H, router.bias, routerLogits, this.simd);
+        for (const list of routedTo) list.length = 0;
+        for (let i = 0; i < n; i++) {
+          const { experts, weights } = route(routerLogits.subarray(i * E, (i + 1) * E), spec.moe);
+          routeWeights[i] = weights;
+          for (let j = 0; j < experts.length; j++) routedTo[experts[j]].push(i * topK + j);
+        }
+        for (let e = 0; e < E; e++) {
+          const slots = routedTo[e];
+          if (!slots.length) continue;
+          const m = slots.length;
+          for (let r = 0; r < m; r++) {
+            const i = Math.floor(slots[r] / topK);
+            gathered.set(normed.subarray(i * H, (i + 1) * H), r * H);
+          }
+          mlpBatch(gathered, m, lw.experts![e], spec.moe.activation, this.mlp, mlpOut, this.simd);
+          for (let r = 0; r < m; r++) expertOut.set(mlpOut.subarray(r * H, (r + 1) * H), slots[r] * H);
+        }
+        // Each token sums its experts in routing order, exactly as one token alone would.
+        for (let i = 0; i < n; i++) {
+          const weights = routeWeights[i];
+          mlpAcc.fill(0);
+          for (let j = 0; j < weights.length; j++) {
+            const y = (i * topK + j) * H;
+            const wj = weights[j];
+            for (let d = 0; d < H; d++) mlpAcc[d] += Math.fround(expertOut[y + d] * wj);
+          }
+          for (let d = 0; d < H; d++) x[i * H + d] += mlpAcc[d];
         }
       }
       plan.sequences.forEach((s, si) => {
         if (!s.hiddenLayers?.includes(l)) return;
-        const own = rows.map((r, i) => [r, i] as const).filter(([r]) => r.seqIndex === si);
-        const h = new Float32Array(own.length * H);
-        own.forEach(([, i], j) => h.set(x.subarray(i * H, (i + 1) * H), j * H));
-        hiddenOut[si]!.set(l, h);
+        const sp = spans[si];
+        hiddenOut[si]!.set(l, x.slice(sp.first * H, (sp.first + sp.count) * H));
       });
     }
 
-    for (let si = 0; si < plan.sequences.length; si++) caches[si].length += plan.sequences[si].tokens.length;
+    spans.forEach((sp, si) => {
+      const seq = sp.seq;
+      for (const t of plan.sequences[si].tokens) seq.tokens.push(t);
+      seq.length += sp.count;
+    });
+
+    // The LM head over every row any sequence asked logits for, in one pass over its rows.
+    const want = plan.sequences.map((s) => (s.logits === 'none' || s.tokens.length === 0 ? 0 : s.logits === 'all' ? s.tokens.length : 1));
+    const m = want.reduce((t, c) => t + c, 0);
+    const finalIn = new Float32Array(m * H);
+    let r = 0;
+    spans.forEach((sp, si) => {
+      for (let j = sp.count - want[si]; j < sp.count; j++, r++) {
+        finalIn.set(x.subarray((sp.first + j) * H, (sp.first + j + 1) * H), r * H);
+        rmsNorm(finalIn, w.finalNorm, spec.rmsNormEps, finalIn, r * H);
+      }
+    });
+    const logits = new Float32Array(m * V);
+    linearBatch(finalIn, m, w.lmHead, V, H, null, logits, this.simd);
 
     const outputs: SequenceOutput[] = [];
-    let rowBase = 0;
+    r = 0;
     plan.sequences.forEach((s, si) => {
-      const count = s.tokens.length;
-      const first = s.logits === 'all' ? 0 : count - 1;
-      const want = s.logits === 'none' || count === 0 ? 0 : count - first;
-      const logits = new Float32Array(want * V);
-      const row = new Float32Array(V);
-      for (let j = 0; j < want; j++) {
-        const i = rowBase + first + j;
-        rmsNorm(x.subarray(i * H, (i + 1) * H), w.finalNorm, spec.rmsNormEps, normed);
-        linear(normed, w.lmHead, V, H, null, row);
-        logits.set(row, j * V);
-      }
-      rowBase += count;
-      outputs.push({ seq: s.seq, logits, rows: want, hidden: hiddenOut[si] });
+      outputs.push({ seq: s.seq, logits: logits.slice(r * V, (r + want[si]) * V), rows: want[si], hidden: hiddenOut[si] });
+      r += want[si];
     });
     return { sequences: outputs };
   }
+}
+
+/** The matrices and biases of every matrix product, in a WebAssembly memory (see CpuModelOptions). */
+function placeWeights(spec: ModelSpec, w: ModelWeights, adopt: boolean): WasmLinear | null {
+  const arrays: Float32Array[] = [w.lmHead];
+  const a = spec.attention;
+  const dims = [spec.vocabSize, spec.hiddenSize, a.numHeads * a.headDim, a.numKvHeads * a.headDim, spec.moe.numExperts];
+  const mlps = (l: ModelWeights['layers'][number]) => [...(l.experts ?? []), ...(l.dense ? [l.dense] : [])];
+  for (const l of w.layers) {
+    const t = l.attn;
+    for (const x of [t.q, t.k, t.v, t.o, t.qBias, t.kBias, t.vBias, t.oBias, l.router?.weight, l.router?.bias]) if (x) arrays.push(x);
+    for (const m of mlps(l)) {
+      dims.push(m.inter);
+      for (const x of [m.gate, m.up, m.down, m.gateBias, m.upBias, m.downBias]) if (x) arrays.push(x);
+    }
+  }
+  const max = Math.max(...dims);
+  const simd = WasmLinear.create(arrays, max, max);
+  if (!simd || !adopt) return simd;
+  const v = <T extends Float32Array | null | undefined>(x: T): T => (x ? (simd.view(x) as T) : x);
+  if (w.embed === w.lmHead) w.embed = v(w.embed);
+  w.lmHead = v(w.lmHead);
+  for (const l of w.layers) {
+    const t = l.attn;
+    [t.q, t.k, t.v, t.o, t.qBias, t.kBias, t.vBias, t.oBias] = [v(t.q), v(t.k), v(t.v), v(t.o), v(t.qBias), v(t.kBias), v(t.vBias), v(t.oBias)];
+    if (l.router) l.router = { weight: v(l.router.weight), bias: v(l.router.bias) };
+    for (const m of mlps(l)) [m.gate, m.up, m.down, m.gateBias, m.upBias, m.downBias] = [v(m.gate), v(m.up), v(m.down), v(m.gateBias), v(m.upBias), v(m.downBias)];
+  }
+  return simd;
 }
 
 function countWeightBytes(w: ModelWeights): number {

@@ -1,0 +1,271 @@
+// An OpenAI-compatible HTTP server on Node's http module. Every request becomes one engine
+// request; the engine's scheduler batches whatever runs concurrently.
+import http from 'node:http';
+import path from 'node:path';
+import { randomUUID } from 'node:crypto';
+import { createEngine } from '@moeflash/core';
+import { ApiError, parseChatRequest, parseCompletionRequest } from './validate.mjs';
+
+export { ApiError, parseChatRequest, parseCompletionRequest };
+
+export const DEFAULT_BODY_LIMIT = 1024 * 1024;
+/** A client that keeps sending past the limit is cut off after this much (the 413 is sent first). */
+const DISCARD_LIMIT = 16 * 1024 * 1024;
+
+/** Maps engine errors to OpenAI-style HTTP errors; anything unexpected is a 500. */
+export function toApiError(e) {
+  if (e instanceof ApiError) return e;
+  if (e && e.name === 'MoeflashError' && typeof e.code === 'string') {
+    switch (e.code) {
+      case 'INVALID_ARGUMENT':
+      case 'TOKENIZER_INVALID':
+        return new ApiError(400, e.message);
+      case 'OUT_OF_MEMORY':
+        return new ApiError(400, e.message, { code: 'context_length_exceeded', param: 'max_tokens' });
+      case 'CLOSED':
+        return new ApiError(503, 'the server is shutting down; retry on another instance', { type: 'server_error' });
+      default:
+        break;
+    }
+  }
+  return new ApiError(500, `internal error: ${e instanceof Error ? e.message : String(e)}`, { type: 'server_error' });
+}
+
+function sendJson(res, status, obj, headers = {}) {
+  const body = JSON.stringify(obj);
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), ...headers });
+  res.end(body);
+}
+
+function sendError(res, err, log) {
+  const api = toApiError(err);
+  if (api.status >= 500 && api.status !== 503) log(`moeflash-server: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+  if (res.destroyed || res.writableEnded) return;
+  if (res.headersSent) {
+    // Mid-stream: the client library surfaces an `error` event as an exception.
+    res.end(`data: ${JSON.stringify(api.toJSON())}\n\n`);
+    return;
+  }
+  sendJson(res, api.status, api.toJSON(), api.status === 413 ? { connection: 'close' } : {});
+}
+
+/** The request body, refusing more than `limit` bytes with a 413. */
+function readBody(req, limit) {
+  return new Promise((resolve, reject) => {
+    const declared = Number(req.headers['content-length']);
+    const tooLarge = () => new ApiError(413, `the request body exceeds the limit of ${limit} bytes`, { code: 'request_too_large' });
+    if (Number.isFinite(declared) && declared > limit) {
+      discard(req);
+      reject(tooLarge());
+      return;
+    }
+    const chunks = [];
+    let size = 0;
+    let over = false;
+    req.on('data', (c) => {
+      if (over) return;
+      size += c.length;
+      if (size > limit) {
+        over = true;
+        chunks.length = 0;
+        discard(req);
+        reject(tooLarge());
+      } else chunks.push(c);
+    });
+    req.on('end', () => {
+      if (!over) resolve(Buffer.concat(chunks));
+    });
+    req.on('error', reject);
+  });
+}
+
+/** Drain what the client still sends, so that it reads the error; cut it off past a bound. */
+function discard(req) {
+  let seen = 0;
+  req.on('data', (c) => {
+    seen += c.length;
+    if (seen > DISCARD_LIMIT) req.destroy();
+  });
+  req.resume();
+}
+
+function parseJson(buf) {
+  const text = buf.toString('utf8');
+  if (!text.trim()) throw new ApiError(400, 'the request body is empty; send a JSON object');
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new ApiError(400, `the request body is not valid JSON: ${e.message}`);
+  }
+}
+
+/**
+ * Writes server-sent events with back-pressure: when the socket's buffer is full, waits for it to
+ * drain (the engine then pauses this request once its own buffer fills) or for the client to go.
+ */
+function sseWriter(res) {
+  return async (obj) => {
+    if (res.destroyed) return;
+    if (res.write(`data: ${typeof obj === 'string' ? obj : JSON.stringify(obj)}\n\n`)) return;
+    await new Promise((resolve) => {
+      const done = () => {
+        res.off('drain', done);
+        res.off('close', done);
+        resolve();
+      };
+      res.on('drain', done);
+      res.on('close', done);
+    });
+  };
+}
+
+const usageOf = (r) => ({ prompt_tokens: r.promptTokens, completion_tokens: r.tokens.length, total_tokens: r.promptTokens + r.tokens.length });
+const finishOf = (r) => (r.finishReason === 'length' ? 'length' : 'stop');
+
+/**
+ * @param {import('./server.d.mts').ServerOptions} opts
+ * @returns {import('node:http').Server}
+ */
+export function createServer(opts) {
+  const { engine } = opts;
+  const log = opts.log ?? ((line) => console.error(line));
+  const modelId = opts.modelId ?? 'moeflash';
+  const limits = {
+    modelId,
+    maxTokensLimit: opts.maxTokensLimit ?? engine.spec.attention.maxPositionEmbeddings,
+    defaultMaxTokens: opts.defaultMaxTokens ?? engine.generationConfig.maxNewTokens ?? 256,
+    vocabSize: engine.spec.vocabSize,
+  };
+  const bodyLimit = opts.bodyLimit ?? DEFAULT_BODY_LIMIT;
+  const created = Math.floor(Date.now() / 1000);
+  const modelCard = { id: modelId, object: 'model', created, owned_by: 'moeflash' };
+
+  async function generate(req, res, kind) {
+    const body = parseJson(await readBody(req, bodyLimit));
+    const parsed = kind === 'chat' ? parseChatRequest(body, limits) : parseCompletionRequest(body, limits);
+    // A client that goes away aborts its request: the scheduler drops it at the next step.
+    const ac = new AbortController();
+    res.on('close', () => {
+      if (!res.writableFinished) ac.abort();
+    });
+    if (res.destroyed) return;
+    const genOpts = { ...parsed.options, signal: ac.signal };
+    const stream = kind === 'chat' ? engine.chat(parsed.messages, { ...genOpts, tools: parsed.tools }) : engine.generate(parsed.prompt, genOpts);
+    const id = `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
+    const now = Math.floor(Date.now() / 1000);
+    const object = kind === 'chat' ? 'chat.completion' : 'text_completion';
+
+    if (!parsed.stream) {
+      const r = await stream.result;
+      if (r.finishReason === 'abort' || res.destroyed) return;
+      const choice =
+        kind === 'chat'
+          ? { index: 0, message: { role: 'assistant', content: r.text, refusal: null }, logprobs: null, finish_reason: finishOf(r) }
+          : { index: 0, text: r.text, logprobs: null, finish_reason: finishOf(r) };
+      sendJson(res, 200, { id, object, created: now, model: modelId, choices: [choice], usage: usageOf(r) });
+      return;
+    }
+
+    res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' });
+    const send = sseWriter(res);
+    const chunkObject = kind === 'chat' ? 'chat.completion.chunk' : 'text_completion';
+    const piece = (text, finish) =>
+      kind === 'chat'
+        ? { id, object: chunkObject, created: now, model: modelId, choices: [{ index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: finish }] }
+        : { id, object: chunkObject, created: now, model: modelId, choices: [{ index: 0, text: text ?? '', logprobs: null, finish_reason: finish }] };
+    if (kind === 'chat') {
+      await send({ id, object: chunkObject, created: now, model: modelId, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }] });
+    }
+    for await (const chunk of stream) {
+      if (res.destroyed) break;
+      if (chunk.text) await send(piece(chunk.text, null));
+    }
+    const r = await stream.result;
+    if (r.finishReason === 'abort' || res.destroyed) return;
+    await send(piece(null, finishOf(r)));
+    if (parsed.includeUsage) await send({ id, object: chunkObject, created: now, model: modelId, choices: [], usage: usageOf(r) });
+    await send('[DONE]');
+    res.end();
+  }
+
+  async function route(req, res) {
+    const url = new URL(req.url ?? '/', 'http://localhost');
+    const p = url.pathname.replace(/\/+$/, '') || '/';
+    const only = (method) => {
+      if (req.method !== method) throw new ApiError(405, `${req.method} is not allowed on ${p}; use ${method}`, { code: 'method_not_allowed' });
+    };
+    if (p === '/v1/chat/completions' || p === '/v1/completions') {
+      only('POST');
+      return generate(req, res, p === '/v1/chat/completions' ? 'chat' : 'completion');
+    }
+    if (p === '/v1/models') {
+      only('GET');
+      return sendJson(res, 200, { object: 'list', data: [modelCard] });
+    }
+    if (p.startsWith('/v1/models/')) {
+      only('GET');
+      const name = decodeURIComponent(p.slice('/v1/models/'.length));
+      if (name !== modelId) throw new ApiError(404, `The model '${name.slice(0, 200)}' does not exist`, { code: 'model_not_found', param: 'model' });
+      return sendJson(res, 200, modelCard);
+    }
+    if (p === '/health') {
+      only('GET');
+      return sendJson(res, 200, { status: 'ok' });
+    }
+    if (p === '/metrics') {
+      only('GET');
+      return sendJson(res, 200, engine.stats());
+    }
+    throw new ApiError(404, `no route ${req.method} ${p.slice(0, 200)}; see POST /v1/chat/completions, POST /v1/completions, GET /v1/models`, { code: 'not_found' });
+  }
+
+  return http.createServer((req, res) => {
+    route(req, res).catch((err) => sendError(res, err, log));
+  });
+}
+
+/**
+ * Load a model and serve it: resolves once the server listens.
+ * @param {import('./server.d.mts').StartOptions} opts
+ */
+export async function startServer(opts) {
+  const log = opts.log ?? ((line) => console.error(line));
+  const engine = await createEngine({
+    model: opts.model,
+    backend: opts.backend ?? 'auto',
+    log,
+    maxBatch: opts.maxBatch,
+    maxStepTokens: opts.maxStepTokens,
+    kvCache: opts.kvCache,
+    speculative: opts.speculative,
+  });
+  const modelId = opts.modelId ?? path.basename(path.resolve(opts.model));
+  const server = createServer({ ...opts, engine, log, modelId });
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.port ?? 8000, opts.host ?? '127.0.0.1', () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const addr = server.address();
+  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  let closing = null;
+  return {
+    server,
+    engine,
+    modelId,
+    url: `http://${host}:${addr.port}`,
+    /** Stop listening, let running requests finish (up to `timeoutMs`), then free the model. */
+    close({ timeoutMs = 30_000 } = {}) {
+      closing ??= (async () => {
+        const stopped = new Promise((resolve) => server.close(() => resolve()));
+        server.closeIdleConnections();
+        await engine.close({ drain: true, timeoutMs });
+        server.closeAllConnections();
+        await stopped;
+      })();
+      return closing;
+    },
+  };
+}
