@@ -256,25 +256,32 @@ __global__ void __launch_bounds__(kGuWarps * 32) moe_gate_up_kernel(Mxfp4Experts
 constexpr int kDnWarps = 4;
 constexpr int kDnRowsPerWarp = 2;
 constexpr int kDnRows = kDnWarps * kDnRowsPerWarp;  // output rows a block owns
+// Warp groups of a block split the distinct experts between them (group g takes every kDnGroups-th
+// one): at one token the 4 experts of a row pair are read by 4 warps at once instead of one after
+// another. Each slot still has one writer, so the combine (and the result) is unchanged.
+constexpr int kDnGroups = 4;
 
 // Block = kDnRows output rows for every token. Each warp walks the distinct experts (in the
 // order of their first slot) for its rows, writing W_down[e] act[slot] to shared memory; after a
 // barrier the block combines each token's slots in slot order.
 template <int NX>
-__global__ void __launch_bounds__(kDnWarps * 32) moe_down_kernel(Mxfp4Experts w, const float* __restrict__ act,
+__global__ void __launch_bounds__(kDnWarps * kDnGroups * 32) moe_down_kernel(Mxfp4Experts w, const float* __restrict__ act,
                                                                  const int32_t* __restrict__ ids,
                                                                  const float* __restrict__ route_w, MoeDims d,
                                                                  float* __restrict__ y) {
   __shared__ float part[kMaxSlots][kDnRows];
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
+  const int warp = (threadIdx.x >> 5) % kDnWarps;
+  const int group = (threadIdx.x >> 5) / kDnWarps;
   const int slots = d.tokens * d.top_k;
   const int H = d.hidden, I = d.inter;
   const int nb = I / 32;
   const int row0 = blockIdx.x * kDnRows + warp * kDnRowsPerWarp;
   const SlotIds sid = load_slot_ids(ids, slots, lane);
 
+  int nth = 0;
   for (int slot = next_first_slot(sid, slots, 0); slot < slots; slot = next_first_slot(sid, slots, slot + 1)) {
+    if (nth++ % kDnGroups != group) continue;
     const int expert = expert_of_slot(sid, slot);
     int64_t row_index[kDnRowsPerWarp];
 #pragma unroll
@@ -384,7 +391,7 @@ cudaError_t moe_down_mxfp4(const Mxfp4Experts& w, const float* act, const int32_
   const int grid = ceil_div(d.hidden, kDnRows);
   const int nx = d.tokens <= 1 ? 1 : d.tokens <= 2 ? 2 : d.tokens <= 4 ? 4 : 8;
   auto launch = [&](auto kernel) {
-    kernel<<<grid, kDnWarps * 32, 0, stream>>>(w, act, expert_ids, expert_weights, d, y);
+    kernel<<<grid, kDnWarps * kDnGroups * 32, 0, stream>>>(w, act, expert_ids, expert_weights, d, y);
     return cudaGetLastError();
   };
   switch (nx) {

@@ -168,6 +168,58 @@ cudaError_t sample_rows(const SampleArgs& a, cudaStream_t stream);
 cudaError_t philox_uniforms(uint32_t seed_lo, uint32_t seed_hi, const uint32_t* counters /*[n,4]*/,
                             int n, float* u, uint32_t* words /*[n,4]*/, cudaStream_t stream);
 
+// ---------------------------------------------------------------- model.cu (executor only)
+// The epilogue of the fused q/k/v projection of `tokens` tokens: per-head RMSNorm of q and k when
+// q_norm/k_norm are set (Qwen3), rotate-half RoPE on both (as rope.cu), then q to q_out and k, v
+// rounded to bf16 into the cache rows slots[t] of this layer's caches [rows, num_kv_heads, head_dim].
+struct QkvPrepareArgs {
+  const float* qkv;  // [tokens, (num_heads + 2 num_kv_heads) * head_dim]: q | k | v
+  const bf16_bits* q_norm;
+  const bf16_bits* k_norm;
+  float eps;
+  const int32_t* positions;
+  const float* inv_freq;  // [rotary_dim / 2]
+  double attention_factor;
+  int rotary_dim;
+  const int32_t* slots;  // [tokens]: page * page_size + offset
+  float* q_out;          // [tokens, num_heads * head_dim]
+  bf16_bits* k_cache;
+  bf16_bits* v_cache;
+  int tokens, num_heads, num_kv_heads, head_dim;
+};
+size_t qkv_prepare_smem_bytes(int num_heads, int num_kv_heads, int head_dim, int rotary_dim);
+cudaError_t qkv_prepare(const QkvPrepareArgs& a, cudaStream_t stream);
+
+// Whether attention_decode takes these shapes; attention_generic (same arguments, no workspace)
+// takes any.
+bool attention_decode_supported(int num_heads, int num_kv_heads, int head_dim);
+cudaError_t attention_generic(const AttentionDecodeArgs& a, cudaStream_t stream);
+
+// bf16 experts (or a dense MLP as one expert of weight 1): gate_up [E, 2 inter, hidden] (gate rows
+// first, or interleaved gate/up rows for gpt-oss), down [E, hidden, inter]; act is scratch
+// [tokens, top_k, inter]; y [tokens, hidden] = sum over k in slot order of weight * (down act + b).
+struct MlpBf16Args {
+  const bf16_bits* gate_up;
+  const bf16_bits* gate_up_bias;
+  const bf16_bits* down;
+  const bf16_bits* down_bias;
+  const float* x;
+  const int32_t* expert_ids;
+  const float* expert_weights;
+  float* act;
+  float* y;
+  int tokens, top_k, hidden, inter;
+  bool interleaved;
+  ExpertActivation activation;
+  float limit, alpha;
+};
+cudaError_t mlp_bf16(const MlpBf16Args& a, cudaStream_t stream);
+
+// dst[i, :] = src[idx[i], :] for i < rows.
+cudaError_t gather_rows(const float* src, const int32_t* idx, int rows, int cols, float* dst, cudaStream_t stream);
+// out = a + b elementwise.
+cudaError_t add_f32(const float* a, const float* b, size_t n, float* out, cudaStream_t stream);
+
 // ---------------------------------------------------------------- fill.cu (benchmarks)
 // Deterministic pseudo-random contents, generated on the device so large buffers need no upload.
 cudaError_t fill_bf16_random(bf16_bits* p, size_t n, uint32_t seed, float scale, cudaStream_t stream);

@@ -84,18 +84,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_topk_kernel(const 
       if (lane + 32 * j == bi) taken |= 1u << j;
   }
 
+  const float top = __shfl_sync(kFullMask, chosen_score, 0);  // the best pick
   double wk = 0.0;
-  if (lane < top_k) {
-    if (rule == RoutingRule::TopkThenSoftmax) {
-      const float top = __shfl_sync(kFullMask, chosen_score, 0);
-      wk = exp(static_cast<double>(chosen_score) - static_cast<double>(top));
-    } else {
-      wk = chosen_score;
-    }
-  } else {
-    (void)__shfl_sync(kFullMask, chosen_score, 0);
-  }
-  double sum = warp_sum(lane < top_k ? wk : 0.0);
+  if (lane < top_k)
+    wk = rule == RoutingRule::TopkThenSoftmax ? exp(static_cast<double>(chosen_score) - static_cast<double>(top))
+                                              : static_cast<double>(chosen_score);
+  const double sum = warp_sum(wk);
   if (lane < top_k) {
     const bool divide = rule == RoutingRule::TopkThenSoftmax || renormalize;
     ids[static_cast<int64_t>(t) * top_k + lane] = chosen_id;

@@ -10,7 +10,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setDevice", Napi::Function::New(env, SetDevice, "setDevice"));
   exports.Set("ops", InitOps(env));
   exports.Set("bench", InitBench(env));
-  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  InitModel(env, exports);
+  exports.Set("abiVersion", Napi::Number::New(env, 2));
   return exports;
 }
 

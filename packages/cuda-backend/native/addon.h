@@ -22,6 +22,9 @@ Napi::Object InitOps(Napi::Env env);
 // bench.cc
 Napi::Object InitBench(Napi::Env env);
 
+// model.cc: the Model class (weights, KV cache, arena, step) and memInfo
+void InitModel(Napi::Env env, Napi::Object exports);
+
 // ------------------------------------------------------------------ arguments
 // Each helper throws an INVALID_ARGUMENT RangeError naming the function and the argument.
 struct ArgReader {

@@ -20,7 +20,18 @@ export {
   type CudaErrorFields,
   type NativeAddon,
   type NativeBench,
+  type NativeModel,
+  type NativeModelConfig,
   type NativeOps,
   type NativeProbe,
 } from './native.js';
 export { cudaOps, type CudaOps, type MoeShape, type MoeWeights } from './ops.js';
+export {
+  CudaBackend,
+  CudaModel,
+  createCudaBackend,
+  type CudaLoadOptions,
+  type CudaSequenceOutput,
+  type CudaStepPlan,
+} from './model.js';
+export { measureCopyBandwidth, deviceMemory } from './bench.js';

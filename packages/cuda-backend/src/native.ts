@@ -167,8 +167,36 @@ export interface NativeBench {
   ): { gateUp: Float64Array; down: Float64Array; gateUpBytes: Float64Array; downBytes: Float64Array };
 }
 
+/** Configuration of the native Model (built by src/model.ts). */
+export interface NativeModelConfig {
+  hidden: number; vocab: number; layers: number; heads: number; kvHeads: number; headDim: number; rotaryDim: number;
+  attentionFactor: number; eps: number; scale: number; topK: number; numExperts: number;
+  rule: number; renormalize: number; activation: number; limit: number; alpha: number;
+  maxTokens: number; maxLogitRows: number; pageSize: number; numPages: number; maxPagesPerSeq: number;
+  maxSeqLen: number; maxInter: number; graphTokens: number; weightsBytes: number;
+}
+
+/** A model's device memory and its step (native/model.cc). */
+export interface NativeModel {
+  upload(offset: number, bytes: Uint8Array): void;
+  step(
+    inputs: Int32Array,
+    tokens: number,
+    logitRows: number,
+    maxLen: number,
+    copyLogits: boolean,
+    hiddenLayers: Int32Array | null,
+    decode: boolean,
+  ): { ids: Int32Array; logits: Float32Array | null; hidden: Float32Array | null; graph: boolean };
+  info(): { weights: number; kvCache: number; activations: number; graphs: number };
+  dispose(): void;
+}
+
 export interface NativeAddon {
   abiVersion: number;
+  /** Reserves weights, KV cache and arena (all or nothing: OUT_OF_MEMORY frees what it took). */
+  Model: new (config: NativeModelConfig, layout: Float64Array) => NativeModel;
+  memInfo(): { free: number; total: number };
   /** Never throws: says why CUDA is unusable when it is. */
   probe(): NativeProbe;
   listDevices(): CudaDeviceInfo[];
@@ -184,7 +212,7 @@ export const ADDON_PATH = process.env.MOEFLASH_CUDA_ADDON || join(PACKAGE_ROOT, 
 /** The command that builds the addon. */
 export const BUILD_COMMAND = 'pnpm --filter @moeflash/cuda-backend build:native';
 
-const EXPECTED_ABI = 1;
+const EXPECTED_ABI = 2;
 
 let loaded: { addon: NativeAddon } | { error: string } | undefined;
 

@@ -1,0 +1,565 @@
+// The model executor: a model's weights, paged KV cache and activation arena on one device, all
+// reserved when it is created, and the forward pass of a step over them. src/model.ts owns the
+// policy (which pages a sequence holds, how a plan is split into steps); this file runs a step
+// as one call: inputs in, argmax ids (and logits, hidden states when asked) out.
+//
+// A decode step (one token a sequence) is replayed from a CUDA graph captured once per batch
+// bucket (1, 2, 4, ... tokens, padded with rows that write to a scratch page); any other step
+// is launched kernel by kernel.
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "addon.h"
+#include "kernels.h"
+
+namespace moeflash {
+namespace {
+
+// Per-layer fields of the layout array from src/model.ts (offsets into the weights buffer in
+// bytes, -1 when absent; the last five are numbers). Keep in step with LAYER_FIELDS there.
+enum LayerField {
+  kInNorm, kPostNorm, kQkvW, kQkvB, kOW, kOB, kQNorm, kKNorm, kSinks, kRouterW, kRouterB,
+  kGateUp, kGateUpScales, kGateUpBias, kDown, kDownScales, kDownBias,
+  kMlpKind, kExperts, kInter, kWindow, kInterleaved, kLayerFields
+};
+enum GlobalField { kEmbed, kLmHead, kFinalNorm, kInvFreq, kGlobalFields };
+enum MlpKind { kMlpBf16Experts = 0, kMlpMxfp4Experts = 1, kMlpDense = 2 };
+
+size_t align256(size_t n) { return (n + 255) & ~size_t{255}; }
+
+class PinnedBuffer {
+ public:
+  PinnedBuffer(Napi::Env env, size_t bytes, const std::string& what) {
+    const cudaError_t e = cudaHostAlloc(&p_, std::max<size_t>(bytes, 16), cudaHostAllocDefault);
+    if (e == cudaErrorMemoryAllocation) {
+      p_ = nullptr;
+      throw_out_of_memory(env, "cudaHostAlloc(" + what + ")", bytes);
+    }
+    check_cuda(env, e, "cudaHostAlloc(" + what + ")");
+  }
+  ~PinnedBuffer() {
+    if (p_ != nullptr) cudaFreeHost(p_);
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  template <typename T>
+  T* get() const {
+    return static_cast<T*>(p_);
+  }
+
+ private:
+  void* p_ = nullptr;
+};
+
+struct Config {
+  int hidden, vocab, layers, heads, kv_heads, head_dim, rotary_dim;
+  double attention_factor;
+  float eps, scale;
+  int top_k, num_experts, rule, renormalize, activation;
+  float limit, alpha;
+  int max_tokens, max_logit_rows, page_size, num_pages, max_pages_per_seq, max_seq_len, max_inter, graph_tokens;
+  size_t weights_bytes;
+  int q_dim() const { return heads * head_dim; }
+  int kv_dim() const { return kv_heads * head_dim; }
+  int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+  int slots() const { return std::max(top_k, 1); }
+  int input_ints() const { return 5 * max_tokens + max_tokens * max_pages_per_seq; }
+};
+
+struct LayerPtrs {
+  const bf16_bits *in_norm, *post_norm, *qkv_w, *qkv_b, *o_w, *o_b, *q_norm, *k_norm, *router_w, *router_b;
+  const float* sinks;
+  const uint8_t *gate_up, *gate_up_scales, *down, *down_scales;
+  const bf16_bits *gate_up_bias, *down_bias;
+  int mlp_kind, experts, inter, window;
+  bool interleaved;
+};
+
+// Everything the device holds for one model. Built whole or not at all: a failed allocation
+// throws from the constructor, and the members already allocated free themselves.
+struct State {
+  Config c;
+  DeviceBuffer weights, kv, arena;
+  PinnedBuffer in_host, out_host;
+  cudaStream_t stream = nullptr;
+  std::map<int, cudaGraphExec_t> graphs;
+  std::vector<LayerPtrs> layers;
+  const bf16_bits *embed = nullptr, *lm_head = nullptr, *final_norm = nullptr;
+  const float* inv_freq = nullptr;
+
+  // Arena views.
+  int32_t *in_tokens, *in_pos, *in_slots, *in_lens, *in_logit_rows, *in_tables;
+  float *x, *normed, *qkv, *q, *attn, *proj, *mlp_out, *router_logits, *route_w, *act, *hid, *lm_in, *logits;
+  int32_t *route_ids, *argmax_ids, *zero_ids;
+  float* ones;
+  void *att_ws, *argmax_ws;
+  size_t arena_bytes = 0;
+
+  static size_t kv_bytes(const Config& c) {
+    return 2 * static_cast<size_t>(c.layers) * (static_cast<size_t>(c.num_pages) + 1) * c.page_size * c.kv_dim() * 2;
+  }
+
+  // The arena's parts, in order; `carve` walks the same list to hand out pointers.
+  template <typename F>
+  static size_t layout(const Config& c, F&& part) {
+    const size_t T = c.max_tokens, H = c.hidden, L = c.max_logit_rows, K = c.slots();
+    size_t off = 0;
+    auto add = [&](size_t bytes, int id) {
+      part(id, off);
+      off += align256(bytes);
+    };
+    add(sizeof(int32_t) * c.input_ints(), 0);
+    add(sizeof(float) * T * H, 1);                        // x
+    add(sizeof(float) * T * H, 2);                        // normed
+    add(sizeof(float) * T * c.qkv_dim(), 3);              // qkv
+    add(sizeof(float) * T * c.q_dim(), 4);                // q
+    add(sizeof(float) * T * c.q_dim(), 5);                // attn
+    add(sizeof(float) * T * H, 6);                        // proj
+    add(sizeof(float) * T * H, 7);                        // mlp_out
+    add(sizeof(float) * T * std::max(c.num_experts, 1), 8);  // router logits
+    add(sizeof(float) * T * K, 9);                        // route weights
+    add(sizeof(int32_t) * T * K, 10);                     // route ids
+    add(sizeof(float) * T * K * c.max_inter, 11);         // expert activations
+    add(sizeof(float) * T * H, 12);                       // hidden copy
+    add(sizeof(float) * L * H, 13);                       // lm head input rows
+    add(sizeof(float) * L * static_cast<size_t>(c.vocab), 14);  // logits
+    add(sizeof(int32_t) * L, 15);                         // argmax ids
+    add(sizeof(int32_t) * T, 16);                         // zeros (dense MLP ids)
+    add(sizeof(float) * T, 17);                           // ones (dense MLP weights)
+    add(attention_decode_workspace_bytes(c.max_tokens, c.heads, c.head_dim, c.max_seq_len), 18);
+    add(argmax_workspace_bytes(c.max_logit_rows, c.vocab), 19);
+    return off;
+  }
+
+  State(Napi::Env env, const Config& cfg)
+      : c(cfg),
+        weights(env, cfg.weights_bytes, "model weights"),
+        kv(env, kv_bytes(cfg), "KV cache"),
+        arena(env, layout(cfg, [](int, size_t) {}), "activation arena"),
+        in_host(env, sizeof(int32_t) * cfg.input_ints(), "step inputs"),
+        out_host(env, sizeof(float) * cfg.max_logit_rows * (static_cast<size_t>(cfg.vocab) + 1), "step outputs") {
+    arena_bytes = arena.bytes();
+    char* base = arena.get<char>();
+    layout(c, [&](int id, size_t off) {
+      void* p = base + off;
+      switch (id) {
+        case 0: {
+          auto* in = static_cast<int32_t*>(p);
+          const int T = c.max_tokens;
+          in_tokens = in, in_pos = in + T, in_slots = in + 2 * T, in_lens = in + 3 * T, in_logit_rows = in + 4 * T,
+          in_tables = in + 5 * T;
+          break;
+        }
+        case 1: x = static_cast<float*>(p); break;
+        case 2: normed = static_cast<float*>(p); break;
+        case 3: qkv = static_cast<float*>(p); break;
+        case 4: q = static_cast<float*>(p); break;
+        case 5: attn = static_cast<float*>(p); break;
+        case 6: proj = static_cast<float*>(p); break;
+        case 7: mlp_out = static_cast<float*>(p); break;
+        case 8: router_logits = static_cast<float*>(p); break;
+        case 9: route_w = static_cast<float*>(p); break;
+        case 10: route_ids = static_cast<int32_t*>(p); break;
+        case 11: act = static_cast<float*>(p); break;
+        case 12: hid = static_cast<float*>(p); break;
+        case 13: lm_in = static_cast<float*>(p); break;
+        case 14: logits = static_cast<float*>(p); break;
+        case 15: argmax_ids = static_cast<int32_t*>(p); break;
+        case 16: zero_ids = static_cast<int32_t*>(p); break;
+        case 17: ones = static_cast<float*>(p); break;
+        case 18: att_ws = p; break;
+        case 19: argmax_ws = p; break;
+      }
+    });
+    check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
+    std::vector<float> one(c.max_tokens, 1.0f);
+    check_cuda(env, cudaMemset(zero_ids, 0, sizeof(int32_t) * c.max_tokens), "cudaMemset (zero ids)");
+    check_cuda(env, cudaMemcpy(ones, one.data(), sizeof(float) * c.max_tokens, cudaMemcpyHostToDevice), "cudaMemcpy (ones)");
+    // Unwritten cache rows are never read, but a NaN pattern would show it at once if they were.
+    check_cuda(env, cudaMemset(kv.get(), 0xff, kv.bytes()), "cudaMemset (KV cache)");
+  }
+  ~State() {
+    for (auto& g : graphs) cudaGraphExecDestroy(g.second);
+    if (stream != nullptr) {
+      cudaStreamSynchronize(stream);
+      cudaStreamDestroy(stream);
+    }
+  }
+
+  bf16_bits* k_cache(int l) const { return kv.get<bf16_bits>() + static_cast<size_t>(2 * l) * layer_kv_elems(); }
+  bf16_bits* v_cache(int l) const { return kv.get<bf16_bits>() + static_cast<size_t>(2 * l + 1) * layer_kv_elems(); }
+  size_t layer_kv_elems() const { return (static_cast<size_t>(c.num_pages) + 1) * c.page_size * c.kv_dim(); }
+  int trash_page() const { return c.num_pages; }
+};
+
+struct Status {
+  cudaError_t err = cudaSuccess;
+  const char* what = nullptr;
+  bool ok() const { return err == cudaSuccess; }
+};
+#define MF_TRY(call, name)              \
+  do {                                  \
+    const cudaError_t e_ = (call);      \
+    if (e_ != cudaSuccess) return {e_, name}; \
+  } while (0)
+
+// The forward pass of T tokens whose inputs are already in the arena. Hidden states of the
+// layers in `hidden` go to hidden_host ([hidden.size(), T, H]) when it is set.
+Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>& hidden, float* hidden_host) {
+  const Config& c = s.c;
+  const int H = c.hidden;
+  cudaStream_t st = s.stream;
+  MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
+  const bool tiled_attention = attention_decode_supported(c.heads, c.kv_heads, c.head_dim);
+  size_t hidden_done = 0;
+  for (int l = 0; l < c.layers; ++l) {
+    const LayerPtrs& w = s.layers[l];
+    MF_TRY(rmsnorm_residual(s.x, l == 0 ? nullptr : s.mlp_out, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
+    MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
+    QkvPrepareArgs qa{};
+    qa.qkv = s.qkv;
+    qa.q_norm = w.q_norm;
+    qa.k_norm = w.k_norm;
+    qa.eps = c.eps;
+    qa.positions = s.in_pos;
+    qa.inv_freq = s.inv_freq;
+    qa.attention_factor = c.attention_factor;
+    qa.rotary_dim = c.rotary_dim;
+    qa.slots = s.in_slots;
+    qa.q_out = s.q;
+    qa.k_cache = s.k_cache(l);
+    qa.v_cache = s.v_cache(l);
+    qa.tokens = T;
+    qa.num_heads = c.heads;
+    qa.num_kv_heads = c.kv_heads;
+    qa.head_dim = c.head_dim;
+    MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
+    AttentionDecodeArgs aa{};
+    aa.q = s.q;
+    aa.k_cache = s.k_cache(l);
+    aa.v_cache = s.v_cache(l);
+    aa.block_table = s.in_tables;
+    aa.seq_lens = s.in_lens;
+    aa.sinks = w.sinks;
+    aa.out = s.attn;
+    aa.workspace = s.att_ws;
+    aa.num_seqs = T;
+    aa.num_heads = c.heads;
+    aa.num_kv_heads = c.kv_heads;
+    aa.head_dim = c.head_dim;
+    aa.page_size = c.page_size;
+    aa.max_pages_per_seq = c.max_pages_per_seq;
+    aa.max_seq_len = max_len;
+    aa.window = w.window;
+    aa.scale = c.scale;
+    MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
+    MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
+    MF_TRY(rmsnorm_residual(s.x, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
+
+    const int K = w.mlp_kind == kMlpDense ? 1 : c.top_k;
+    const int32_t* ids = s.zero_ids;
+    const float* rw = s.ones;
+    if (w.mlp_kind != kMlpDense) {
+      MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
+      MF_TRY(router_topk(s.router_logits, T, w.experts, K, static_cast<RoutingRule>(c.rule), c.renormalize != 0,
+                         s.route_ids, s.route_w, st),
+             "router_topk");
+      ids = s.route_ids;
+      rw = s.route_w;
+    }
+    if (w.mlp_kind == kMlpMxfp4Experts) {
+      for (int t0 = 0; t0 < T; t0 += 8) {
+        MoeDims d{std::min(8, T - t0), K, w.experts, H, w.inter};
+        const Mxfp4Experts gu{w.gate_up, w.gate_up_scales, w.gate_up_bias};
+        const Mxfp4Experts dn{w.down, w.down_scales, w.down_bias};
+        float* act = s.act + static_cast<size_t>(t0) * K * w.inter;
+        MF_TRY(moe_gate_up_mxfp4(gu, s.normed + static_cast<size_t>(t0) * H, ids + t0 * K, d,
+                                 static_cast<ExpertActivation>(c.activation), c.limit, c.alpha, act, st),
+               "moe_gate_up_mxfp4");
+        MF_TRY(moe_down_mxfp4(dn, act, ids + t0 * K, rw + t0 * K, d, s.mlp_out + static_cast<size_t>(t0) * H, st),
+               "moe_down_mxfp4");
+      }
+    } else {
+      MlpBf16Args m{};
+      m.gate_up = reinterpret_cast<const bf16_bits*>(w.gate_up);
+      m.gate_up_bias = w.gate_up_bias;
+      m.down = reinterpret_cast<const bf16_bits*>(w.down);
+      m.down_bias = w.down_bias;
+      m.x = s.normed;
+      m.expert_ids = ids;
+      m.expert_weights = rw;
+      m.act = s.act;
+      m.y = s.mlp_out;
+      m.tokens = T;
+      m.top_k = K;
+      m.hidden = H;
+      m.inter = w.inter;
+      m.interleaved = w.interleaved;
+      m.activation = w.mlp_kind == kMlpDense ? ExpertActivation::SwiGLU : static_cast<ExpertActivation>(c.activation);
+      m.limit = c.limit;
+      m.alpha = c.alpha;
+      MF_TRY(mlp_bf16(m, st), "mlp_bf16");
+    }
+    if (hidden_host != nullptr && hidden_done < hidden.size() && std::find(hidden.begin(), hidden.end(), l) != hidden.end()) {
+      // The residual stream after layer l: x still lacks this layer's MLP output, which the next
+      // norm adds in place.
+      MF_TRY(add_f32(s.x, s.mlp_out, static_cast<size_t>(T) * H, s.hid, st), "add_f32 (hidden)");
+      const size_t idx = std::find(hidden.begin(), hidden.end(), l) - hidden.begin();
+      MF_TRY(cudaMemcpyAsync(hidden_host + idx * T * H, s.hid, sizeof(float) * T * H, cudaMemcpyDeviceToHost, st),
+             "cudaMemcpyAsync (hidden)");
+      ++hidden_done;
+    }
+  }
+  MF_TRY(rmsnorm_residual(s.x, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
+  if (n_logit > 0) {
+    MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
+    MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (lm head)");
+    MF_TRY(argmax_rows(s.logits, n_logit, c.vocab, s.argmax_ids, s.argmax_ws, st), "argmax_rows");
+  }
+  return {};
+}
+
+const bf16_bits* at_bf16(const State& s, double off) {
+  return off < 0 ? nullptr : reinterpret_cast<const bf16_bits*>(s.weights.get<uint8_t>() + static_cast<size_t>(off));
+}
+
+class Model : public Napi::ObjectWrap<Model> {
+ public:
+  static Napi::Function Class(Napi::Env env) {
+    return DefineClass(env, "Model",
+                       {InstanceMethod("upload", &Model::Upload), InstanceMethod("step", &Model::Step),
+                        InstanceMethod("dispose", &Model::Dispose), InstanceMethod("info", &Model::Info)});
+  }
+
+  // new Model(config, layout: Float64Array [kGlobalFields + layers * kLayerFields])
+  explicit Model(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Model>(info) {
+    const ArgReader r{info, "Model"};
+    Napi::Env env = info.Env();
+    if (!info[0].IsObject()) r.fail("config must be an object");
+    const Napi::Object o = info[0].As<Napi::Object>();
+    auto num = [&](const char* k) {
+      const Napi::Value v = o.Get(k);
+      if (!v.IsNumber()) r.fail(std::string("config.") + k + " must be a number");
+      return v.As<Napi::Number>().DoubleValue();
+    };
+    auto i = [&](const char* k) { return static_cast<int>(num(k)); };
+    Config c{};
+    c.hidden = i("hidden"), c.vocab = i("vocab"), c.layers = i("layers"), c.heads = i("heads");
+    c.kv_heads = i("kvHeads"), c.head_dim = i("headDim"), c.rotary_dim = i("rotaryDim");
+    c.attention_factor = num("attentionFactor"), c.eps = static_cast<float>(num("eps"));
+    c.scale = static_cast<float>(num("scale")), c.top_k = i("topK"), c.num_experts = i("numExperts");
+    c.rule = i("rule"), c.renormalize = i("renormalize"), c.activation = i("activation");
+    c.limit = static_cast<float>(num("limit")), c.alpha = static_cast<float>(num("alpha"));
+    c.max_tokens = i("maxTokens"), c.max_logit_rows = i("maxLogitRows"), c.page_size = i("pageSize");
+    c.num_pages = i("numPages"), c.max_pages_per_seq = i("maxPagesPerSeq"), c.max_seq_len = i("maxSeqLen");
+    c.max_inter = i("maxInter"), c.graph_tokens = i("graphTokens");
+    c.weights_bytes = static_cast<size_t>(num("weightsBytes"));
+    const auto layout = info[1].As<Napi::Float64Array>();
+    r.length(layout.ElementLength(), kGlobalFields + static_cast<size_t>(c.layers) * kLayerFields, "layout",
+             "4 + layers * 22");
+    auto s = std::make_unique<State>(env, c);
+    s->embed = at_bf16(*s, layout[kEmbed]);
+    s->lm_head = at_bf16(*s, layout[kLmHead]);
+    s->final_norm = at_bf16(*s, layout[kFinalNorm]);
+    s->inv_freq = reinterpret_cast<const float*>(at_bf16(*s, layout[kInvFreq]));
+    for (int l = 0; l < c.layers; ++l) {
+      const double* f = layout.Data() + kGlobalFields + static_cast<size_t>(l) * kLayerFields;
+      LayerPtrs p{};
+      p.in_norm = at_bf16(*s, f[kInNorm]), p.post_norm = at_bf16(*s, f[kPostNorm]);
+      p.qkv_w = at_bf16(*s, f[kQkvW]), p.qkv_b = at_bf16(*s, f[kQkvB]);
+      p.o_w = at_bf16(*s, f[kOW]), p.o_b = at_bf16(*s, f[kOB]);
+      p.q_norm = at_bf16(*s, f[kQNorm]), p.k_norm = at_bf16(*s, f[kKNorm]);
+      p.sinks = reinterpret_cast<const float*>(at_bf16(*s, f[kSinks]));
+      p.router_w = at_bf16(*s, f[kRouterW]), p.router_b = at_bf16(*s, f[kRouterB]);
+      p.gate_up = reinterpret_cast<const uint8_t*>(at_bf16(*s, f[kGateUp]));
+      p.gate_up_scales = reinterpret_cast<const uint8_t*>(at_bf16(*s, f[kGateUpScales]));
+      p.gate_up_bias = at_bf16(*s, f[kGateUpBias]);
+      p.down = reinterpret_cast<const uint8_t*>(at_bf16(*s, f[kDown]));
+      p.down_scales = reinterpret_cast<const uint8_t*>(at_bf16(*s, f[kDownScales]));
+      p.down_bias = at_bf16(*s, f[kDownBias]);
+      p.mlp_kind = static_cast<int>(f[kMlpKind]), p.experts = static_cast<int>(f[kExperts]);
+      p.inter = static_cast<int>(f[kInter]), p.window = static_cast<int>(f[kWindow]);
+      p.interleaved = f[kInterleaved] != 0;
+      s->layers.push_back(p);
+    }
+    state_ = std::move(s);
+  }
+
+ private:
+  State& state(const ArgReader& r) {
+    if (!state_) r.fail("the model was disposed");
+    return *state_;
+  }
+
+  // upload(offset, bytes: Uint8Array): host -> weights buffer at a byte offset.
+  Napi::Value Upload(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.upload"};
+    State& s = state(r);
+    const double off = r.number(0, "offset");
+    const auto data = r.u8(1, "bytes");
+    if (off < 0 || off + static_cast<double>(data.ByteLength()) > static_cast<double>(s.weights.bytes()))
+      r.fail("offset + bytes is outside the weights buffer");
+    check_cuda(info.Env(),
+               cudaMemcpy(s.weights.get<uint8_t>() + static_cast<size_t>(off), data.Data(), data.ByteLength(),
+                          cudaMemcpyHostToDevice),
+               "cudaMemcpy (weights upload)");
+    return info.Env().Undefined();
+  }
+
+  // step(inputs: Int32Array, tokens, logitRows, maxLen, copyLogits, hiddenLayers: Int32Array | null,
+  //      decode: boolean) -> { ids: Int32Array, logits: Float32Array | null, hidden: Float32Array | null }
+  // inputs: [tokens | positions | slots | seqLens | logitRows] each maxTokens long, then maxTokens
+  // block-table rows of maxPagesPerSeq. decode: every token is its own sequence's one new token and
+  // every row's logits are wanted; such a step replays a CUDA graph.
+  Napi::Value Step(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.step"};
+    Napi::Env env = info.Env();
+    State& s = state(r);
+    const Config& c = s.c;
+    const auto in = r.i32(0, "inputs");
+    r.length(in.ElementLength(), c.input_ints(), "inputs", "5 * maxTokens + maxTokens * maxPagesPerSeq");
+    const int T = r.integer(1, "tokens", 1, c.max_tokens);
+    const int n_logit = r.integer(2, "logitRows", 0, std::min(T, c.max_logit_rows));
+    const int max_len = r.integer(3, "maxLen", 1, c.max_seq_len);
+    const bool copy_logits = r.boolean(4, "copyLogits");
+    std::vector<int> hidden;
+    if (!r.is_null(5)) {
+      const auto h = r.i32(5, "hiddenLayers");
+      for (size_t k = 0; k < h.ElementLength(); ++k) {
+        if (h[k] < 0 || h[k] >= c.layers) r.fail("hiddenLayers holds a layer outside [0, layers)");
+        hidden.push_back(h[k]);
+      }
+    }
+    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T;
+
+    int rows = T;
+    const int MT = c.max_tokens;
+    int32_t* pin = s.in_host.get<int32_t>();
+    std::memcpy(pin, in.Data(), sizeof(int32_t) * 5 * MT);
+    std::memcpy(pin + 5 * MT, in.Data() + 5 * MT, sizeof(int32_t) * static_cast<size_t>(T) * c.max_pages_per_seq);
+    int bucket = 0;
+    if (decode) {
+      bucket = 1;
+      while (bucket < T) bucket *= 2;
+      if (bucket > c.graph_tokens || bucket > c.max_logit_rows) bucket = 0;
+    }
+    if (bucket > 0) {
+      // Padding rows: token 0 at position 0, written to and read from the scratch page.
+      for (int t = T; t < bucket; ++t) {
+        pin[t] = 0, pin[MT + t] = 0, pin[2 * MT + t] = s.trash_page() * c.page_size, pin[3 * MT + t] = 1;
+        pin[5 * MT + t * c.max_pages_per_seq] = s.trash_page();
+      }
+      for (int t = 0; t < bucket; ++t) pin[4 * MT + t] = t;
+      rows = bucket;
+    }
+    for (int t = 0; t < rows; ++t) {
+      const int slot = pin[2 * MT + t];
+      if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a KV slot is outside the cache");
+    }
+    cudaStream_t st = s.stream;
+    check_cuda(env, cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * 5 * MT, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync (inputs)");
+    check_cuda(env,
+               cudaMemcpyAsync(s.in_tables, pin + 5 * MT, sizeof(int32_t) * static_cast<size_t>(rows) * c.max_pages_per_seq,
+                               cudaMemcpyHostToDevice, st),
+               "cudaMemcpyAsync (block tables)");
+
+    Napi::Float32Array hidden_out;
+    if (!hidden.empty()) hidden_out = Napi::Float32Array::New(env, hidden.size() * static_cast<size_t>(T) * c.hidden);
+    auto run_eager = [&](int t, int nl, int ml) {
+      const Status stt = forward(s, t, nl, ml, hidden, hidden.empty() ? nullptr : hidden_out.Data());
+      if (!stt.ok()) check_cuda(env, stt.err, std::string("step: ") + stt.what);
+    };
+    if (bucket > 0) {
+      auto g = s.graphs.find(bucket);
+      if (g != s.graphs.end()) {
+        check_cuda(env, cudaGraphLaunch(g->second, st), "cudaGraphLaunch (decode step)");
+      } else {
+        // First step of this size: run it, then record the same launches for the next ones.
+        run_eager(bucket, bucket, c.max_seq_len);
+        check_cuda(env, cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+        const Status stt = forward(s, bucket, bucket, c.max_seq_len, {}, nullptr);
+        cudaGraph_t graph = nullptr;
+        const cudaError_t end = cudaStreamEndCapture(st, &graph);
+        if (!stt.ok()) {
+          if (graph != nullptr) cudaGraphDestroy(graph);
+          check_cuda(env, stt.err, std::string("step (graph capture): ") + stt.what);
+        }
+        check_cuda(env, end, "cudaStreamEndCapture");
+        cudaGraphExec_t exec = nullptr;
+        const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        check_cuda(env, inst, "cudaGraphInstantiate");
+        s.graphs[bucket] = exec;
+      }
+    } else {
+      run_eager(T, n_logit, max_len);
+    }
+    float* out_logits = s.out_host.get<float>();
+    int32_t* out_ids = reinterpret_cast<int32_t*>(out_logits + static_cast<size_t>(c.max_logit_rows) * c.vocab);
+    const int want = n_logit;
+    if (want > 0) {
+      check_cuda(env, cudaMemcpyAsync(out_ids, s.argmax_ids, sizeof(int32_t) * want, cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync (ids)");
+      if (copy_logits)
+        check_cuda(env,
+                   cudaMemcpyAsync(out_logits, s.logits, sizeof(float) * want * static_cast<size_t>(c.vocab),
+                                   cudaMemcpyDeviceToHost, st),
+                   "cudaMemcpyAsync (logits)");
+    }
+    check_cuda(env, cudaStreamSynchronize(st), "step (cudaStreamSynchronize)");
+    Napi::Object o = Napi::Object::New(env);
+    Napi::Int32Array ids = Napi::Int32Array::New(env, want);
+    if (want > 0) std::memcpy(ids.Data(), out_ids, sizeof(int32_t) * want);
+    o.Set("ids", ids);
+    if (copy_logits && want > 0) {
+      Napi::Float32Array lg = Napi::Float32Array::New(env, static_cast<size_t>(want) * c.vocab);
+      std::memcpy(lg.Data(), out_logits, sizeof(float) * want * static_cast<size_t>(c.vocab));
+      o.Set("logits", lg);
+    } else {
+      o.Set("logits", env.Null());
+    }
+    o.Set("hidden", hidden.empty() ? Napi::Value(env.Null()) : Napi::Value(hidden_out));
+    o.Set("graph", bucket > 0);
+    return o;
+  }
+
+  // info() -> { weights, kvCache, activations, pinned, graphs }
+  Napi::Value Info(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.info"};
+    State& s = state(r);
+    Napi::Object o = Napi::Object::New(info.Env());
+    o.Set("weights", static_cast<double>(s.weights.bytes()));
+    o.Set("kvCache", static_cast<double>(s.kv.bytes()));
+    o.Set("activations", static_cast<double>(s.arena_bytes));
+    o.Set("graphs", static_cast<double>(s.graphs.size()));
+    return o;
+  }
+
+  Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    state_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<State> state_;
+};
+
+// memInfo() -> { free, total } of the current device, in bytes.
+Napi::Value MemInfo(const Napi::CallbackInfo& info) {
+  size_t f = 0, t = 0;
+  check_cuda(info.Env(), cudaMemGetInfo(&f, &t), "cudaMemGetInfo");
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("free", static_cast<double>(f));
+  o.Set("total", static_cast<double>(t));
+  return o;
+}
+
+}  // namespace
+
+void InitModel(Napi::Env env, Napi::Object exports) {
+  exports.Set("Model", Model::Class(env));
+  exports.Set("memInfo", Napi::Function::New(env, MemInfo, "memInfo"));
+}
+
+}  // namespace moeflash

@@ -1,0 +1,23 @@
+#!/bin/bash
+# On a GPU host, from the repository root, with .gpuhost carried (see shared/gpu-host/pack.sh):
+# the CUDA suites, the parity report and the gpt-oss-20b model benchmark. Results go to $OUT.
+#   STEPS="tests parity bench" COMMIT=abc123 bash packages/cuda-backend/scripts/gpu-run.sh
+set -u
+O=${OUT:-/tmp/moeflash-out}
+mkdir -p "$O"
+source .gpuhost/enter.sh
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader | tee "$O/device.txt"
+for step in ${STEPS:-tests parity bench}; do
+  echo "== $step $(date +%T)"
+  case "$step" in
+    build) (cd packages/cuda-backend && node node_modules/node-gyp/bin/node-gyp.js rebuild -j 16) > "$O/build.log" 2>&1 || tail -30 "$O/build.log" ;;
+    tests) timeout "${TESTS_S:-180}" vitest run packages/cuda-backend 2>&1 | tee "$O/tests.log" | grep -E "\[cuda\]|✓|×|FAIL|Tests |Error|expected" | grep -v "^\s*$" | head -80 ;;
+    parity) timeout "${PARITY_S:-120}" node packages/cuda-backend/scripts/parity-report.mjs "$O/parity-h100.md" "${COMMIT:-unknown}" 2>&1 | tail -12 ;;
+    bench)
+      timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1
+      tail -2 "$O/synth.log"
+      timeout "${BENCH_S:-240}" node packages/core/dist/cli.js bench --model /tmp/gpt-oss-20b --backend cuda --batch "${BATCH:-1,8,32}" \
+        --prompt "${PROMPT:-512}" --gen "${GEN:-256}" --out "$O/bench-gpt-oss-20b.json" 2>&1 | grep -v loading | tail -14 ;;
+  esac
+done
+echo "== done $(date +%T)"

@@ -1,0 +1,744 @@
+/**
+ * The CUDA backend: {@link CudaBackend} loads a checkpoint onto one GPU and {@link CudaModel} runs
+ * steps on it. Weights, the paged KV cache and one activation arena are reserved at load (all or
+ * nothing); a step allocates no device memory and is one call into the addon.
+ *
+ * ```
+ *  WeightSource ──> plan (offsets) ──> native Model (weights | KV pages | arena) ──> upload tensors
+ *  StepPlan ──> chunks of <= maxStepTokens rows ──> Model.step(inputs) ──> ids, logits, hidden
+ *                (pages, slots, block tables here)      (a CUDA graph when it is a decode step)
+ * ```
+ */
+import {
+  MoeflashError,
+  detectExpertLayout,
+  ropeTable,
+  type Backend,
+  type DeviceInfo,
+  type KvPageStats,
+  type LoadedModel,
+  type LoadOptions,
+  type MemoryReport,
+  type ModelSpec,
+  type SeqId,
+  type SequenceOutput,
+  type StepPlan,
+  type StepResult,
+  type WeightSource,
+} from '@moeflash/core';
+
+import { isCudaAvailable, loadAddon, translateNativeError, type NativeModel } from './native.js';
+
+/** Options of {@link CudaBackend.load} beyond core's LoadOptions. */
+export interface CudaLoadOptions extends LoadOptions {
+  /** Sequences whose caches can be held at once at full length (default 8). */
+  maxSequences?: number;
+  /** Most tokens one native call runs; longer steps are split (default 256). */
+  maxStepTokens?: number;
+  /** KV page size in positions (default 16). */
+  pageSize?: number;
+  /**
+   * Experts of a bf16 checkpoint: `stored` keeps them bf16 (exact against the CPU backend);
+   * `mxfp4` quantizes them on load with @moeflash/quant (about a quarter of the bytes, the fast
+   * kernels). Default: the MOEFLASH_CUDA_EXPERTS environment variable, else `stored`.
+   */
+  experts?: 'stored' | 'mxfp4';
+  /** GPU index (default 0). */
+  device?: number;
+}
+
+/** A plan of {@link CudaModel.step}: `copyLogits: false` returns only each logits row's arg-max. */
+export interface CudaStepPlan extends StepPlan {
+  copyLogits?: boolean;
+}
+
+/** A sequence's output with the device-computed arg-max of each logits row. */
+export interface CudaSequenceOutput extends SequenceOutput {
+  argmax: Int32Array;
+}
+
+// Keep in step with native/model.cc's LayerField and GlobalField.
+const LAYER_FIELDS = [
+  'inNorm', 'postNorm', 'qkvW', 'qkvB', 'oW', 'oB', 'qNorm', 'kNorm', 'sinks', 'routerW', 'routerB',
+  'gateUp', 'gateUpScales', 'gateUpBias', 'down', 'downScales', 'downBias',
+  'mlpKind', 'experts', 'inter', 'window', 'interleaved',
+] as const;
+type LayerField = (typeof LAYER_FIELDS)[number];
+const GLOBAL_FIELDS = ['embed', 'lmHead', 'finalNorm', 'invFreq'] as const;
+const MLP_BF16_EXPERTS = 0;
+const MLP_MXFP4_EXPERTS = 1;
+const MLP_DENSE = 2;
+
+/** One piece of the weights buffer: where it goes and how to produce its bytes. */
+interface Piece {
+  offset: number;
+  bytes: number;
+  tensors: string[];
+  fill: () => Promise<Uint8Array>;
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+function toBf16(x: number): number {
+  f32[0] = x;
+  const b = u32[0];
+  if ((b & 0x7f800000) === 0x7f800000 && (b & 0x7fffff) !== 0) return 0x7fc0;
+  return ((b + 0x7fff + ((b >>> 16) & 1)) >>> 16) & 0xffff;
+}
+function bf16Array(v: Float32Array): Uint16Array {
+  const out = new Uint16Array(v.length);
+  for (let i = 0; i < v.length; i++) out[i] = toBf16(v[i]);
+  return out;
+}
+const asBytes = (a: ArrayBufferView): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+
+function transposeU16(m: Uint16Array, rows: number, cols: number): Uint16Array {
+  const t = new Uint16Array(rows * cols);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+
+/** Reads tensors as the device stores them: bf16 bits (any float dtype converted), or raw bytes. */
+class TensorReader {
+  constructor(private readonly src: WeightSource, private readonly fp8Block: [number, number]) {}
+
+  has(name: string): boolean {
+    return this.src.has(name);
+  }
+
+  shape(name: string): number[] {
+    return this.src.info(name).shape;
+  }
+
+  expect(name: string, shape: number[]): void {
+    const info = this.src.info(name);
+    if (info.shape.length !== shape.length || info.shape.some((d, i) => d !== shape[i])) {
+      throw new MoeflashError(
+        'WEIGHTS_INVALID',
+        `tensor ${name} in ${info.file} has shape [${info.shape}] but the model's config.json implies [${shape}]; the weights and config.json do not belong together`,
+      );
+    }
+  }
+
+  async floats(name: string, shape: number[]): Promise<Float32Array> {
+    this.expect(name, shape);
+    const data = await this.src.readFloat32(name);
+    const scaleName = `${name}_scale_inv`;
+    if (this.src.has(scaleName) && shape.length === 2) {
+      const scale = await this.src.readFloat32(scaleName);
+      const [rows, cols] = shape;
+      const [br, bc] = this.fp8Block;
+      const bCols = Math.ceil(cols / bc);
+      for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) data[r * cols + c] *= scale[Math.floor(r / br) * bCols + Math.floor(c / bc)];
+    }
+    return data;
+  }
+
+  async bf16(name: string, shape: number[]): Promise<Uint16Array> {
+    this.expect(name, shape);
+    const info = this.src.info(name);
+    if (info.dtype === 'BF16' && !this.src.has(`${name}_scale_inv`)) {
+      const raw = await this.src.read(name);
+      const copy = new Uint8Array(raw.byteLength);
+      copy.set(raw);
+      return new Uint16Array(copy.buffer);
+    }
+    return bf16Array(await this.floats(name, shape));
+  }
+
+  async u8(name: string, shape: number[]): Promise<Uint8Array> {
+    this.expect(name, shape);
+    const info = this.src.info(name);
+    if (info.dtype !== 'U8') {
+      throw new MoeflashError('WEIGHTS_INVALID', `tensor ${name} in ${info.file} has dtype ${info.dtype}; MXFP4 blocks and scales are stored as U8`);
+    }
+    return this.src.read(name);
+  }
+}
+
+type Quantizer = (values: Float32Array) => { blocks: Uint8Array; scales: Uint8Array };
+
+async function loadQuantizer(): Promise<Quantizer> {
+  // A variable specifier keeps the bundler from inlining the optional package.
+  const id = '@moeflash/quant';
+  try {
+    const mod = (await import(/* @vite-ignore */ id)) as { quantizeMxfp4: Quantizer };
+    return (v) => mod.quantizeMxfp4(v);
+  } catch (e) {
+    throw new MoeflashError(
+      'BACKEND_UNAVAILABLE',
+      `experts: 'mxfp4' quantizes bf16 experts with @moeflash/quant, which failed to load (${(e as Error).message}); install it or load with experts: 'stored'`,
+    );
+  }
+}
+
+/** The device layout of a model: every piece of the weights buffer and the per-layer table. */
+interface WeightPlan {
+  pieces: Piece[];
+  bytes: number;
+  layout: Float64Array;
+  maxInter: number;
+  expertFormat: 'mxfp4' | 'bf16' | 'none';
+}
+
+async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stored' | 'mxfp4'): Promise<WeightPlan> {
+  const q = spec.quantization;
+  const fp8Block = (q?.method === 'fp8' ? q.weightBlockSize : q?.dense?.weightBlockSize) ?? [128, 128];
+  const rd = new TensorReader(src, fp8Block);
+  const H = spec.hiddenSize;
+  const V = spec.vocabSize;
+  const a = spec.attention;
+  const D = a.headDim;
+  const qDim = a.numHeads * D;
+  const kvDim = a.numKvHeads * D;
+  const E = spec.moe.numExperts;
+  const I = spec.moe.intermediateSize;
+  const interleaved = spec.family === 'gpt_oss';
+  const pieces: Piece[] = [];
+  let bytes = 0;
+  const reserve = (n: number): number => {
+    const off = bytes;
+    bytes += Math.ceil(n / 256) * 256;
+    return off;
+  };
+  const piece = (offset: number, n: number, tensors: string[], fill: () => Promise<Uint8Array>) =>
+    pieces.push({ offset, bytes: n, tensors, fill });
+  const bf16Tensor = (name: string, shape: number[]): number => {
+    const n = shape.reduce((x, y) => x * y, 1) * 2;
+    const off = reserve(n);
+    piece(off, n, [name], async () => asBytes(await rd.bf16(name, shape)));
+    return off;
+  };
+  const quantize = expertsOpt === 'mxfp4' ? await loadQuantizer() : null;
+
+  const layout = new Float64Array(GLOBAL_FIELDS.length + spec.numLayers * LAYER_FIELDS.length).fill(-1);
+  const embed = bf16Tensor('model.embed_tokens.weight', [V, H]);
+  layout[0] = embed;
+  if (src.has('lm_head.weight')) layout[1] = bf16Tensor('lm_head.weight', [V, H]);
+  else if (spec.tieWordEmbeddings) layout[1] = embed;
+  else throw new MoeflashError('WEIGHTS_MISSING', `tensor lm_head.weight is missing from ${src.origin} and config.json does not set tie_word_embeddings; the checkpoint is incomplete`);
+  layout[2] = bf16Tensor('model.norm.weight', [H]);
+  const rope = ropeTable(a.rope);
+  layout[3] = reserve(rope.invFreq.byteLength);
+  piece(layout[3], rope.invFreq.byteLength, [], async () => asBytes(rope.invFreq));
+
+  let maxInter = 0;
+  let expertFormat: WeightPlan['expertFormat'] = 'none';
+  for (let l = 0; l < spec.numLayers; l++) {
+    const base = GLOBAL_FIELDS.length + l * LAYER_FIELDS.length;
+    const set = (f: LayerField, v: number) => (layout[base + LAYER_FIELDS.indexOf(f)] = v);
+    const p = `model.layers.${l}`;
+    const at = `${p}.self_attn`;
+    set('inNorm', bf16Tensor(`${p}.input_layernorm.weight`, [H]));
+    set('postNorm', bf16Tensor(`${p}.post_attention_layernorm.weight`, [H]));
+    // q, k and v as one [q + 2 kv, H] matrix: one GEMV instead of three.
+    const qkvW = reserve((qDim + 2 * kvDim) * H * 2);
+    set('qkvW', qkvW);
+    const parts: [string, number, number][] = [['q_proj', qDim, 0], ['k_proj', kvDim, qDim], ['v_proj', kvDim, qDim + kvDim]];
+    for (const [n, rows, row0] of parts) {
+      piece(qkvW + row0 * H * 2, rows * H * 2, [`${at}.${n}.weight`], async () => asBytes(await rd.bf16(`${at}.${n}.weight`, [rows, H])));
+    }
+    if (parts.some(([n]) => src.has(`${at}.${n}.bias`))) {
+      const qkvB = reserve((qDim + 2 * kvDim) * 2);
+      set('qkvB', qkvB);
+      for (const [n, rows, row0] of parts) {
+        const name = `${at}.${n}.bias`;
+        piece(qkvB + row0 * 2, rows * 2, [name], async () => asBytes(src.has(name) ? await rd.bf16(name, [rows]) : new Uint16Array(rows)));
+      }
+    }
+    set('oW', bf16Tensor(`${at}.o_proj.weight`, [H, qDim]));
+    if (src.has(`${at}.o_proj.bias`)) set('oB', bf16Tensor(`${at}.o_proj.bias`, [H]));
+    if (a.qkNorm) {
+      set('qNorm', bf16Tensor(`${at}.q_norm.weight`, [D]));
+      set('kNorm', bf16Tensor(`${at}.k_norm.weight`, [D]));
+    }
+    if (a.sinks) {
+      const off = reserve(a.numHeads * 4);
+      set('sinks', off);
+      piece(off, a.numHeads * 4, [`${at}.sinks`], async () => asBytes(await rd.floats(`${at}.sinks`, [a.numHeads])));
+    }
+    set('window', spec.layers[l].slidingWindow ?? 0);
+    set('interleaved', 0);
+
+    if (spec.layers[l].mlp === 'dense') {
+      const DI = spec.denseIntermediateSize!;
+      maxInter = Math.max(maxInter, DI);
+      set('mlpKind', MLP_DENSE);
+      set('experts', 1);
+      set('inter', DI);
+      const gu = reserve(2 * DI * H * 2);
+      set('gateUp', gu);
+      piece(gu, DI * H * 2, [`${p}.mlp.gate_proj.weight`], async () => asBytes(await rd.bf16(`${p}.mlp.gate_proj.weight`, [DI, H])));
+      piece(gu + DI * H * 2, DI * H * 2, [`${p}.mlp.up_proj.weight`], async () => asBytes(await rd.bf16(`${p}.mlp.up_proj.weight`, [DI, H])));
+      set('down', bf16Tensor(`${p}.mlp.down_proj.weight`, [H, DI]));
+      continue;
+    }
+
+    maxInter = Math.max(maxInter, I);
+    const lay = detectExpertLayout(src, l);
+    const router = src.has(`${lay.prefix}.router.weight`) ? `${lay.prefix}.router` : `${lay.prefix}.gate`;
+    set('routerW', bf16Tensor(`${router}.weight`, [E, H]));
+    if (src.has(`${router}.bias`)) set('routerB', bf16Tensor(`${router}.bias`, [E]));
+    set('experts', E);
+    set('inter', I);
+    set('interleaved', interleaved ? 1 : 0);
+    const ex = `${lay.prefix}.experts`;
+    if (src.has(`${ex}.gate_up_proj_bias`)) set('gateUpBias', bf16Tensor(`${ex}.gate_up_proj_bias`, [E, 2 * I]));
+    if (src.has(`${ex}.down_proj_bias`)) set('downBias', bf16Tensor(`${ex}.down_proj_bias`, [E, H]));
+
+    if (lay.kind === 'mxfp4-fused') {
+      expertFormat = 'mxfp4';
+      set('mlpKind', MLP_MXFP4_EXPERTS);
+      const u8 = (name: string, shape: number[]) => {
+        const n = shape.reduce((x, y) => x * y, 1);
+        const off = reserve(n);
+        piece(off, n, [name], () => rd.u8(name, shape));
+        return off;
+      };
+      set('gateUp', u8(`${ex}.gate_up_proj_blocks`, [E, 2 * I, H / 32, 16]));
+      set('gateUpScales', u8(`${ex}.gate_up_proj_scales`, [E, 2 * I, H / 32]));
+      set('down', u8(`${ex}.down_proj_blocks`, [E, H, I / 32, 16]));
+      set('downScales', u8(`${ex}.down_proj_scales`, [E, H, I / 32]));
+      continue;
+    }
+
+    // bf16 experts, brought to gate_up [E, 2I, H] (rows in the checkpoint's order) and down [E, H, I].
+    // Each producer returns expert j's rows as bf16 bits.
+    let gateUpOf: (j: number) => Promise<Uint16Array>;
+    let downOf: (j: number) => Promise<Uint16Array>;
+    let gateUpNames: string[];
+    let downNames: string[];
+    if (lay.kind === 'per-expert') {
+      const [g, u, d] = lay.names;
+      gateUpOf = async (j) => {
+        const out = new Uint16Array(2 * I * H);
+        out.set(await rd.bf16(`${ex}.${j}.${g}.weight`, [I, H]), 0);
+        out.set(await rd.bf16(`${ex}.${j}.${u}.weight`, [I, H]), I * H);
+        return out;
+      };
+      downOf = (j) => rd.bf16(`${ex}.${j}.${d}.weight`, [H, I]);
+      gateUpNames = Array.from({ length: E }, (_, j) => [`${ex}.${j}.${g}.weight`, `${ex}.${j}.${u}.weight`]).flat();
+      downNames = Array.from({ length: E }, (_, j) => `${ex}.${j}.${d}.weight`);
+    } else {
+      const shape = rd.shape(`${ex}.gate_up_proj`);
+      const inputMajor = shape[1] === H && shape[2] === 2 * I && (interleaved || 2 * I !== H);
+      // Fused tensors are read once and sliced per expert.
+      let gu: Promise<Uint16Array> | null = null;
+      let dn: Promise<Uint16Array> | null = null;
+      const guAll = () => (gu ??= rd.bf16(`${ex}.gate_up_proj`, inputMajor ? [E, H, 2 * I] : [E, 2 * I, H]));
+      const dnAll = () => (dn ??= rd.bf16(`${ex}.down_proj`, inputMajor ? [E, I, H] : [E, H, I]));
+      // The last expert drops the cached tensor so that a load holds one layer's experts at most.
+      gateUpOf = async (j) => {
+        const m = (await guAll()).subarray(j * 2 * I * H, (j + 1) * 2 * I * H);
+        if (j === E - 1) gu = null;
+        return inputMajor ? transposeU16(m, H, 2 * I) : m.slice();
+      };
+      downOf = async (j) => {
+        const m = (await dnAll()).subarray(j * H * I, (j + 1) * H * I);
+        if (j === E - 1) dn = null;
+        return inputMajor ? transposeU16(m, I, H) : m.slice();
+      };
+      gateUpNames = [`${ex}.gate_up_proj`];
+      downNames = [`${ex}.down_proj`];
+    }
+    const quantizable = quantize !== null && H % 32 === 0 && I % 32 === 0 && spec.moe.topK <= 8;
+    if (quantize && !quantizable) {
+      throw new MoeflashError(
+        'CONFIG_UNSUPPORTED',
+        `experts: 'mxfp4' needs hidden and expert widths that are multiples of 32 and top-k <= 8 (got hidden ${H}, intermediate ${I}, top-k ${spec.moe.topK}); load with experts: 'stored'`,
+      );
+    }
+    if (quantizable) {
+      expertFormat = 'mxfp4';
+      set('mlpKind', MLP_MXFP4_EXPERTS);
+      const decode = (b: Uint16Array) => {
+        const v = new Float32Array(b.length);
+        const w = new Uint32Array(v.buffer);
+        for (let i = 0; i < b.length; i++) w[i] = b[i] << 16;
+        return v;
+      };
+      const guBlocks = reserve(E * 2 * I * (H / 32) * 16);
+      const guScales = reserve(E * 2 * I * (H / 32));
+      const dnBlocks = reserve(E * H * (I / 32) * 16);
+      const dnScales = reserve(E * H * (I / 32));
+      set('gateUp', guBlocks);
+      set('gateUpScales', guScales);
+      set('down', dnBlocks);
+      set('downScales', dnScales);
+      for (let j = 0; j < E; j++) {
+        // Each expert's blocks and scales come from one quantization; the scales piece reuses it.
+        let guQ: Promise<{ blocks: Uint8Array; scales: Uint8Array }> | null = null;
+        let dnQ: Promise<{ blocks: Uint8Array; scales: Uint8Array }> | null = null;
+        const gq = () => (guQ ??= gateUpOf(j).then((b) => quantize(decode(b))));
+        const dq = () => (dnQ ??= downOf(j).then((b) => quantize(decode(b))));
+        const nGu = 2 * I * (H / 32);
+        const nDn = H * (I / 32);
+        piece(guBlocks + j * nGu * 16, nGu * 16, j === 0 ? gateUpNames : [], async () => (await gq()).blocks);
+        piece(guScales + j * nGu, nGu, [], async () => {
+          const r = (await gq()).scales;
+          guQ = null;
+          return r;
+        });
+        piece(dnBlocks + j * nDn * 16, nDn * 16, j === 0 ? downNames : [], async () => (await dq()).blocks);
+        piece(dnScales + j * nDn, nDn, [], async () => {
+          const r = (await dq()).scales;
+          dnQ = null;
+          return r;
+        });
+      }
+    } else {
+      if (expertFormat === 'none') expertFormat = 'bf16';
+      set('mlpKind', MLP_BF16_EXPERTS);
+      const gu = reserve(E * 2 * I * H * 2);
+      const dn = reserve(E * H * I * 2);
+      set('gateUp', gu);
+      set('down', dn);
+      for (let j = 0; j < E; j++) {
+        piece(gu + j * 2 * I * H * 2, 2 * I * H * 2, j === 0 ? gateUpNames : [], async () => asBytes(await gateUpOf(j)));
+        piece(dn + j * H * I * 2, H * I * 2, j === 0 ? downNames : [], async () => asBytes(await downOf(j)));
+      }
+    }
+  }
+  return { pieces, bytes, layout, maxInter, expertFormat };
+}
+
+/** What the addon's Model needs to size and run a model. */
+function nativeConfig(
+  spec: ModelSpec,
+  opts: Required<Pick<CudaLoadOptions, 'maxSequences' | 'maxStepTokens' | 'pageSize'>> & { maxSeqLen: number; pages?: number; kvBytes?: number },
+  w: WeightPlan,
+) {
+  const a = spec.attention;
+  const act = spec.moe.activation;
+  const V = spec.vocabSize;
+  const maxTokens = opts.maxStepTokens;
+  // Logits rows a call can return: up to 128 MiB of them, at least one graph bucket's worth.
+  const maxLogitRows = Math.max(1, Math.min(maxTokens, Math.floor((128 << 20) / (4 * V))));
+  let graphTokens = 1;
+  while (graphTokens * 2 <= Math.min(64, maxTokens, maxLogitRows)) graphTokens *= 2;
+  const maxPagesPerSeq = Math.ceil(opts.maxSeqLen / opts.pageSize);
+  const pageBytes = 2 * spec.numLayers * opts.pageSize * a.numKvHeads * a.headDim * 2;
+  const numPages = Math.max(1, opts.pages ?? (opts.kvBytes !== undefined ? Math.floor(opts.kvBytes / pageBytes) : maxPagesPerSeq * opts.maxSequences));
+  return {
+    hidden: spec.hiddenSize,
+    vocab: V,
+    layers: spec.numLayers,
+    heads: a.numHeads,
+    kvHeads: a.numKvHeads,
+    headDim: a.headDim,
+    rotaryDim: a.rope.rotaryDim,
+    attentionFactor: ropeTable(a.rope).attentionFactor,
+    eps: spec.rmsNormEps,
+    scale: a.scale,
+    topK: spec.moe.topK,
+    numExperts: spec.moe.numExperts,
+    rule: spec.moe.rule === 'topk_then_softmax' ? 0 : 1,
+    renormalize: spec.moe.normTopkProb ? 1 : 0,
+    activation: act.kind === 'gpt_oss_clamped_swiglu' ? 1 : 0,
+    limit: act.kind === 'gpt_oss_clamped_swiglu' ? act.limit : 0,
+    alpha: act.kind === 'gpt_oss_clamped_swiglu' ? act.alpha : 0,
+    maxTokens,
+    maxLogitRows,
+    pageSize: opts.pageSize,
+    numPages,
+    maxPagesPerSeq,
+    maxSeqLen: maxPagesPerSeq * opts.pageSize,
+    maxInter: Math.max(w.maxInter, 1),
+    graphTokens,
+    weightsBytes: w.bytes,
+  };
+}
+type NativeConfig = ReturnType<typeof nativeConfig>;
+
+/** Checks the shapes the kernels take, naming what does not fit. */
+function checkSupported(spec: ModelSpec): void {
+  const a = spec.attention;
+  const bad = (why: string) => {
+    throw new MoeflashError('CONFIG_UNSUPPORTED', `the CUDA backend cannot run ${spec.source}: ${why}; use the CPU backend (--backend cpu)`);
+  };
+  if (spec.hiddenSize % 8 !== 0) bad(`hidden_size ${spec.hiddenSize} is not a multiple of 8`);
+  if ((a.numHeads * a.headDim) % 8 !== 0) bad(`num_heads * head_dim ${a.numHeads * a.headDim} is not a multiple of 8`);
+  if (a.rope.rotaryDim % 2 !== 0 || a.rope.rotaryDim > a.headDim) bad(`rotary dim ${a.rope.rotaryDim} must be even and <= head_dim`);
+  if (spec.moe.numExperts > 1024) bad(`${spec.moe.numExperts} experts (at most 1024)`);
+  if (spec.moe.topK > 8) bad(`top-k ${spec.moe.topK} (at most 8)`);
+}
+
+interface SeqState {
+  pages: number[];
+  length: number;
+}
+
+/** A model resident on one GPU. */
+export class CudaModel implements LoadedModel {
+  private readonly seqs = new Map<SeqId, SeqState>();
+  private readonly freePages: number[];
+  private readonly inputs: Int32Array;
+  private native: NativeModel | null;
+  /** Steps that replayed a CUDA graph, and steps launched kernel by kernel. */
+  readonly stats = { graphSteps: 0, eagerCalls: 0 };
+
+  constructor(
+    readonly spec: ModelSpec,
+    native: NativeModel,
+    private readonly cfg: NativeConfig,
+    /** How the experts are held on the device. */
+    readonly expertFormat: WeightPlan['expertFormat'],
+  ) {
+    this.native = native;
+    this.freePages = Array.from({ length: cfg.numPages }, (_, i) => cfg.numPages - 1 - i);
+    this.inputs = new Int32Array(5 * cfg.maxTokens + cfg.maxTokens * cfg.maxPagesPerSeq);
+  }
+
+  /** Positions one sequence can hold, and sequences of that length the cache holds at once. */
+  get capacity(): { maxSequenceLength: number; pages: number; pageSize: number; freePages: number } {
+    return { maxSequenceLength: this.cfg.maxSeqLen, pages: this.cfg.numPages, pageSize: this.cfg.pageSize, freePages: this.freePages.length };
+  }
+
+  /** The KV page pool (no prefix caching yet: `cached` is always 0). */
+  kvPages(): KvPageStats {
+    const free = this.freePages.length;
+    return { pageSize: this.cfg.pageSize, total: this.cfg.numPages, free, cached: 0, used: this.cfg.numPages - free };
+  }
+
+  /** Pages for `length` positions of `seq`, all or nothing; false when the pool cannot supply them. */
+  reserve(seq: SeqId, length: number): boolean {
+    if (length > this.cfg.maxSeqLen) return false;
+    const s = this.seqs.get(seq) ?? { pages: [], length: 0 };
+    const need = Math.ceil(length / this.cfg.pageSize) - s.pages.length;
+    if (need > this.freePages.length) return false;
+    for (let i = 0; i < need; i++) s.pages.push(this.freePages.pop()!);
+    this.seqs.set(seq, s);
+    return true;
+  }
+
+  length(seq: SeqId): number {
+    return this.seqs.get(seq)?.length ?? 0;
+  }
+
+  truncate(seq: SeqId, length: number): void {
+    const s = this.seqs.get(seq);
+    if (!s) return;
+    if (!Number.isInteger(length) || length < 0 || length > s.length) {
+      throw new MoeflashError('INVALID_ARGUMENT', `truncate(${seq}, ${length}): the sequence holds ${s.length} positions; length must be in [0, ${s.length}]`);
+    }
+    s.length = length;
+    const keep = Math.ceil(length / this.cfg.pageSize);
+    while (s.pages.length > keep) this.freePages.push(s.pages.pop()!);
+  }
+
+  release(seq: SeqId): void {
+    const s = this.seqs.get(seq);
+    if (!s) return;
+    this.freePages.push(...s.pages);
+    this.seqs.delete(seq);
+  }
+
+  memory(): MemoryReport {
+    if (!this.native) return { weights: 0, kvCache: 0, activations: 0, total: 0 };
+    const i = this.native.info();
+    return { weights: i.weights, kvCache: i.kvCache, activations: i.activations, total: i.weights + i.kvCache + i.activations };
+  }
+
+  async dispose(): Promise<void> {
+    this.native?.dispose();
+    this.native = null;
+    this.seqs.clear();
+  }
+
+  async step(plan: CudaStepPlan): Promise<StepResult & { sequences: CudaSequenceOutput[] }> {
+    const native = this.native;
+    if (!native) throw new MoeflashError('CLOSED', 'step() on a disposed model');
+    const { spec, cfg } = this;
+    const V = spec.vocabSize;
+    const H = spec.hiddenSize;
+    const copyLogits = plan.copyLogits !== false;
+
+    // Validate the whole plan and reserve pages before anything runs, so a bad plan changes nothing.
+    const seen = new Set<SeqId>();
+    let total = 0;
+    for (const s of plan.sequences) {
+      if (seen.has(s.seq)) throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq} appears twice in one step`);
+      seen.add(s.seq);
+      for (const t of s.tokens) {
+        if (!Number.isInteger(t) || t < 0 || t >= V) {
+          throw new MoeflashError('INVALID_ARGUMENT', `token id ${t} of sequence ${s.seq} is outside the vocabulary [0, ${V})`);
+        }
+      }
+      for (const l of s.hiddenLayers ?? []) {
+        if (!Number.isInteger(l) || l < 0 || l >= spec.numLayers) throw new MoeflashError('INVALID_ARGUMENT', `hiddenLayers: layer ${l} is outside [0, ${spec.numLayers})`);
+      }
+      const len = this.length(s.seq) + s.tokens.length;
+      if (len > cfg.maxSeqLen) {
+        throw new MoeflashError('OUT_OF_MEMORY', `sequence ${s.seq} would hold ${len} positions; the KV cache was sized for ${cfg.maxSeqLen} a sequence: load with a larger maxSequenceLength`);
+      }
+      total += Math.max(0, Math.ceil(len / cfg.pageSize) - (this.seqs.get(s.seq)?.pages.length ?? 0));
+    }
+    if (total > this.freePages.length) {
+      throw new MoeflashError(
+        'OUT_OF_MEMORY',
+        `the step needs ${total} more KV pages and ${this.freePages.length} are free (${cfg.numPages} pages of ${cfg.pageSize} positions): release finished sequences, or load with a larger maxSequences`,
+      );
+    }
+    const states = plan.sequences.map((s) => {
+      let st = this.seqs.get(s.seq);
+      if (!st) {
+        st = { pages: [], length: 0 };
+        this.seqs.set(s.seq, st);
+      }
+      const need = Math.ceil((st.length + s.tokens.length) / cfg.pageSize);
+      while (st.pages.length < need) st.pages.push(this.freePages.pop()!);
+      return st;
+    });
+
+    // Rows of the step in plan order, and where each sequence's outputs go.
+    interface RowRef { si: number; token: number; pos: number; logitRow: number; }
+    const rows: RowRef[] = [];
+    const outs = plan.sequences.map((s, si) => {
+      const n = s.tokens.length;
+      const first = s.logits === 'all' ? 0 : n - 1;
+      const want = s.logits === 'none' || n === 0 ? 0 : n - first;
+      s.tokens.forEach((token, i) => rows.push({ si, token, pos: states[si].length + i, logitRow: i >= first && want > 0 ? i - first : -1 }));
+      const hidden = s.hiddenLayers?.length ? new Map(s.hiddenLayers.map((l) => [l, new Float32Array(n * H)] as const)) : undefined;
+      return {
+        seq: s.seq,
+        rows: want,
+        logits: new Float32Array(copyLogits ? want * V : 0),
+        argmax: new Int32Array(want),
+        hidden,
+        rowBase: rows.length - n,
+      };
+    });
+    const hiddenLayers = [...new Set(plan.sequences.flatMap((s) => s.hiddenLayers ?? []))].sort((x, y) => x - y);
+    const decode = hiddenLayers.length === 0 && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
+
+    const MT = cfg.maxTokens;
+    const inp = this.inputs;
+    try {
+      for (let c0 = 0; c0 < rows.length; ) {
+        // A call takes up to maxTokens rows, of which up to maxLogitRows return logits.
+        let c1 = c0;
+        let nLogit = 0;
+        while (c1 < rows.length && c1 - c0 < MT) {
+          const wantsLogit = decode || rows[c1].logitRow >= 0;
+          if (wantsLogit && nLogit === cfg.maxLogitRows) break;
+          if (wantsLogit) nLogit++;
+          c1++;
+        }
+        const T = c1 - c0;
+        let maxLen = 1;
+        let li = 0;
+        const logitOf: RowRef[] = [];
+        for (let t = 0; t < T; t++) {
+          const r = rows[c0 + t];
+          const pages = states[r.si].pages;
+          inp[t] = r.token;
+          inp[MT + t] = r.pos;
+          inp[2 * MT + t] = pages[Math.floor(r.pos / cfg.pageSize)] * cfg.pageSize + (r.pos % cfg.pageSize);
+          inp[3 * MT + t] = r.pos + 1;
+          maxLen = Math.max(maxLen, r.pos + 1);
+          if (decode || r.logitRow >= 0) {
+            inp[4 * MT + li++] = t;
+            logitOf.push(r);
+          }
+          const used = Math.ceil((r.pos + 1) / cfg.pageSize);
+          const base = 5 * MT + t * cfg.maxPagesPerSeq;
+          for (let p = 0; p < used; p++) inp[base + p] = pages[p];
+        }
+        const res = native.step(inp, T, li, maxLen, copyLogits, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode);
+        if (res.graph) this.stats.graphSteps++;
+        else this.stats.eagerCalls++;
+        logitOf.forEach((r, j) => {
+          if (r.logitRow < 0) return;
+          const o = outs[r.si];
+          o.argmax[r.logitRow] = res.ids[j];
+          if (copyLogits && res.logits) o.logits.set(res.logits.subarray(j * V, (j + 1) * V), r.logitRow * V);
+        });
+        if (res.hidden) {
+          hiddenLayers.forEach((l, k) => {
+            for (let t = 0; t < T; t++) {
+              const r = rows[c0 + t];
+              const h = outs[r.si].hidden?.get(l);
+              if (!h) continue;
+              const i = c0 + t - outs[r.si].rowBase;
+              h.set(res.hidden!.subarray((k * T + t) * H, (k * T + t + 1) * H), i * H);
+            }
+          });
+        }
+        c0 = c1;
+      }
+    } catch (e) {
+      // The cache may hold part of this step's keys; the lengths stay as they were.
+      throw translateNativeError(e);
+    }
+    plan.sequences.forEach((s, si) => (states[si].length += s.tokens.length));
+    return {
+      sequences: outs.map((o) => ({ seq: o.seq, logits: o.logits, rows: o.rows, hidden: o.hidden, argmax: o.argmax })),
+    };
+  }
+}
+
+/** The CUDA backend: found by core's registry as `cuda`. */
+export class CudaBackend implements Backend {
+  readonly name = 'cuda';
+
+  devices(): DeviceInfo[] {
+    const a = isCudaAvailable();
+    if (!a.ok) throw new MoeflashError('BACKEND_UNAVAILABLE', `moeflash CUDA backend: ${a.reason}`);
+    return a.devices;
+  }
+
+  async load(spec: ModelSpec, weights: WeightSource, opts: CudaLoadOptions = {}): Promise<CudaModel> {
+    const addon = loadAddon();
+    checkSupported(spec);
+    const device = opts.device ?? 0;
+    addon.setDevice(device);
+    const envExperts = process.env.MOEFLASH_CUDA_EXPERTS;
+    const experts = opts.experts ?? (envExperts === 'mxfp4' ? 'mxfp4' : 'stored');
+    const plan = await planWeights(spec, weights, experts);
+    const pageSize = opts.kvCache?.pageSize ?? opts.pageSize ?? 16;
+    const maxSeqLen = Math.min(opts.maxSequenceLength ?? Math.min(spec.attention.maxPositionEmbeddings, 4096), spec.attention.maxPositionEmbeddings);
+    const cfg = nativeConfig(
+      spec,
+      {
+        maxSequences: opts.maxSequences ?? 8,
+        maxStepTokens: opts.maxStepTokens ?? 256,
+        pageSize,
+        maxSeqLen: Math.max(maxSeqLen, 1),
+        pages: opts.kvCache?.pages,
+        kvBytes: opts.kvCache?.bytes,
+      },
+      plan,
+    );
+    let native: NativeModel;
+    try {
+      native = new addon.Model(cfg, plan.layout);
+    } catch (e) {
+      throw translateNativeError(e);
+    }
+    try {
+      const totalBytes = plan.pieces.reduce((s, p) => s + p.bytes, 0);
+      const totalTensors = plan.pieces.reduce((s, p) => s + p.tensors.length, 0);
+      let loadedBytes = 0;
+      let loadedTensors = 0;
+      for (const p of plan.pieces) {
+        const data = await p.fill();
+        if (data.byteLength !== p.bytes) {
+          throw new MoeflashError('WEIGHTS_INVALID', `${p.tensors.join(', ') || 'a derived tensor'}: ${data.byteLength} bytes where ${p.bytes} were planned`);
+        }
+        native.upload(p.offset, data);
+        loadedBytes += p.bytes;
+        loadedTensors += p.tensors.length;
+        if (p.tensors.length) opts.onProgress?.({ tensor: p.tensors[p.tensors.length - 1], loadedBytes, totalBytes, loadedTensors, totalTensors });
+      }
+    } catch (e) {
+      native.dispose();
+      throw translateNativeError(e);
+    }
+    return new CudaModel(spec, native, cfg, plan.expertFormat);
+  }
+}
+
+/** The backend core's registry asks for (`backend: 'cuda'`). */
+export function createCudaBackend(): CudaBackend {
+  return new CudaBackend();
+}
