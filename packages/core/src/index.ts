@@ -42,3 +42,5 @@ export { StopStringFilter } from './engine/stop-strings.js';
 export * from './synth/synth.js';
 export * from './synth/presets.js';
 export * from './engine/speculation.js';
+export { linearBatch, mlpBatch, MlpBatchScratch } from './backends/cpu/batched.js';
+export { WasmLinear } from './backends/cpu/wasm-linear.js';

@@ -19,9 +19,10 @@
 import {
   applyRope,
   attendOne,
-  linear,
-  mlpForward,
-  mlpScratch,
+  linearBatch,
+  mlpBatch,
+  MlpBatchScratch,
+  WasmLinear,
   rmsNorm,
   ropeTable,
   type AttentionShape,
@@ -73,6 +74,8 @@ export class DflashDraft {
   readonly vocabSize: number;
   readonly featureSize: number;
   readonly targetHidden: number;
+  /** The draft's matrices in WebAssembly memory (SIMD kernels with linear()'s exact arithmetic), or null. */
+  private readonly simd: WasmLinear | null;
 
   constructor(
     readonly cfg: DflashConfig,
@@ -85,6 +88,14 @@ export class DflashDraft {
     this.shape = { numHeads: cfg.numHeads, numKvHeads: cfg.numKvHeads, headDim: cfg.headDim, scale: 1 / Math.sqrt(cfg.headDim) };
     this.vocabSize = w.lmHead.length / cfg.hiddenSize;
     this.featureSize = cfg.targetLayerIds.length * target.hiddenSize;
+    const matrices = [w.fc, w.lmHead, ...w.layers.flatMap((l) => [l.q, l.k, l.v, l.o, l.mlp.gate, l.mlp.up, l.mlp.down])];
+    const biases = w.layers.flatMap((l) => [l.qBias, l.kBias, l.vBias, l.oBias]).filter((b): b is Float32Array => b !== null);
+    this.simd = WasmLinear.create([...matrices, ...biases], Math.max(this.vocabSize, cfg.intermediateSize, cfg.hiddenSize * 4), Math.max(this.featureSize, cfg.intermediateSize, cfg.hiddenSize * 4));
+  }
+
+  /** y = W x + b for one row, through the SIMD kernels when the weights are placed there. */
+  private linear(x: Float32Array, wm: Float32Array, rows: number, cols: number, bias: Float32Array | null, out: Float32Array): void {
+    linearBatch(x, 1, wm, rows, cols, bias, out, this.simd);
   }
 
   newCache(): DflashKvCache {
@@ -123,14 +134,14 @@ export class DflashDraft {
     const c = new Float32Array(H);
     for (let r = 0; r < rows; r++) {
       const pos = cache.length + r;
-      linear(features.subarray(r * this.featureSize, (r + 1) * this.featureSize), w.fc, H, this.featureSize, null, fused);
+      this.linear(features.subarray(r * this.featureSize, (r + 1) * this.featureSize), w.fc, H, this.featureSize, null, fused);
       rmsNorm(fused, w.hiddenNorm, cfg.rmsNormEps, c);
       for (let l = 0; l < cfg.numLayers; l++) {
         const lw = w.layers[l]!;
         const k = cache.keys[l]!.subarray(pos * kvDim, (pos + 1) * kvDim);
         const v = cache.values[l]!.subarray(pos * kvDim, (pos + 1) * kvDim);
         this.key(c, lw, pos, k);
-        linear(c, lw.v, kvDim, H, lw.vBias, v);
+        this.linear(c, lw.v, kvDim, H, lw.vBias, v);
       }
     }
     cache.length += rows;
@@ -138,7 +149,7 @@ export class DflashDraft {
 
   private key(x: Float32Array, lw: DflashWeights['layers'][number], pos: number, out: Float32Array): void {
     const { cfg } = this;
-    linear(x, lw.k, cfg.numKvHeads * cfg.headDim, cfg.hiddenSize, lw.kBias, out);
+    this.linear(x, lw.k, cfg.numKvHeads * cfg.headDim, cfg.hiddenSize, lw.kBias, out);
     for (let h = 0; h < cfg.numKvHeads; h++) {
       rmsNorm(out, lw.kNorm, cfg.rmsNormEps, out, h * cfg.headDim);
       applyRope(out, h * cfg.headDim, pos, this.rope);
@@ -173,7 +184,8 @@ export class DflashDraft {
     const attn = new Float32Array(qDim);
     const proj = new Float32Array(H);
     const scores = new Float64Array(last + 1);
-    const scratch = mlpScratch(cfg.intermediateSize, H);
+    const mlpScratchBatch = new MlpBatchScratch();
+    const mlpOut = new Float32Array(H);
 
     for (let l = 0; l < cfg.numLayers; l++) {
       const lw = w.layers[l]!;
@@ -182,13 +194,13 @@ export class DflashDraft {
         const pos = start + i;
         rmsNorm(x.subarray(i * H, (i + 1) * H), lw.inputNorm, cfg.rmsNormEps, normed);
         const qi = q.subarray(i * qDim, (i + 1) * qDim);
-        linear(normed, lw.q, qDim, H, lw.qBias, qi);
+        this.linear(normed, lw.q, qDim, H, lw.qBias, qi);
         for (let h = 0; h < cfg.numHeads; h++) {
           rmsNorm(qi, lw.qNorm, cfg.rmsNormEps, qi, h * cfg.headDim);
           applyRope(qi, h * cfg.headDim, pos, this.rope);
         }
         this.key(normed, lw, pos, cache.keys[l]!.subarray(pos * kvDim, (pos + 1) * kvDim));
-        linear(normed, lw.v, kvDim, H, lw.vBias, cache.values[l]!.subarray(pos * kvDim, (pos + 1) * kvDim));
+        this.linear(normed, lw.v, kvDim, H, lw.vBias, cache.values[l]!.subarray(pos * kvDim, (pos + 1) * kvDim));
       }
       for (let i = 0; i < n; i++) {
         const pos = start + i;
@@ -199,11 +211,12 @@ export class DflashDraft {
           to = Math.min(to, pos + window - 1);
         }
         attendOne(q, i * qDim, cache.keys[l]!, cache.values[l]!, from, to, this.shape, null, attn, 0, scores);
-        linear(attn, lw.o, H, qDim, lw.oBias, proj);
+        this.linear(attn, lw.o, H, qDim, lw.oBias, proj);
         const xi = x.subarray(i * H, (i + 1) * H);
         for (let d = 0; d < H; d++) xi[d]! += proj[d]!;
         rmsNorm(xi, lw.postAttnNorm, cfg.rmsNormEps, normed);
-        const y = mlpForward(normed, lw.mlp, { kind: 'swiglu' }, scratch);
+        mlpBatch(normed, 1, lw.mlp, { kind: 'swiglu' }, mlpScratchBatch, mlpOut, this.simd);
+        const y = mlpOut;
         for (let d = 0; d < H; d++) xi[d]! += y[d]!;
       }
     }
@@ -212,7 +225,7 @@ export class DflashDraft {
     for (let i = 1; i < n; i++) {
       rmsNorm(x.subarray(i * H, (i + 1) * H), w.norm, cfg.rmsNormEps, normed);
       const row = logits.subarray((i - 1) * V, i * V);
-      linear(normed, w.lmHead, V, H, null, row);
+      this.linear(normed, w.lmHead, V, H, null, row);
       if (cfg.outputMultiplier !== 1 || cfg.finalLogitSoftcapping !== null) {
         const cap = cfg.finalLogitSoftcapping;
         for (let t = 0; t < V; t++) {
