@@ -20,7 +20,7 @@ const commands: Record<string, { fn: (argv: string[]) => Promise<void>; help: st
 export function usage(): string {
   return `moeflash <command> [options]\n\ncommands:\n${Object.entries(commands)
     .map(([name, c]) => `  ${name.padEnd(8)} ${c.help.split('\n')[1]?.trim() ?? ''}`)
-    .join('\n')}\n\nmoeflash <command> --help for its options`;
+    .join('\n')}\n  quantize Convert a checkpoint: MXFP4 experts, FP8 or bf16 dense weights (@moeflash/quant).\n  quant-report Quality of a quantized checkpoint against its reference (@moeflash/quant).\n\nmoeflash <command> --help for its options`;
 }
 
 /** Commands that live in optional packages (e.g. quantize and quant-report in @moeflash/quant). */

@@ -7,6 +7,7 @@ import { parse, required } from '../args.js';
 import { progressBar } from '../progress.js';
 
 export const logitsHelp = `moeflash logits --model DIR --input IDS.json --output OUT.safetensors [--backend cpu|cuda]
+  Logits at every position of each sequence, each from an empty cache.
   IDS.json: {"sequences": [[int, ...], ...]}. OUT holds one F32 tensor logits.{i} of shape
   [len_i, vocab] per sequence: the logits at every position of sequence i from an empty cache.`;
 
