@@ -83,6 +83,15 @@ describe('Engine (CPU backend, tiny qwen3_moe)', () => {
     expect(r.promptTokens).toBeGreaterThan(3);
   });
 
+  it('stops at the end of the context and rejects prompts that do not fit', async () => {
+    const context = engine.spec.attention.maxPositionEmbeddings;
+    const long = Array.from({ length: context - 3 }, (_, i) => (i * 7) % 500);
+    const r = await engine.generate(long, { maxTokens: 10, ignoreEos: true, temperature: 0 }).result;
+    expect(r.tokens.length).toBe(3);
+    expect(r.finishReason).toBe('length');
+    expect(() => engine.generate([...long, 1, 2, 3], { maxTokens: 1 })).toThrow(/context holds/);
+  });
+
   it('rejects bad options with errors naming the field', () => {
     expect(() => engine.generate('x', { temperature: -1 })).toThrow(/temperature/);
     expect(() => engine.generate('x', { maxTokens: -3 })).toThrow(/maxTokens/);

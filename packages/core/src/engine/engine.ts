@@ -56,7 +56,7 @@ interface SpeculativeModule {
 }
 
 export interface GenerateOptions extends SamplingParams {
-  /** Most new tokens (default: generation_config.json's max_new_tokens, else 256). */
+  /** Most new tokens (default: generation_config.json's max_new_tokens, else 256); never past the model's context. */
   maxTokens?: number;
   /** Generation ends before any of these strings; it is not part of the output. */
   stop?: string[];
@@ -248,10 +248,19 @@ export class Engine extends EventEmitter<EngineEvents> {
     validateSamplingParams(params);
     const ids = typeof prompt === 'string' ? this.tokenizer.encode(prompt) : [...prompt];
     if (ids.length === 0) throw new MoeflashError('INVALID_ARGUMENT', 'the prompt is empty: give at least one token');
-    const maxTokens = opts.maxTokens ?? this.generationConfig.maxNewTokens ?? 256;
-    if (!Number.isInteger(maxTokens) || maxTokens < 0) {
-      throw new MoeflashError('INVALID_ARGUMENT', `maxTokens must be a non-negative integer, got ${maxTokens}`);
+    const requested = opts.maxTokens ?? this.generationConfig.maxNewTokens ?? 256;
+    if (!Number.isInteger(requested) || requested < 0) {
+      throw new MoeflashError('INVALID_ARGUMENT', `maxTokens must be a non-negative integer, got ${requested}`);
     }
+    const contextLength = this.spec.attention.maxPositionEmbeddings;
+    if (ids.length >= contextLength) {
+      throw new MoeflashError(
+        'INVALID_ARGUMENT',
+        `the prompt has ${ids.length} tokens but the model's context holds ${contextLength} positions (max_position_embeddings in ${this.spec.source}); shorten the prompt`,
+      );
+    }
+    // Generation stops at the end of the context with finishReason 'length'.
+    const maxTokens = Math.min(requested, contextLength - ids.length);
     const priority = opts.priority ?? 0;
     if (typeof priority !== 'number' || !Number.isFinite(priority)) {
       throw new MoeflashError('INVALID_ARGUMENT', `priority must be a finite number, got ${String(opts.priority)}`);
