@@ -18,6 +18,8 @@ Napi::Value SetDevice(const Napi::CallbackInfo& info);
 
 // ops.cc (test-only: host arrays in, host arrays out)
 Napi::Object InitOps(Napi::Env env);
+// ops_moe.cc: adds the tensor-core MoE layer to the ops object
+void AddMoeOps(Napi::Env env, Napi::Object ops);
 
 // bench.cc
 Napi::Object InitBench(Napi::Env env);

@@ -14,6 +14,7 @@
 
 #include "addon.h"
 #include "kernels.h"
+#include "moe_mma.h"
 
 namespace moeflash {
 namespace {
@@ -76,6 +77,7 @@ struct LayerPtrs {
   const bf16_bits *gate_up_bias, *down_bias;
   int mlp_kind, experts, inter, window;
   bool interleaved;
+  bool mma;  // MXFP4 experts repacked for the tensor-core path (Model.prepare)
 };
 
 // Everything the device holds for one model. Built whole or not at all: a failed allocation
@@ -86,6 +88,7 @@ struct State {
   PinnedBuffer in_host, out_host;
   cudaStream_t stream = nullptr;
   std::map<int, cudaGraphExec_t> graphs;
+  bool prepared = false;
   std::vector<LayerPtrs> layers;
   const bf16_bits *embed = nullptr, *lm_head = nullptr, *final_norm = nullptr;
   const float* inv_freq = nullptr;
@@ -93,8 +96,8 @@ struct State {
   // Arena views.
   int32_t *in_tokens, *in_pos, *in_slots, *in_lens, *in_logit_rows, *in_tables;
   float *x, *normed, *qkv, *q, *attn, *proj, *mlp_out, *router_logits, *route_w, *act, *hid, *lm_in, *logits;
-  int32_t *route_ids, *argmax_ids, *zero_ids;
-  float* ones;
+  int32_t *route_ids, *argmax_ids, *zero_ids, *moe_plan, *moe_counters;
+  float *ones, *moe_part;
   void *att_ws, *argmax_ws;
   size_t arena_bytes = 0;
 
@@ -131,6 +134,9 @@ struct State {
     add(sizeof(float) * T, 17);                           // ones (dense MLP weights)
     add(attention_decode_workspace_bytes(c.max_tokens, c.heads, c.head_dim, c.max_seq_len), 18);
     add(argmax_workspace_bytes(c.max_logit_rows, c.vocab), 19);
+    add(sizeof(int32_t) * moe_plan_ints(static_cast<int>(T * K), std::max(c.num_experts, 1)), 20);
+    add(sizeof(int32_t) * moe_counter_ints(c.hidden), 21);
+    add(sizeof(float) * T * K * H, 22);  // per-pair down projections (tensor-core MoE)
     return off;
   }
 
@@ -172,11 +178,16 @@ struct State {
         case 17: ones = static_cast<float*>(p); break;
         case 18: att_ws = p; break;
         case 19: argmax_ws = p; break;
+        case 20: moe_plan = static_cast<int32_t*>(p); break;
+        case 21: moe_counters = static_cast<int32_t*>(p); break;
+        case 22: moe_part = static_cast<float*>(p); break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
     std::vector<float> one(c.max_tokens, 1.0f);
     check_cuda(env, cudaMemset(zero_ids, 0, sizeof(int32_t) * c.max_tokens), "cudaMemset (zero ids)");
+    // The MoE down kernel's per-row-tile counters start at zero and every launch leaves them so.
+    check_cuda(env, cudaMemset(moe_counters, 0, sizeof(int32_t) * moe_counter_ints(c.hidden)), "cudaMemset (MoE counters)");
     check_cuda(env, cudaMemcpy(ones, one.data(), sizeof(float) * c.max_tokens, cudaMemcpyHostToDevice), "cudaMemcpy (ones)");
     // Unwritten cache rows are never read, but a NaN pattern would show it at once if they were.
     check_cuda(env, cudaMemset(kv.get(), 0xff, kv.bytes()), "cudaMemset (KV cache)");
@@ -270,7 +281,29 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       ids = s.route_ids;
       rw = s.route_w;
     }
-    if (w.mlp_kind == kMlpMxfp4Experts) {
+    if (w.mlp_kind == kMlpMxfp4Experts && w.mma) {
+      MoeMmaArgs m{};
+      m.gate_up_blocks = w.gate_up;
+      m.gate_up_scales = w.gate_up_scales;
+      m.gate_up_bias = w.gate_up_bias;
+      m.down_blocks = w.down;
+      m.down_scales = w.down_scales;
+      m.down_bias = w.down_bias;
+      m.activation = static_cast<ExpertActivation>(c.activation);
+      m.interleaved = m.activation == ExpertActivation::GptOssClamped;
+      m.limit = c.limit;
+      m.alpha = c.alpha;
+      m.x = s.normed;
+      m.expert_ids = ids;
+      m.expert_weights = rw;
+      m.tokens = T, m.top_k = K, m.num_experts = w.experts, m.hidden = H, m.inter = w.inter;
+      m.plan = s.moe_plan;
+      m.counters = s.moe_counters;
+      m.act = s.act;
+      m.part = s.moe_part;
+      m.y = s.mlp_out;
+      MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
+    } else if (w.mlp_kind == kMlpMxfp4Experts) {
       for (int t0 = 0; t0 < T; t0 += 8) {
         MoeDims d{std::min(8, T - t0), K, w.experts, H, w.inter};
         const Mxfp4Experts gu{w.gate_up, w.gate_up_scales, w.gate_up_bias};
@@ -330,7 +363,8 @@ class Model : public Napi::ObjectWrap<Model> {
  public:
   static Napi::Function Class(Napi::Env env) {
     return DefineClass(env, "Model",
-                       {InstanceMethod("upload", &Model::Upload), InstanceMethod("step", &Model::Step),
+                       {InstanceMethod("upload", &Model::Upload), InstanceMethod("prepare", &Model::Prepare),
+                        InstanceMethod("step", &Model::Step),
                         InstanceMethod("dispose", &Model::Dispose), InstanceMethod("info", &Model::Info)});
   }
 
@@ -407,6 +441,44 @@ class Model : public Napi::ObjectWrap<Model> {
                           cudaMemcpyHostToDevice),
                "cudaMemcpy (weights upload)");
     return info.Env().Undefined();
+  }
+
+  // prepare() -> number of MoE layers moved to the tensor-core path. Called once, after every
+  // upload: rewrites each MXFP4 expert tensor whose shapes the path takes into its tile layout (in
+  // place, through a scratch of one expert). Calling it again does nothing.
+  Napi::Value Prepare(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.prepare"};
+    Napi::Env env = info.Env();
+    State& s = state(r);
+    const Config& c = s.c;
+    int moved = 0;
+    if (s.prepared) return Napi::Number::New(env, 0);
+    size_t scratch_bytes = 0;
+    for (const LayerPtrs& w : s.layers)
+      if (w.mlp_kind == kMlpMxfp4Experts && moe_mma_supported(c.hidden, w.inter))
+        scratch_bytes = std::max({scratch_bytes, moe_repack_scratch_bytes(2 * w.inter, c.hidden),
+                                  moe_repack_scratch_bytes(c.hidden, w.inter)});
+    if (scratch_bytes > 0) {
+      DeviceBuffer scratch(env, scratch_bytes, "expert repack scratch");
+      const bool interleaved = static_cast<ExpertActivation>(c.activation) == ExpertActivation::GptOssClamped;
+      for (LayerPtrs& w : s.layers) {
+        if (w.mlp_kind != kMlpMxfp4Experts || !moe_mma_supported(c.hidden, w.inter)) continue;
+        check_cuda(env,
+                   moe_repack_mxfp4(const_cast<uint8_t*>(w.gate_up), const_cast<uint8_t*>(w.gate_up_scales), w.experts,
+                                    2 * w.inter, c.hidden, interleaved ? MoeRowMap::GateUpInterleaved : MoeRowMap::GateUpHalves,
+                                    scratch.get(), s.stream),
+                   "moe_repack_mxfp4 (gate/up)");
+        check_cuda(env,
+                   moe_repack_mxfp4(const_cast<uint8_t*>(w.down), const_cast<uint8_t*>(w.down_scales), w.experts, c.hidden,
+                                    w.inter, MoeRowMap::Identity, scratch.get(), s.stream),
+                   "moe_repack_mxfp4 (down)");
+        w.mma = true;
+        ++moved;
+      }
+      check_cuda(env, cudaStreamSynchronize(s.stream), "Model.prepare (cudaStreamSynchronize)");
+    }
+    s.prepared = true;
+    return Napi::Number::New(env, moved);
   }
 
   // step(inputs: Int32Array, tokens, logitRows, maxLen, copyLogits, hiddenLayers: Int32Array | null,

@@ -158,6 +158,44 @@ Napi::Value GemvBf16(const Napi::CallbackInfo& info) {
   return f32_from(env, d_y, static_cast<size_t>(rows) * tokens, "y");
 }
 
+// gemvFp8(w: Uint8Array [rows, cols] E4M3, scales: Float32Array [ceil(rows / blockRows),
+//         ceil(cols / blockCols)], blockRows, blockCols, bias: Uint16Array | null,
+//         x: Float32Array [tokens, cols], rows, cols, tokens) -> Float32Array [tokens, rows]
+Napi::Value GemvFp8(const Napi::CallbackInfo& info) {
+  const ArgReader r{info, "ops.gemvFp8"};
+  Napi::Env env = info.Env();
+  const auto w = r.u8(0, "w");
+  const auto scales = r.f32(1, "scales");
+  const int block_rows = r.integer(2, "blockRows", 1, 1 << 20);
+  const int block_cols = r.integer(3, "blockCols", 16, 1 << 20);
+  const auto x = r.f32(5, "x");
+  const int rows = r.integer(6, "rows", 1, 1 << 30);
+  const int cols = r.integer(7, "cols", 16, 1 << 20);
+  const int tokens = r.integer(8, "tokens", 1, 1 << 16);
+  if (cols % 16 != 0) r.fail("cols must be a multiple of 16");
+  if (block_cols % 16 != 0) r.fail("blockCols must be a multiple of 16");
+  r.length(w.ElementLength(), static_cast<size_t>(rows) * cols, "w", "rows * cols");
+  const size_t scale_rows = (static_cast<size_t>(rows) + block_rows - 1) / block_rows;
+  const size_t scale_cols = (static_cast<size_t>(cols) + block_cols - 1) / block_cols;
+  r.length(scales.ElementLength(), scale_rows * scale_cols, "scales", "ceil(rows / blockRows) * ceil(cols / blockCols)");
+  r.length(x.ElementLength(), static_cast<size_t>(tokens) * cols, "x", "tokens * cols");
+  DeviceBuffer d_bias;
+  if (!r.is_null(4)) {
+    const auto b = r.bf16(4, "bias");
+    r.length(b.ElementLength(), rows, "bias", "rows");
+    d_bias = to_device(env, b, "bias");
+  }
+  DeviceBuffer d_w = to_device(env, w, "w");
+  DeviceBuffer d_s = to_device(env, scales, "scales");
+  DeviceBuffer d_x = to_device(env, x, "x");
+  DeviceBuffer d_y(env, sizeof(float) * rows * static_cast<size_t>(tokens), "y");
+  finish(env,
+         gemv_fp8(d_w.get<uint8_t>(), d_s.get<float>(), block_rows, block_cols, d_bias.get<bf16_bits>(), d_x.get<float>(),
+                  d_y.get<float>(), rows, cols, tokens, nullptr),
+         "gemv_fp8");
+  return f32_from(env, d_y, static_cast<size_t>(rows) * tokens, "y");
+}
+
 struct MoeArgs {
   MoeDims d;
   DeviceBuffer blocks, scales, bias, ids;
@@ -471,6 +509,7 @@ Napi::Object InitOps(Napi::Env env) {
   o.Set("rmsnorm", Napi::Function::New(env, RmsNorm, "rmsnorm"));
   o.Set("rope", Napi::Function::New(env, Rope, "rope"));
   o.Set("gemvBf16", Napi::Function::New(env, GemvBf16, "gemvBf16"));
+  o.Set("gemvFp8", Napi::Function::New(env, GemvFp8, "gemvFp8"));
   o.Set("moeGateUp", Napi::Function::New(env, MoeGateUp, "moeGateUp"));
   o.Set("moeDown", Napi::Function::New(env, MoeDown, "moeDown"));
   o.Set("router", Napi::Function::New(env, Router, "router"));
@@ -480,6 +519,7 @@ Napi::Object InitOps(Napi::Env env) {
   o.Set("sample", Napi::Function::New(env, Sample, "sample"));
   o.Set("philox", Napi::Function::New(env, Philox, "philox"));
   o.Set("allocate", Napi::Function::New(env, Allocate, "allocate"));
+  AddMoeOps(env, o);
   return o;
 }
 

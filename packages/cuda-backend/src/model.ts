@@ -730,6 +730,7 @@ export class CudaBackend implements Backend {
         loadedTensors += p.tensors.length;
         if (p.tensors.length) opts.onProgress?.({ tensor: p.tensors[p.tensors.length - 1], loadedBytes, totalBytes, loadedTensors, totalTensors });
       }
+      native.prepare();
     } catch (e) {
       native.dispose();
       throw translateNativeError(e);

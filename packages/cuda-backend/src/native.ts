@@ -65,6 +65,17 @@ export interface NativeOps {
     cols: number,
     tokens: number,
   ): Float32Array;
+  gemvFp8(
+    w: Uint8Array,
+    scales: Float32Array,
+    blockRows: number,
+    blockCols: number,
+    bias: Uint16Array | null,
+    x: Float32Array,
+    rows: number,
+    cols: number,
+    tokens: number,
+  ): Float32Array;
   moeGateUp(
     blocks: Uint8Array,
     scales: Uint8Array,
@@ -92,6 +103,27 @@ export interface NativeOps {
     hidden: number,
     inter: number,
     expertWeights: Float32Array,
+  ): Float32Array;
+  moeMma(
+    gateUpBlocks: Uint8Array,
+    gateUpScales: Uint8Array,
+    gateUpBias: Uint16Array | null,
+    downBlocks: Uint8Array,
+    downScales: Uint8Array,
+    downBias: Uint16Array | null,
+    x: Float32Array,
+    expertIds: Int32Array,
+    expertWeights: Float32Array,
+    tokens: number,
+    topK: number,
+    numExperts: number,
+    hidden: number,
+    inter: number,
+    activation: 0 | 1,
+    limit: number,
+    alpha: number,
+    interleaved: boolean,
+    repeat: number,
   ): Float32Array;
   router(
     w: Uint16Array,
@@ -179,6 +211,8 @@ export interface NativeModelConfig {
 /** A model's device memory and its step (native/model.cc). */
 export interface NativeModel {
   upload(offset: number, bytes: Uint8Array): void;
+  /** After the last upload: moves the MXFP4 expert layers to the tensor-core path; returns how many. */
+  prepare(): number;
   step(
     inputs: Int32Array,
     tokens: number,

@@ -70,12 +70,46 @@ export interface CudaOps {
     tokens: number;
   }): Float32Array;
   /**
+   * y [tokens, rows] = x [tokens, cols] W^T (+ bias) with W in FP8 E4M3 and block scales as FP8
+   * checkpoints store them: W's value = e4m3(w) * scales[row / blockRows, col / blockCols] (the
+   * `weight_scale_inv` tensor, [ceil(rows / blockRows), ceil(cols / blockCols)]). Blocks default
+   * to 128 x 128; cols and blockCols must be multiples of 16.
+   */
+  gemvFp8(a: {
+    w: Uint8Array;
+    scales: Float32Array;
+    blockRows?: number;
+    blockCols?: number;
+    bias?: Uint16Array | null;
+    x: Float32Array;
+    rows: number;
+    cols: number;
+    tokens: number;
+  }): Float32Array;
+  /**
    * Expert gate/up projection with the activation fused: act [tokens, topK, inter]. The weights
    * are [experts, 2 * inter, hidden]: gate rows then up rows for `swiglu`, interleaved (even gate,
    * odd up) for `gpt_oss_clamped_swiglu`.
    */
   moeGateUp(a: MoeWeights & MoeShape & { x: Float32Array; expertIds: Int32Array; activation: ExpertActivation }): Float32Array;
   /** y [tokens, hidden] = sum_k expertWeights[t, k] * (W_down[e] act[t, k] + bias[e]). */
+  /**
+   * The whole MoE layer on the tensor-core path (plan, repack, gate/up + activation, down +
+   * combine) for any number of tokens: y [tokens, hidden]. Weights in the checkpoint layout;
+   * gpt-oss activations take interleaved gate/up rows. `repeat` runs it that many times on the
+   * same buffers (checks that the launch leaves its counters ready for the next one).
+   */
+  moeMma(
+    a: MoeShape & {
+      gateUp: MoeWeights;
+      down: MoeWeights;
+      x: Float32Array;
+      expertIds: Int32Array;
+      expertWeights: Float32Array;
+      activation: ExpertActivation;
+      repeat?: number;
+    },
+  ): Float32Array;
   moeDown(
     a: MoeWeights & MoeShape & { act: Float32Array; expertIds: Int32Array; expertWeights: Float32Array },
   ): Float32Array;
@@ -155,6 +189,10 @@ export function cudaOps(): CudaOps {
         n.rope(a.q, a.k ?? null, a.positions, a.invFreq, a.attentionFactor, a.numHeads, a.numKvHeads, a.headDim, a.rotaryDim),
       ),
     gemvBf16: (a) => call(() => n.gemvBf16(a.w, a.bias ?? null, a.x, a.rows, a.cols, a.tokens)),
+    gemvFp8: (a) =>
+      call(() =>
+        n.gemvFp8(a.w, a.scales, a.blockRows ?? 128, a.blockCols ?? 128, a.bias ?? null, a.x, a.rows, a.cols, a.tokens),
+      ),
     moeGateUp: (a) =>
       call(() => {
         const act = a.activation;
@@ -174,6 +212,32 @@ export function cudaOps(): CudaOps {
           activationCode(act),
           limit,
           alpha,
+        );
+      }),
+    moeMma: (a) =>
+      call(() => {
+        const act = a.activation;
+        const clamped = act.kind === 'gpt_oss_clamped_swiglu';
+        return n.moeMma(
+          a.gateUp.blocks,
+          a.gateUp.scales,
+          a.gateUp.bias ?? null,
+          a.down.blocks,
+          a.down.scales,
+          a.down.bias ?? null,
+          a.x,
+          a.expertIds,
+          a.expertWeights,
+          a.tokens,
+          a.topK,
+          a.numExperts,
+          a.hidden,
+          a.inter,
+          activationCode(act),
+          clamped ? act.limit : 0,
+          clamped ? act.alpha : 0,
+          clamped,
+          a.repeat ?? 1,
         );
       }),
     moeDown: (a) =>

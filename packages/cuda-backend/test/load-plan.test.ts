@@ -9,6 +9,7 @@ import { loadModelSpec, openWeights } from '@moeflash/core';
 
 const uploads: { off: number; n: number }[] = [];
 let config: { weightsBytes: number } | undefined;
+let prepared = 0;
 vi.mock('../src/native.js', async (orig) => {
   const real = (await orig()) as Record<string, unknown>;
   class RecordingModel {
@@ -17,6 +18,10 @@ vi.mock('../src/native.js', async (orig) => {
     }
     upload(off: number, b: Uint8Array) {
       uploads.push({ off, n: b.byteLength });
+    }
+    prepare() {
+      prepared++;
+      return 0;
     }
     info() {
       return { weights: 0, kvCache: 0, activations: 0, graphs: 0 };
@@ -43,6 +48,7 @@ const cases: [string, 'stored' | 'mxfp4', string | null][] = [
 describe('CUDA weight plan (no GPU needed)', () => {
   it.each(cases)('%s, experts %s', async (name, experts, format) => {
     uploads.length = 0;
+    prepared = 0;
     const dir = path.join(root, name);
     const spec = await loadModelSpec(dir);
     const w = await openWeights(dir);
@@ -58,6 +64,8 @@ describe('CUDA weight plan (no GPU needed)', () => {
       for (let i = 1; i < uploads.length; i++) expect(uploads[i].off).toBeGreaterThanOrEqual(uploads[i - 1].off + uploads[i - 1].n);
       const last = uploads[uploads.length - 1];
       expect(last.off + last.n).toBeLessThanOrEqual(config!.weightsBytes);
+      // The expert repack reads the uploaded weights: it runs once, after the last upload.
+      expect(prepared).toBe(1);
       await m.dispose();
     } finally {
       await w.close();

@@ -1,0 +1,527 @@
+// MXFP4 MoE on tensor cores (moe_mma.h describes the scheme).
+//
+// Tile layout (after moe_repack_mxfp4), per expert: row tile rt (16 rows) x k-tile kt (2 blocks of
+// 32 columns) is 512 bytes at ((rt * nkt) + kt) * 512. Lane l = 4g + q holds the uint4
+//   { row g word q of block 2kt, row g+8 word q of block 2kt, row g word q of block 2kt+1,
+//     row g+8 word q of block 2kt+1 }
+// (word q of a 16-byte block = its elements 8q..8q+7). The E8M0 scales of a tile are 32 bytes at
+// tile * 32: bytes 4g..4g+3 = scale of (row g, block 2kt), (g+8, 2kt), (g, 2kt+1), (g+8, 2kt+1).
+//
+// mma.m16n8k16 needs, from lane (g, q), A rows g and g+8 at k = 2q, 2q+1, 2q+8, 2q+9 and B column g
+// at the same k. The k order inside an mma is free as long as A and B agree, so the lane's word q
+// (8 elements) feeds two mmas over one 32-element block: nibble pair (p, p+4) of the word is the
+// f16x2 for k = (2q, 2q+1) or (2q+8, 2q+9). Both mmas of a block share one E8M0 scale per row,
+// applied to their sum in float32. B is staged in shared memory in the same order.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "moe_mma.h"
+
+namespace moeflash {
+namespace {
+
+constexpr int kSplitK = 8;  // warps of a block: the row tile's reduction split 8 ways
+constexpr int kThreads = kSplitK * 32;
+constexpr int kBatch = 6;  // k-tiles whose loads a warp issues together (45 k-tiles / 8 warps <= 6)
+constexpr int kMaxCols = 16;
+constexpr int kMinBlocks = 4;  // 32 warps a multiprocessor: 64 registers a thread
+
+// Nibbles p and p + 4 of a word of E2M1 codes as an f16x2 equal to E2M1 * 2^-14 (low half: nibble
+// p). Same bit move as e2m1_pair_scaled in common.cuh, without the conversion to float32.
+template <int P>
+__device__ __forceinline__ uint32_t e2m1_h2(uint32_t w) {
+  constexpr int kMag = 9 - 4 * P;
+  constexpr int kSign = 12 - 4 * P;
+  const uint32_t mag = (kMag >= 0 ? (w << (kMag & 31)) : (w >> ((-kMag) & 31))) & 0x0e000e00u;
+  const uint32_t sgn = (w << kSign) & 0x80008000u;
+  return mag | sgn;
+}
+
+// Byte i of a word of E8M0 codes as the float 2^(s - 127) (code 0 gives 0 instead of 2^-127 and
+// 0xFF gives infinity instead of NaN: neither occurs in a usable checkpoint).
+template <int I>
+__device__ __forceinline__ float e8m0_byte(uint32_t s) {
+  constexpr int kShift = 23 - 8 * I;
+  const uint32_t v = kShift >= 0 ? (s << kShift) : (s >> (-kShift));
+  return __uint_as_float(v & 0x7f800000u);
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t ld_nc_u32(const uint8_t* p) {
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+
+// ------------------------------------------------------------------ plan
+// plan[0] = item count; plan[1 + 3i ..] = { expert, columns, first index into the slot list };
+// then the slot list: every (token, slot) pair grouped by expert (ascending), each group in slot
+// order, cut into items of at most `cols` pairs.
+__device__ __forceinline__ int plan_items_offset() { return 1; }
+__host__ __device__ inline int max_items(int slots, int experts, int cols) {
+  return std::min(slots, experts) + slots / cols;
+}
+
+// Exclusive prefix sums of v[0..n) in place (warp 0 walks it 32 at a time); returns the total.
+__device__ int warp0_exclusive_scan(int* v, int n, int lane) {
+  int carry = 0;
+  for (int base = 0; base < n; base += 32) {
+    const int x = base + lane < n ? v[base + lane] : 0;
+    int incl = x;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, incl, d);
+      if (lane >= d) incl += y;
+    }
+    if (base + lane < n) v[base + lane] = carry + incl - x;
+    carry += __shfl_sync(kFullMask, incl, 31);
+  }
+  return carry;
+}
+
+constexpr int kPlanThreads = 1024;
+
+__global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* __restrict__ ids, int slots, int experts,
+                                                                int cols, int32_t* __restrict__ plan) {
+  __shared__ int count[1024], slot_start[1024], item_start[1024];
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int e = tid; e < experts; e += blockDim.x) count[e] = 0;
+  __syncthreads();
+  for (int s = tid; s < slots; s += blockDim.x) {
+    const int e = ids[s];
+    if (e >= 0 && e < experts) atomicAdd(&count[e], 1);
+  }
+  __syncthreads();
+  for (int e = tid; e < experts; e += blockDim.x) {
+    slot_start[e] = count[e];
+    item_start[e] = (count[e] + cols - 1) / cols;
+  }
+  __syncthreads();
+  if (tid < 32) {
+    warp0_exclusive_scan(slot_start, experts, lane);
+    const int n = warp0_exclusive_scan(item_start, experts, lane);
+    if (lane == 0) plan[0] = n;
+  }
+  __syncthreads();
+  int32_t* items = plan + plan_items_offset();
+  int32_t* list = items + 3 * max_items(slots, experts, cols);
+  for (int e = tid; e < experts; e += blockDim.x) {
+    const int n = count[e];
+    if (n == 0) continue;
+    // Stable: the expert's pairs in slot order.
+    int pos = slot_start[e];
+    for (int s = 0; s < slots; ++s)
+      if (ids[s] == e) list[pos++] = s;
+    for (int j = 0, it = item_start[e]; j * cols < n; ++j, ++it) {
+      items[3 * it] = e;
+      items[3 * it + 1] = min(cols, n - j * cols);
+      items[3 * it + 2] = slot_start[e] + j * cols;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ shared pieces of a block
+struct ItemView {
+  int expert, cols;
+  const int* slot;  // shared memory: the item's (token, slot) pair of each column
+};
+
+// B staging: column j is the float32 vector src(j) of length kd, multiplied by a power of two
+// 2^shift_j chosen from its largest magnitude (largest |x| * 2^shift_j < 2^15, so f16 cannot
+// overflow) and stored as f16 in the mma k order: uint4 (j, block b, q) holds the f16x2 pairs
+// (8q, 8q+4), (8q+1, 8q+5), (8q+2, 8q+6), (8q+3, 8q+7) of the block. col_unscale[j] =
+// 2^(14 - shift_j) undoes both this scale and the 2^-14 of the decoded weights.
+struct Staging {
+  uint4* xs;
+  int stride;  // uint4 per column: nb * 4 + 4 (the pad spreads the 8 columns a warp reads over banks)
+};
+
+template <typename SrcFn>
+__device__ void stage_columns(const Staging& st, int cols, int kd, SrcFn src, float* col_unscale,
+                              float (*amax_part)[kMaxCols]) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n4 = kd / 4;
+  __syncthreads();  // the item's slot list (load_item) is in shared memory
+  for (int j = 0; j < cols; ++j) {
+    const float4* v = reinterpret_cast<const float4*>(src(j));
+    float m = 0.f;
+    for (int i = tid; i < n4; i += kThreads) {
+      const float4 f = v[i];
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(f.x), fabsf(f.y)), fmaxf(fabsf(f.z), fabsf(f.w))));
+    }
+    m = warp_max(m);
+    if (lane == 0) amax_part[warp][j] = m;
+  }
+  __syncthreads();
+  __shared__ float col_scale[kMaxCols];
+  if (tid < cols) {
+    float m = 0.f;
+    for (int w = 0; w < kSplitK; ++w) m = fmaxf(m, amax_part[w][tid]);
+    int shift = 0;
+    if (m > 0.f && m <= 3.402823466e38f) {
+      const int e = static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127;  // m in [2^e, 2^(e+1))
+      shift = min(126, max(-126, 14 - e));
+    }
+    col_scale[tid] = ldexpf(1.0f, shift);
+    col_unscale[tid] = ldexpf(1.0f, 14 - shift);
+  }
+  __syncthreads();
+  const int nb = kd / 32;
+  const int units = cols * nb * 4;
+  for (int u = tid; u < units; u += kThreads) {
+    const int j = u / (nb * 4);
+    const int r = u - j * nb * 4;  // b * 4 + q
+    const float s = col_scale[j];
+    const float4* p = reinterpret_cast<const float4*>(src(j) + r * 8);
+    const float4 lo = p[0], hi = p[1];
+    uint4 h;
+    const __half2 h0 = __floats2half2_rn(lo.x * s, hi.x * s);
+    const __half2 h1 = __floats2half2_rn(lo.y * s, hi.y * s);
+    const __half2 h2 = __floats2half2_rn(lo.z * s, hi.z * s);
+    const __half2 h3 = __floats2half2_rn(lo.w * s, hi.w * s);
+    h.x = *reinterpret_cast<const uint32_t*>(&h0);
+    h.y = *reinterpret_cast<const uint32_t*>(&h1);
+    h.z = *reinterpret_cast<const uint32_t*>(&h2);
+    h.w = *reinterpret_cast<const uint32_t*>(&h3);
+    st.xs[j * st.stride + r] = h;
+  }
+  __syncthreads();
+}
+
+// The warp's share of one row tile, kBatch k-tiles at a time: the weights of a batch are loaded
+// together (one 16-byte load and one 4-byte scale load a lane per k-tile), then consumed.
+struct Batch {
+  uint4 a[kBatch];
+  uint32_t sc[kBatch];
+};
+
+__device__ __forceinline__ void load_batch(Batch& B, const uint8_t* __restrict__ tiles,
+                                           const uint8_t* __restrict__ scales, int kb, int k1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    if (kb + u < k1) {
+      B.a[u] = ld_stream_u4(tiles + static_cast<int64_t>(kb + u) * 512 + lane * 16);
+      B.sc[u] = ld_nc_u32(scales + static_cast<int64_t>(kb + u) * 32 + g * 4);
+    }
+  }
+}
+
+// acc[n][i] (n-tile n, fragment element i: rows g / g+8, columns 2q / 2q+1) += the batch's
+// k-tiles, in k order.
+template <int NT>
+__device__ __forceinline__ void consume_batch(const Batch& B, int kb, int k1, const Staging& st, int cols,
+                                              float (&acc)[NT][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    if (kb + u < k1) {
+      const int kt = kb + u;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t wg = half ? B.a[u].z : B.a[u].x;
+        const uint32_t wg8 = half ? B.a[u].w : B.a[u].y;
+        const float sg = half ? e8m0_byte<2>(B.sc[u]) : e8m0_byte<0>(B.sc[u]);
+        const float sg8 = half ? e8m0_byte<3>(B.sc[u]) : e8m0_byte<1>(B.sc[u]);
+        const uint32_t a0 = e2m1_h2<0>(wg), a1 = e2m1_h2<0>(wg8), a2 = e2m1_h2<1>(wg), a3 = e2m1_h2<1>(wg8);
+        const uint32_t a4 = e2m1_h2<2>(wg), a5 = e2m1_h2<2>(wg8), a6 = e2m1_h2<3>(wg), a7 = e2m1_h2<3>(wg8);
+        const int b = 2 * kt + half;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const int col = n * 8 + g;
+          const uint4 bv = col < cols ? st.xs[col * st.stride + b * 4 + q] : make_uint4(0, 0, 0, 0);
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+          mma16816(c, a0, a1, a2, a3, bv.x, bv.y);
+          mma16816(c, a4, a5, a6, a7, bv.z, bv.w);
+          acc[n][0] = fmaf(c[0], sg, acc[n][0]);
+          acc[n][1] = fmaf(c[1], sg, acc[n][1]);
+          acc[n][2] = fmaf(c[2], sg8, acc[n][2]);
+          acc[n][3] = fmaf(c[3], sg8, acc[n][3]);
+        }
+      }
+    }
+  }
+}
+
+// The warp's k-tiles [k0, k1) of one row tile; the first batch was loaded before B was staged so
+// that its latency overlaps the staging.
+template <int NT>
+__device__ __forceinline__ void row_tile_mma(Batch& B, const uint8_t* __restrict__ tiles,
+                                             const uint8_t* __restrict__ scales, int k0, int k1, const Staging& st,
+                                             int cols, float (&acc)[NT][4]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+  for (int kb = k0; kb < k1; kb += kBatch) {
+    if (kb != k0) load_batch(B, tiles, scales, kb, k1);
+    consume_batch<NT>(B, kb, k1, st, cols, acc);
+  }
+}
+
+__device__ __forceinline__ bool load_item(const int32_t* plan, int slots, int experts, int cols, int* slot_s,
+                                          ItemView& it) {
+  const int n_items = plan[0];
+  if (static_cast<int>(blockIdx.y) >= n_items) return false;
+  const int32_t* items = plan + plan_items_offset();
+  const int32_t* list = items + 3 * max_items(slots, experts, cols);
+  it.expert = items[3 * blockIdx.y];
+  it.cols = items[3 * blockIdx.y + 1];
+  const int start = items[3 * blockIdx.y + 2];
+  if (threadIdx.x < it.cols) slot_s[threadIdx.x] = list[start + threadIdx.x];
+  it.slot = slot_s;
+  return true;  // stage_columns begins with the barrier that publishes slot_s
+}
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+__device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+// ------------------------------------------------------------------ gate/up + activation
+// Block = (row tile of 8 outputs: their 8 gate rows and 8 up rows, item). act[slot, o] for the
+// item's pairs.
+template <int NT>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) moe_mma_gate_up_kernel(MoeMmaArgs a, int cols_per_item) {
+  extern __shared__ uint4 smem_xs[];
+  __shared__ float red[kSplitK][NT * 4][32];
+  __shared__ float amax_part[kSplitK][kMaxCols];
+  __shared__ float col_unscale[kMaxCols];
+  __shared__ int slot_s[kMaxCols];
+  const int slots = a.tokens * a.top_k;
+  ItemView it;
+  if (!load_item(a.plan, slots, a.num_experts, cols_per_item, slot_s, it)) return;
+  const int H = a.hidden, I = a.inter;
+  const int nb = H / 32, nkt = nb / 2;
+  const int rt = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t expert_tiles = static_cast<int64_t>(2 * I / 16) * nkt;
+  const uint8_t* tiles = a.gate_up_blocks + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 512;
+  const uint8_t* scales = a.gate_up_scales + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 32;
+  const int per = (nkt + kSplitK - 1) / kSplitK;
+  const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
+  Batch B;
+  load_batch(B, tiles, scales, k0, k1);
+
+  const Staging st{smem_xs, nb * 4 + 4};
+  stage_columns(st, it.cols, H, [&](int j) { return a.x + static_cast<int64_t>(it.slot[j] / a.top_k) * H; },
+                col_unscale, amax_part);
+  float acc[NT][4];
+  row_tile_mma<NT>(B, tiles, scales, k0, k1, st, it.cols, acc);
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][n * 4 + i][lane] = acc[n][i];
+  __syncthreads();
+
+  const bool interleaved = a.interleaved;
+  for (int u = threadIdx.x; u < NT * 64; u += kThreads) {
+    const int n = u >> 6, c = (u >> 5) & 1, l = u & 31;
+    const int g = l >> 2, q = l & 3;
+    const int col = n * 8 + 2 * q + c;
+    if (col >= it.cols) continue;
+    float gs = 0.f, us = 0.f;
+#pragma unroll
+    for (int w = 0; w < kSplitK; ++w) {
+      gs += red[w][n * 4 + c][l];
+      us += red[w][n * 4 + 2 + c][l];
+    }
+    const int o = rt * 8 + g;
+    float gv = gs * col_unscale[col], uv = us * col_unscale[col];
+    const int64_t gr = interleaved ? 2 * o : o, ur = interleaved ? 2 * o + 1 : I + o;
+    if (a.gate_up_bias != nullptr) {
+      const int64_t base = static_cast<int64_t>(it.expert) * 2 * I;
+      gv += bf16_to_f32(a.gate_up_bias[base + gr]);
+      uv += bf16_to_f32(a.gate_up_bias[base + ur]);
+    }
+    float y;
+    if (a.activation == ExpertActivation::GptOssClamped) {
+      gv = fminf(gv, a.limit);
+      uv = fminf(fmaxf(uv, -a.limit), a.limit);
+      y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
+    } else {
+      y = silu_f(gv) * uv;
+    }
+    a.act[static_cast<int64_t>(it.slot[col]) * I + o] = y;
+  }
+}
+
+// ------------------------------------------------------------------ down + combine
+// Block = (row tile of 16 output rows, item): part[slot, rows] for the item's pairs. The last block
+// of a row tile to finish (a counter per row tile) adds every token's slots in slot order:
+// y = sum_k weight * (part + bias), the product rounded before the sum as the CPU backend does.
+template <int NT>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) moe_mma_down_kernel(MoeMmaArgs a, int cols_per_item) {
+  extern __shared__ uint4 smem_xs[];
+  __shared__ float red[kSplitK][NT * 4][32];
+  __shared__ float amax_part[kSplitK][kMaxCols];
+  __shared__ float col_unscale[kMaxCols];
+  __shared__ bool last;
+  __shared__ int slot_s[kMaxCols];
+  const int slots = a.tokens * a.top_k;
+  ItemView it;
+  if (!load_item(a.plan, slots, a.num_experts, cols_per_item, slot_s, it)) return;
+  const int H = a.hidden, I = a.inter;
+  const int nb = I / 32, nkt = nb / 2;
+  const int rt = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t expert_tiles = static_cast<int64_t>(H / 16) * nkt;
+  const uint8_t* tiles = a.down_blocks + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 512;
+  const uint8_t* scales = a.down_scales + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 32;
+  const int per = (nkt + kSplitK - 1) / kSplitK;
+  const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
+  Batch B;
+  load_batch(B, tiles, scales, k0, k1);
+
+  const Staging st{smem_xs, nb * 4 + 4};
+  stage_columns(st, it.cols, I, [&](int j) { return a.act + static_cast<int64_t>(it.slot[j]) * I; }, col_unscale,
+                amax_part);
+  float acc[NT][4];
+  row_tile_mma<NT>(B, tiles, scales, k0, k1, st, it.cols, acc);
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][n * 4 + i][lane] = acc[n][i];
+  __syncthreads();
+
+  for (int u = threadIdx.x; u < NT * 128; u += kThreads) {
+    const int n = u >> 7, i = (u >> 5) & 3, l = u & 31;
+    const int g = l >> 2, q = l & 3;
+    const int col = n * 8 + 2 * q + (i & 1);
+    if (col >= it.cols) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kSplitK; ++w) s += red[w][n * 4 + i][l];
+    const int row = rt * 16 + g + (i >= 2 ? 8 : 0);
+    a.part[static_cast<int64_t>(it.slot[col]) * H + row] = s * col_unscale[col];
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&a.counters[rt], 1) == a.plan[0] - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int K = a.top_k;
+  for (int u = threadIdx.x; u < a.tokens * 16; u += kThreads) {
+    const int t = u >> 4, row = rt * 16 + (u & 15);
+    float s = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int slot = t * K + k;
+      float v = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
+      if (a.down_bias != nullptr) v += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
+      s = __fadd_rn(s, __fmul_rn(a.expert_weights[slot], v));
+    }
+    a.y[static_cast<int64_t>(t) * H + row] = s;
+  }
+  if (threadIdx.x == 0) a.counters[rt] = 0;
+}
+
+// ------------------------------------------------------------------ repack
+__device__ __forceinline__ int source_row(MoeRowMap map, int rows, int rt, int j) {
+  if (map == MoeRowMap::Identity) return rt * 16 + j;
+  const int o = rt * 8 + (j & 7);
+  const bool gate = j < 8;
+  if (map == MoeRowMap::GateUpInterleaved) return gate ? 2 * o : 2 * o + 1;
+  return gate ? o : rows / 2 + o;
+}
+
+__global__ void moe_repack_kernel(const uint8_t* __restrict__ src_blocks, const uint8_t* __restrict__ src_scales,
+                                  uint8_t* __restrict__ dst_blocks, uint8_t* __restrict__ dst_scales, int rows, int nb,
+                                  MoeRowMap map) {
+  const int nkt = nb / 2;
+  const int tile = blockIdx.x;
+  const int rt = tile / nkt, kt = tile - rt * nkt;
+  const int lane = threadIdx.x, g = lane >> 2, q = lane & 3;
+  const int64_t r0 = source_row(map, rows, rt, g), r1 = source_row(map, rows, rt, g + 8);
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(src_blocks);
+  uint4 v;
+  v.x = w[(r0 * nb + 2 * kt) * 4 + q];
+  v.y = w[(r1 * nb + 2 * kt) * 4 + q];
+  v.z = w[(r0 * nb + 2 * kt + 1) * 4 + q];
+  v.w = w[(r1 * nb + 2 * kt + 1) * 4 + q];
+  reinterpret_cast<uint4*>(dst_blocks)[static_cast<int64_t>(tile) * 32 + lane] = v;
+  if (q == 0) {
+    uint8_t* d = dst_scales + static_cast<int64_t>(tile) * 32 + g * 4;
+    d[0] = src_scales[r0 * nb + 2 * kt];
+    d[1] = src_scales[r1 * nb + 2 * kt];
+    d[2] = src_scales[r0 * nb + 2 * kt + 1];
+    d[3] = src_scales[r1 * nb + 2 * kt + 1];
+  }
+}
+
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(smem));
+}
+
+}  // namespace
+
+bool moe_mma_supported(int hidden, int inter) {
+  return hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0;
+}
+
+size_t moe_repack_scratch_bytes(int rows, int cols) { return static_cast<size_t>(rows) * (cols / 32) * 17; }
+
+cudaError_t moe_repack_mxfp4(uint8_t* blocks, uint8_t* scales, int experts, int rows, int cols, MoeRowMap map,
+                             void* scratch, cudaStream_t stream) {
+  if (rows % 16 != 0 || cols % 64 != 0) return cudaErrorInvalidValue;
+  const int nb = cols / 32;
+  const size_t blk_bytes = static_cast<size_t>(rows) * nb * 16, sc_bytes = static_cast<size_t>(rows) * nb;
+  uint8_t* tmp_blocks = static_cast<uint8_t*>(scratch);
+  uint8_t* tmp_scales = tmp_blocks + blk_bytes;
+  for (int e = 0; e < experts; ++e) {
+    uint8_t* b = blocks + e * blk_bytes;
+    uint8_t* s = scales + e * sc_bytes;
+    cudaError_t err = cudaMemcpyAsync(tmp_blocks, b, blk_bytes, cudaMemcpyDeviceToDevice, stream);
+    if (err == cudaSuccess) err = cudaMemcpyAsync(tmp_scales, s, sc_bytes, cudaMemcpyDeviceToDevice, stream);
+    if (err != cudaSuccess) return err;
+    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+size_t moe_plan_ints(int slots, int num_experts) {
+  return 1 + 3 * static_cast<size_t>(max_items(slots, num_experts, 8)) + slots;
+}
+
+int moe_counter_ints(int hidden) { return (hidden + 15) / 16; }
+
+cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
+  if (a.tokens <= 0) return cudaSuccess;
+  if (!moe_mma_supported(a.hidden, a.inter) || a.top_k <= 0 || a.num_experts <= 0 || a.num_experts > 1024)
+    return cudaErrorInvalidValue;
+  const int slots = a.tokens * a.top_k;
+  // Decode steps (<= 8 tokens: an expert has at most 8 pairs) take one n-tile; larger steps two.
+  const int cols = a.tokens <= 8 ? 8 : 16;
+  const int items = max_items(slots, a.num_experts, cols);
+  const int alloc_cols = std::min(cols, slots);
+  moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(a.expert_ids, slots, a.num_experts, cols, a.plan);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+
+  const size_t gu_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.hidden / 32 * 4 + 4);
+  const size_t dn_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.inter / 32 * 4 + 4);
+  const dim3 gu_grid(2 * a.inter / 16, items), dn_grid(a.hidden / 16, items);
+  auto run = [&](auto gate_up, auto down) {
+    cudaError_t err = allow_smem(gate_up, gu_smem);
+    if (err != cudaSuccess) return err;
+    gate_up<<<gu_grid, kThreads, gu_smem, stream>>>(a, cols);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    err = allow_smem(down, dn_smem);
+    if (err != cudaSuccess) return err;
+    down<<<dn_grid, kThreads, dn_smem, stream>>>(a, cols);
+    return cudaGetLastError();
+  };
+  return cols == 8 ? run(moe_mma_gate_up_kernel<1>, moe_mma_down_kernel<1>)
+                   : run(moe_mma_gate_up_kernel<2>, moe_mma_down_kernel<2>);
+}
+
+}  // namespace moeflash
