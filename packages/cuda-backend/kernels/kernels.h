@@ -230,4 +230,18 @@ cudaError_t fill_u8_random(uint8_t* p, size_t n, uint32_t seed, int lo, int hi, 
 // that the device runs them back to back instead of waiting on the host between launches.
 cudaError_t gpu_sleep(uint64_t nanoseconds, cudaStream_t stream);
 
+// ---------------------------------------------------------------- gemv_fp8.cu
+// y[t, r] = sum_c dequant(w[r, c]) * x[t, c] (+ bias[r]) for t < tokens, float32 accumulation,
+// as gemv_bf16 but with FP8 weights as DeepSeek-V3 / Qwen3 FP8 checkpoints store them:
+//   w      uint8 [rows, cols] row-major E4M3 codes (e4m3fn: no infinities, S.1111.111 is NaN)
+//   scales float32 [ceil(rows / block_rows), ceil(cols / block_cols)] row-major, the checkpoint's
+//          `weight_scale_inv` (a multiplier despite its name; edge blocks are partial)
+//   dequant(w[r, c]) = e4m3(w[r, c]) * scales[r / block_rows, c / block_cols]
+// The scale multiplies sums of 16 unscaled products (one 16-byte load), so the result differs
+// from a dot product with core's per-element float32 dequantization by float32 rounding only.
+// cols % 16 == 0, block_cols % 16 == 0, w 16-byte aligned; any tokens (split in launches of at
+// most 8). The result for a token does not depend on `tokens`.
+cudaError_t gemv_fp8(const uint8_t* w, const float* scales, int block_rows, int block_cols, const bf16_bits* bias,
+                     const float* x, float* y, int rows, int cols, int tokens, cudaStream_t stream);
+
 }  // namespace moeflash
