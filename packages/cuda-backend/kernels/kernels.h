@@ -244,4 +244,62 @@ cudaError_t gpu_sleep(uint64_t nanoseconds, cudaStream_t stream);
 cudaError_t gemv_fp8(const uint8_t* w, const float* scales, int block_rows, int block_cols, const bf16_bits* bias,
                      const float* x, float* y, int rows, int cols, int tokens, cudaStream_t stream);
 
+// ---------------------------------------------------------------- attention_prefill.cu
+// Prefill / verify attention: many query rows over the paged bf16 KV cache, causal per row, the
+// rows' own keys already in the cache. Same tensors and per-row conventions as attention_decode,
+// with one row of `q`, `block_table` and `seq_lens` per query row instead of per sequence:
+//   q, out      [rows, num_heads, head_dim] float32 (q with RoPE applied)
+//   block_table [rows, max_pages_per_seq] int32
+//   seq_lens    [rows] int32: the row's query is at position seq_lens[r] - 1 and sees keys
+//               0..seq_lens[r]-1, and with window > 0 only those with (seq_lens[r]-1) - p < window
+//   k_cache, v_cache, sinks, scale: as attention_decode
+// Rows map to sequences through the tile list: tiles [num_tiles, 2] int32 holds (first row, row
+// count) of each tile, rows [first, first + count). A tile's rows must be rows of one sequence,
+// and the block-table row of its row with the largest seq_len (the first such) is the one read,
+// so it must map every position that any row of the tile sees. count is 1..
+// attention_prefill_tile_rows(); a row in no tile is not written. One thread block reads each
+// K/V position once for all the rows of a tile and all the query heads of one kv head, so a
+// sequence's rows should be cut into full tiles: attention_prefill_make_tiles does that when a
+// sequence's rows are contiguous (the order of rows inside a tile does not matter).
+// head_dim % 8 == 0 and <= 128; num_heads % num_kv_heads == 0 (any group size). No workspace;
+// the result of a row does not depend on the other rows or on how they are tiled.
+struct AttentionPrefillArgs {
+  const float* q;
+  const bf16_bits* k_cache;
+  const bf16_bits* v_cache;
+  const int32_t* block_table;
+  const int32_t* seq_lens;
+  const int32_t* tiles;
+  const float* sinks;
+  float* out;
+  int num_tiles, num_heads, num_kv_heads, head_dim;
+  int page_size, max_pages_per_seq;
+  int window;
+  float scale;
+};
+// A block holds kAttentionPrefillVectors (row, head) query vectors: up to 16 query heads of a kv
+// head (larger groups take several blocks) times as many rows as fit.
+constexpr int kAttentionPrefillVectors = 64;
+constexpr int kAttentionPrefillMaxHeads = 16;
+inline int attention_prefill_tile_rows(int num_heads, int num_kv_heads) {
+  const int group = num_heads / num_kv_heads;
+  return kAttentionPrefillVectors / (group < kAttentionPrefillMaxHeads ? group : kAttentionPrefillMaxHeads);
+}
+// Cuts the rows of each sequence s, [seq_starts[s], seq_starts[s + 1]), into tiles of tile_rows
+// rows (the last one shorter) and returns the tile count; writes them when `tiles` is set
+// (capacity: num_seqs + rows / tile_rows tiles).
+inline int attention_prefill_make_tiles(const int32_t* seq_starts, int num_seqs, int tile_rows, int32_t* tiles) {
+  int n = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    for (int r = seq_starts[s]; r < seq_starts[s + 1]; r += tile_rows, ++n) {
+      if (tiles == nullptr) continue;
+      tiles[2 * n] = r;
+      tiles[2 * n + 1] = seq_starts[s + 1] - r < tile_rows ? seq_starts[s + 1] - r : tile_rows;
+    }
+  }
+  return n;
+}
+bool attention_prefill_supported(int num_heads, int num_kv_heads, int head_dim);
+cudaError_t attention_prefill(const AttentionPrefillArgs& a, cudaStream_t stream);
+
 }  // namespace moeflash

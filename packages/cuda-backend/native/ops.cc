@@ -423,6 +423,90 @@ Napi::Value AttentionDecode(const Napi::CallbackInfo& info) {
   return f32_from(env, d_out, q.ElementLength(), "out");
 }
 
+// attentionPrefill(q, kCache: Uint16Array, vCache, blockTable: Int32Array [rows, maxPagesPerSeq],
+//                  seqLens: Int32Array [rows], seqStarts: Int32Array [numSeqs + 1], sinks | null,
+//                  numHeads, numKvHeads, headDim, pageSize, window, scale)
+//   -> Float32Array [rows, numHeads, headDim]
+// Sequence s owns rows [seqStarts[s], seqStarts[s + 1]); they are cut into tiles here.
+Napi::Value AttentionPrefill(const Napi::CallbackInfo& info) {
+  const ArgReader r{info, "ops.attentionPrefill"};
+  Napi::Env env = info.Env();
+  const auto q = r.f32(0, "q");
+  const auto kc = r.bf16(1, "kCache");
+  const auto vc = r.bf16(2, "vCache");
+  const auto table = r.i32(3, "blockTable");
+  const auto lens = r.i32(4, "seqLens");
+  const auto starts = r.i32(5, "seqStarts");
+  AttentionPrefillArgs a{};
+  a.num_heads = r.integer(7, "numHeads", 1, 4096);
+  a.num_kv_heads = r.integer(8, "numKvHeads", 1, a.num_heads);
+  a.head_dim = r.integer(9, "headDim", 8, 128);
+  a.page_size = r.integer(10, "pageSize", 1, 1 << 20);
+  a.window = r.integer(11, "window", 0, 1 << 30);
+  a.scale = static_cast<float>(r.number(12, "scale"));
+  if (!attention_prefill_supported(a.num_heads, a.num_kv_heads, a.head_dim))
+    r.fail("headDim must be a multiple of 8 and numHeads a multiple of numKvHeads");
+  const int rows = static_cast<int>(lens.ElementLength());
+  if (rows == 0) r.fail("seqLens is empty");
+  r.length(q.ElementLength(), static_cast<size_t>(rows) * a.num_heads * a.head_dim, "q", "rows * numHeads * headDim");
+  const size_t row = static_cast<size_t>(a.num_kv_heads) * a.head_dim;
+  if (kc.ElementLength() % (row * a.page_size) != 0) r.fail("kCache length must be a multiple of pageSize * numKvHeads * headDim");
+  r.length(vc.ElementLength(), kc.ElementLength(), "vCache", "the length of kCache");
+  const int pages = static_cast<int>(kc.ElementLength() / (row * a.page_size));
+  if (table.ElementLength() % rows != 0) r.fail("blockTable length must be a multiple of rows");
+  a.max_pages_per_seq = static_cast<int>(table.ElementLength() / rows);
+  const int num_seqs = static_cast<int>(starts.ElementLength()) - 1;
+  if (num_seqs < 1 || starts[0] != 0 || starts[num_seqs] != rows) r.fail("seqStarts must run from 0 to rows");
+  for (int s = 0; s < num_seqs; ++s) {
+    if (starts[s + 1] < starts[s]) r.fail("seqStarts must not decrease");
+    // The kernel reads a tile's pages from the block table of its longest row.
+    int longest = starts[s];
+    for (int t = starts[s]; t < starts[s + 1]; ++t) {
+      const int len = lens[t];
+      if (len < 1 || len > a.max_pages_per_seq * a.page_size)
+        r.fail("seqLens[" + std::to_string(t) + "] = " + std::to_string(len) + " is outside [1, maxPagesPerSeq * pageSize]");
+      for (int p = 0; p < (len + a.page_size - 1) / a.page_size; ++p) {
+        const int page = table[static_cast<size_t>(t) * a.max_pages_per_seq + p];
+        if (page < 0 || page >= pages) r.fail("blockTable holds page " + std::to_string(page) + ", outside the cache");
+      }
+      if (len > lens[longest]) longest = t;
+    }
+    for (int t = starts[s]; t < starts[s + 1]; ++t)
+      for (int p = 0; p < (lens[t] + a.page_size - 1) / a.page_size; ++p)
+        if (table[static_cast<size_t>(t) * a.max_pages_per_seq + p] != table[static_cast<size_t>(longest) * a.max_pages_per_seq + p])
+          r.fail("the rows of a sequence must share their block-table pages (row " + std::to_string(t) + ")");
+  }
+  const int tile_rows = attention_prefill_tile_rows(a.num_heads, a.num_kv_heads);
+  std::vector<int32_t> tiles(2 * static_cast<size_t>(num_seqs + rows / tile_rows));
+  a.num_tiles = attention_prefill_make_tiles(starts.Data(), num_seqs, tile_rows, tiles.data());
+  DeviceBuffer d_sinks;
+  if (!r.is_null(6)) {
+    const auto sinks = r.f32(6, "sinks");
+    r.length(sinks.ElementLength(), a.num_heads, "sinks", "numHeads");
+    d_sinks = to_device(env, sinks, "sinks");
+  }
+  DeviceBuffer d_q = to_device(env, q, "q");
+  DeviceBuffer d_k = to_device(env, kc, "kCache");
+  DeviceBuffer d_v = to_device(env, vc, "vCache");
+  DeviceBuffer d_table = to_device(env, table, "blockTable");
+  DeviceBuffer d_lens = to_device(env, lens, "seqLens");
+  DeviceBuffer d_tiles(env, sizeof(int32_t) * 2 * a.num_tiles, "tiles");
+  d_tiles.upload(env, tiles.data(), sizeof(int32_t) * 2 * a.num_tiles, "tiles");
+  DeviceBuffer d_out(env, q.ByteLength(), "out");
+  // Rows that no tile covers would come back as this NaN pattern instead of stale memory.
+  check_cuda(env, cudaMemset(d_out.get(), 0xff, q.ByteLength()), "cudaMemset (out)");
+  a.q = d_q.get<float>();
+  a.k_cache = d_k.get<bf16_bits>();
+  a.v_cache = d_v.get<bf16_bits>();
+  a.block_table = d_table.get<int32_t>();
+  a.seq_lens = d_lens.get<int32_t>();
+  a.tiles = d_tiles.get<int32_t>();
+  a.sinks = d_sinks.get<float>();
+  a.out = d_out.get<float>();
+  finish(env, attention_prefill(a, nullptr), "attention_prefill");
+  return f32_from(env, d_out, q.ElementLength(), "out");
+}
+
 // argmax(logits [rows, vocab], rows, vocab) -> Int32Array [rows]
 Napi::Value Argmax(const Napi::CallbackInfo& info) {
   const ArgReader r{info, "ops.argmax"};
@@ -515,6 +599,7 @@ Napi::Object InitOps(Napi::Env env) {
   o.Set("router", Napi::Function::New(env, Router, "router"));
   o.Set("routerTopk", Napi::Function::New(env, RouterTopk, "routerTopk"));
   o.Set("attentionDecode", Napi::Function::New(env, AttentionDecode, "attentionDecode"));
+  o.Set("attentionPrefill", Napi::Function::New(env, AttentionPrefill, "attentionPrefill"));
   o.Set("argmax", Napi::Function::New(env, Argmax, "argmax"));
   o.Set("sample", Napi::Function::New(env, Sample, "sample"));
   o.Set("philox", Napi::Function::New(env, Philox, "philox"));

@@ -158,6 +158,21 @@ export interface NativeOps {
     window: number,
     scale: number,
   ): Float32Array;
+  attentionPrefill(
+    q: Float32Array,
+    kCache: Uint16Array,
+    vCache: Uint16Array,
+    blockTable: Int32Array,
+    seqLens: Int32Array,
+    seqStarts: Int32Array,
+    sinks: Float32Array | null,
+    numHeads: number,
+    numKvHeads: number,
+    headDim: number,
+    pageSize: number,
+    window: number,
+    scale: number,
+  ): Float32Array;
   argmax(logits: Float32Array, rows: number, vocab: number): Int32Array;
   sample(
     logits: Float32Array,

@@ -153,6 +153,27 @@ export interface CudaOps {
     window?: number;
     scale: number;
   }): Float32Array;
+  /**
+   * Prefill attention of many query rows over the same paged cache: row r's query sits at
+   * position seqLens[r] - 1 and blockTable has one row per query row [rows, maxPagesPerSeq].
+   * Sequence s owns rows [seqStarts[s], seqStarts[s + 1]), which must share their pages; each
+   * thread block reads a K/V tile once for a tile of one sequence's rows.
+   */
+  attentionPrefill(a: {
+    q: Float32Array;
+    kCache: Uint16Array;
+    vCache: Uint16Array;
+    blockTable: Int32Array;
+    seqLens: Int32Array;
+    seqStarts: Int32Array;
+    sinks?: Float32Array | null;
+    numHeads: number;
+    numKvHeads: number;
+    headDim: number;
+    pageSize: number;
+    window?: number;
+    scale: number;
+  }): Float32Array;
   /** Index of the largest logit per row (lowest among equals, NaN last). */
   argmax(a: { logits: Float32Array; rows: number; vocab: number }): Int32Array;
   /**
@@ -270,6 +291,24 @@ export function cudaOps(): CudaOps {
           a.vCache,
           a.blockTable,
           a.seqLens,
+          a.sinks ?? null,
+          a.numHeads,
+          a.numKvHeads,
+          a.headDim,
+          a.pageSize,
+          a.window ?? 0,
+          a.scale,
+        ),
+      ),
+    attentionPrefill: (a) =>
+      call(() =>
+        n.attentionPrefill(
+          a.q,
+          a.kCache,
+          a.vCache,
+          a.blockTable,
+          a.seqLens,
+          a.seqStarts,
           a.sinks ?? null,
           a.numHeads,
           a.numKvHeads,
