@@ -99,6 +99,8 @@ struct State {
   int32_t *route_ids, *argmax_ids, *zero_ids, *moe_plan, *moe_counters;
   float *ones, *moe_part;
   void *att_ws, *argmax_ws;
+  int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
+  int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
   size_t arena_bytes = 0;
 
   static size_t kv_bytes(const Config& c) {
@@ -137,6 +139,7 @@ struct State {
     add(sizeof(int32_t) * moe_plan_ints(static_cast<int>(T * K), std::max(c.num_experts, 1)), 20);
     add(sizeof(int32_t) * moe_counter_ints(c.hidden), 21);
     add(sizeof(float) * T * K * H, 22);  // per-pair down projections (tensor-core MoE)
+    add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
     return off;
   }
 
@@ -181,6 +184,7 @@ struct State {
         case 20: moe_plan = static_cast<int32_t*>(p); break;
         case 21: moe_counters = static_cast<int32_t*>(p); break;
         case 22: moe_part = static_cast<float*>(p); break;
+        case 24: att_tiles = static_cast<int32_t*>(p); break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -266,7 +270,16 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     aa.max_seq_len = max_len;
     aa.window = w.window;
     aa.scale = c.scale;
-    MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
+    if (s.prefill_tiles > 0) {
+      AttentionPrefillArgs pa{};
+      pa.q = aa.q, pa.k_cache = aa.k_cache, pa.v_cache = aa.v_cache, pa.block_table = aa.block_table;
+      pa.seq_lens = aa.seq_lens, pa.tiles = s.att_tiles, pa.sinks = aa.sinks, pa.out = aa.out;
+      pa.num_tiles = s.prefill_tiles, pa.num_heads = c.heads, pa.num_kv_heads = c.kv_heads, pa.head_dim = c.head_dim;
+      pa.page_size = c.page_size, pa.max_pages_per_seq = c.max_pages_per_seq, pa.window = w.window, pa.scale = c.scale;
+      MF_TRY(attention_prefill(pa, st), "attention_prefill");
+    } else {
+      MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
+    }
     MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
     MF_TRY(rmsnorm_residual(s.x, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
 
@@ -537,6 +550,34 @@ class Model : public Napi::ObjectWrap<Model> {
                cudaMemcpyAsync(s.in_tables, pin + 5 * MT, sizeof(int32_t) * static_cast<size_t>(rows) * c.max_pages_per_seq,
                                cudaMemcpyHostToDevice, st),
                "cudaMemcpyAsync (block tables)");
+    // Several rows of one sequence in a step (a prefill chunk, a verify block) share their K/V
+    // reads through attention_prefill. src/model.ts lays a sequence's rows out consecutively; a
+    // row continues the previous row's sequence when it is the next position on the same pages.
+    s.prefill_tiles = 0;
+    if (bucket == 0 && !decode && attention_prefill_supported(c.heads, c.kv_heads, c.head_dim)) {
+      const int P = c.max_pages_per_seq;
+      const int32_t* lens = pin + 3 * MT;
+      const int32_t* tables = pin + 5 * MT;
+      std::vector<int32_t> starts{0};
+      for (int t = 1; t < T; ++t) {
+        const int used = (lens[t - 1] + c.page_size - 1) / c.page_size;
+        const bool same = lens[t] == lens[t - 1] + 1 &&
+                          std::equal(tables + static_cast<size_t>(t - 1) * P, tables + static_cast<size_t>(t - 1) * P + used,
+                                     tables + static_cast<size_t>(t) * P);
+        if (!same) starts.push_back(t);
+      }
+      starts.push_back(T);
+      const int seqs = static_cast<int>(starts.size()) - 1;
+      if (seqs < T) {
+        std::vector<int32_t> tiles(4 * static_cast<size_t>(T));
+        s.prefill_tiles = attention_prefill_make_tiles(starts.data(), seqs, attention_prefill_tile_rows(c.heads, c.kv_heads),
+                                                       tiles.data());
+        // Pageable source: the call returns once the data is staged, so `tiles` may go.
+        check_cuda(env,
+                   cudaMemcpyAsync(s.att_tiles, tiles.data(), sizeof(int32_t) * 2 * s.prefill_tiles, cudaMemcpyHostToDevice, st),
+                   "cudaMemcpyAsync (attention tiles)");
+      }
+    }
 
     Napi::Float32Array hidden_out;
     if (!hidden.empty()) hidden_out = Napi::Float32Array::New(env, hidden.size() * static_cast<size_t>(T) * c.hidden);
