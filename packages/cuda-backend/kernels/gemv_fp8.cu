@@ -47,6 +47,7 @@ struct Fp8Args {
   const float* x;
   float* y;
   int rows, cols;
+  int ldy;  // y row stride: a block of rows of a wider output
   int block_rows;
   int chunks_per_block;  // block_cols / 16
   int scale_cols;        // ceil(cols / block_cols)
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) gemv_fp8_kernel(const Fp8Args a) {
       for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
       if (row < a.rows) {
         if (a.bias != nullptr) s += bf16_to_f32(a.bias[row]);
-        a.y[static_cast<int64_t>(t) * a.rows + row] = s;
+        a.y[static_cast<int64_t>(t) * a.ldy + row] = s;
       }
     }
     __syncthreads();
@@ -237,6 +238,20 @@ __global__ void __launch_bounds__(kThreads) gemv_fp8_kernel(const Fp8Args a) {
 }
 
 using KernelFn = void (*)(const Fp8Args);
+
+// The dense MLP's activation between two gemv_fp8 launches, with mlp_bf16's formula so that FP8
+// and bf16 dense layers differ only by their weights.
+__global__ void swiglu_kernel(const float* __restrict__ gu, int tokens, int inter, float* __restrict__ act) {
+  const int64_t n = static_cast<int64_t>(tokens) * inter;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / inter;
+    const int64_t j = i - t * inter;
+    const float g = gu[t * 2 * inter + j];
+    const float u = gu[t * 2 * inter + inter + j];
+    act[i] = (g / (1.0f + expf(-g))) * u;
+  }
+}
 
 template <int R>
 KernelFn pick_tokens(int t) {
@@ -267,8 +282,13 @@ size_t max_smem() {
 
 cudaError_t gemv_fp8(const uint8_t* w, const float* scales, int block_rows, int block_cols, const bf16_bits* bias,
                      const float* x, float* y, int rows, int cols, int tokens, cudaStream_t stream) {
+  return gemv_fp8_strided(w, scales, block_rows, block_cols, bias, x, y, rows, rows, cols, tokens, stream);
+}
+
+cudaError_t gemv_fp8_strided(const uint8_t* w, const float* scales, int block_rows, int block_cols, const bf16_bits* bias,
+                             const float* x, float* y, int y_stride, int rows, int cols, int tokens, cudaStream_t stream) {
   if (tokens <= 0 || rows <= 0) return cudaSuccess;
-  if (cols <= 0 || cols % kChunk != 0 || block_rows <= 0 || block_cols <= 0 || block_cols % kChunk != 0)
+  if (cols <= 0 || cols % kChunk != 0 || block_rows <= 0 || block_cols <= 0 || block_cols % kChunk != 0 || y_stride < rows)
     return cudaErrorInvalidValue;
   // Tokens per launch: at most 8 and as many as their x fits shared memory. Splitting changes no
   // result, since a token's reduction order does not depend on its batch.
@@ -276,7 +296,7 @@ cudaError_t gemv_fp8(const uint8_t* w, const float* scales, int block_rows, int 
   int per_launch = 8;
   while (per_launch > 1 && smem_bytes(per_launch, cols) > limit) --per_launch;
   if (smem_bytes(per_launch, cols) > limit) return cudaErrorInvalidValue;
-  Fp8Args a{w, scales, bias, nullptr, nullptr, rows, cols, block_rows, block_cols / kChunk, ceil_div(cols, block_cols)};
+  Fp8Args a{w, scales, bias, nullptr, nullptr, rows, cols, y_stride, block_rows, block_cols / kChunk, ceil_div(cols, block_cols)};
   // Row groups as gemv_bf16: 4 rows a group for large matrices, fewer for small ones so that the
   // groups still spread over every multiprocessor. The choice depends on rows only.
   const int sms = device_sm_count();
@@ -288,12 +308,20 @@ cudaError_t gemv_fp8(const uint8_t* w, const float* scales, int block_rows, int 
     const int groups = ceil_div(rows, r);
     const int grid = std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
     a.x = x + static_cast<int64_t>(t0) * cols;
-    a.y = y + static_cast<int64_t>(t0) * rows;
+    a.y = y + static_cast<int64_t>(t0) * y_stride;
     fn<<<grid, kThreads, smem, stream>>>(a);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+cudaError_t swiglu_f32(const float* gate_up, int tokens, int inter, float* act, cudaStream_t stream) {
+  if (tokens <= 0 || inter <= 0) return cudaSuccess;
+  const int64_t n = static_cast<int64_t>(tokens) * inter;
+  const int grid = static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096));
+  swiglu_kernel<<<grid, 256, 0, stream>>>(gate_up, tokens, inter, act);
+  return cudaGetLastError();
 }
 
 }  // namespace moeflash

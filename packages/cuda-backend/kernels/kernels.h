@@ -243,6 +243,14 @@ cudaError_t gpu_sleep(uint64_t nanoseconds, cudaStream_t stream);
 // most 8). The result for a token does not depend on `tokens`.
 cudaError_t gemv_fp8(const uint8_t* w, const float* scales, int block_rows, int block_cols, const bf16_bits* bias,
                      const float* x, float* y, int rows, int cols, int tokens, cudaStream_t stream);
+// As gemv_fp8, writing y[t * y_stride + r] (y_stride >= rows): matrices stacked in one output
+// (q | k | v, gate | up) whose scale grids cannot be stacked run as one launch each.
+cudaError_t gemv_fp8_strided(const uint8_t* w, const float* scales, int block_rows, int block_cols,
+                             const bf16_bits* bias, const float* x, float* y, int y_stride, int rows, int cols,
+                             int tokens, cudaStream_t stream);
+// Dense MLP activation between FP8 projections: act[t, j] = silu(g) * u with g = gate_up[t, j],
+// u = gate_up[t, inter + j] (gate_up [tokens, 2 inter], act [tokens, inter]), as mlp_bf16.
+cudaError_t swiglu_f32(const float* gate_up, int tokens, int inter, float* act, cudaStream_t stream);
 
 // ---------------------------------------------------------------- attention_prefill.cu
 // Prefill / verify attention: many query rows over the paged bf16 KV cache, causal per row, the

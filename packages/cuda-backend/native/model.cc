@@ -8,6 +8,7 @@
 // is launched kernel by kernel.
 #include <algorithm>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <vector>
@@ -24,10 +25,13 @@ namespace {
 enum LayerField {
   kInNorm, kPostNorm, kQkvW, kQkvB, kOW, kOB, kQNorm, kKNorm, kSinks, kRouterW, kRouterB,
   kGateUp, kGateUpScales, kGateUpBias, kDown, kDownScales, kDownBias,
-  kMlpKind, kExperts, kInter, kWindow, kInterleaved, kLayerFields
+  kMlpKind, kExperts, kInter, kWindow, kInterleaved,
+  kQkvScales, kOScales, kFp8BlockRows, kFp8BlockCols, kLayerFields
 };
 enum GlobalField { kEmbed, kLmHead, kFinalNorm, kInvFreq, kGlobalFields };
-enum MlpKind { kMlpBf16Experts = 0, kMlpMxfp4Experts = 1, kMlpDense = 2 };
+// kMlpDenseFp8: gate_up and down hold E4M3 codes and gate_up_scales / down_scales float32 block
+// scales (gemv_fp8); gate_up stacks the gate rows, then the up rows.
+enum MlpKind { kMlpBf16Experts = 0, kMlpMxfp4Experts = 1, kMlpDense = 2, kMlpDenseFp8 = 3 };
 
 size_t align256(size_t n) { return (n + 255) & ~size_t{255}; }
 
@@ -62,6 +66,7 @@ struct Config {
   int top_k, num_experts, rule, renormalize, activation;
   float limit, alpha;
   int max_tokens, max_logit_rows, page_size, num_pages, max_pages_per_seq, max_seq_len, max_inter, graph_tokens;
+  int fp8_inter;  // widest FP8 dense MLP: sizes its scratch
   size_t weights_bytes;
   int q_dim() const { return heads * head_dim; }
   int kv_dim() const { return kv_heads * head_dim; }
@@ -78,6 +83,9 @@ struct LayerPtrs {
   int mlp_kind, experts, inter, window;
   bool interleaved;
   bool mma;  // MXFP4 experts repacked for the tensor-core path (Model.prepare)
+  // FP8 projections (null scales: the weights are bf16): q | k | v and o, block grid of both.
+  const float *qkv_scales, *o_scales;
+  int fp8_br, fp8_bc;
 };
 
 // Everything the device holds for one model. Built whole or not at all: a failed allocation
@@ -98,6 +106,7 @@ struct State {
   float *x, *normed, *qkv, *q, *attn, *proj, *mlp_out, *router_logits, *route_w, *act, *hid, *lm_in, *logits;
   int32_t *route_ids, *argmax_ids, *zero_ids, *moe_plan, *moe_counters;
   float *ones, *moe_part;
+  float* fp8_mlp = nullptr;  // FP8 dense MLP: gate | up outputs [T, 2 inter], then act [T, inter]
   void *att_ws, *argmax_ws;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
@@ -139,6 +148,7 @@ struct State {
     add(sizeof(int32_t) * moe_plan_ints(static_cast<int>(T * K), std::max(c.num_experts, 1)), 20);
     add(sizeof(int32_t) * moe_counter_ints(c.hidden), 21);
     add(sizeof(float) * T * K * H, 22);  // per-pair down projections (tensor-core MoE)
+    add(sizeof(float) * T * 3 * c.fp8_inter, 23);  // FP8 dense MLP scratch
     add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
     return off;
   }
@@ -184,6 +194,7 @@ struct State {
         case 20: moe_plan = static_cast<int32_t*>(p); break;
         case 21: moe_counters = static_cast<int32_t*>(p); break;
         case 22: moe_part = static_cast<float*>(p); break;
+        case 23: fp8_mlp = static_cast<float*>(p); break;
         case 24: att_tiles = static_cast<int32_t*>(p); break;
       }
     });
@@ -221,6 +232,31 @@ struct Status {
     if (e_ != cudaSuccess) return {e_, name}; \
   } while (0)
 
+// Row-stacked FP8 matrices (codes one after another, scale grids one after another) into one
+// output [T, sum of rows]: one launch when every part but the last fills whole row blocks, since
+// the grids then stack into the grid of the whole matrix; else one launch per part at its offset.
+cudaError_t gemv_fp8_stack(const uint8_t* w, const float* scales, const bf16_bits* bias, std::initializer_list<int> parts,
+                           int cols, int br, int bc, const float* x, float* y, int T, cudaStream_t st) {
+  int total = 0;
+  bool whole = true;
+  size_t i = 0;
+  for (const int r : parts) {
+    total += r;
+    if (++i < parts.size() && r % br != 0) whole = false;
+  }
+  if (whole) return gemv_fp8(w, scales, br, bc, bias, x, y, total, cols, T, st);
+  const size_t scale_cols = (static_cast<size_t>(cols) + bc - 1) / bc;
+  size_t row0 = 0, grid0 = 0;
+  for (const int r : parts) {
+    const cudaError_t e = gemv_fp8_strided(w + row0 * cols, scales + grid0 * scale_cols, br, bc,
+                                           bias != nullptr ? bias + row0 : nullptr, x, y + row0, total, r, cols, T, st);
+    if (e != cudaSuccess) return e;
+    row0 += r;
+    grid0 += (r + br - 1) / br;
+  }
+  return cudaSuccess;
+}
+
 // The forward pass of T tokens whose inputs are already in the arena. Hidden states of the
 // layers in `hidden` go to hidden_host ([hidden.size(), T, H]) when it is set.
 Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>& hidden, float* hidden_host) {
@@ -233,7 +269,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   for (int l = 0; l < c.layers; ++l) {
     const LayerPtrs& w = s.layers[l];
     MF_TRY(rmsnorm_residual(s.x, l == 0 ? nullptr : s.mlp_out, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
-    MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
+    if (w.qkv_scales != nullptr)
+      MF_TRY(gemv_fp8_stack(reinterpret_cast<const uint8_t*>(w.qkv_w), w.qkv_scales, w.qkv_b, {c.q_dim(), c.kv_dim(), c.kv_dim()},
+                            H, w.fp8_br, w.fp8_bc, s.normed, s.qkv, T, st),
+             "gemv_fp8 (qkv)");
+    else
+      MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
     QkvPrepareArgs qa{};
     qa.qkv = s.qkv;
     qa.q_norm = w.q_norm;
@@ -280,13 +321,19 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     } else {
       MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
     }
-    MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
+    if (w.o_scales != nullptr)
+      MF_TRY(gemv_fp8(reinterpret_cast<const uint8_t*>(w.o_w), w.o_scales, w.fp8_br, w.fp8_bc, w.o_b, s.attn, s.proj, H,
+                      c.q_dim(), T, st),
+             "gemv_fp8 (o)");
+    else
+      MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
     MF_TRY(rmsnorm_residual(s.x, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
 
-    const int K = w.mlp_kind == kMlpDense ? 1 : c.top_k;
+    const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
+    const int K = dense ? 1 : c.top_k;
     const int32_t* ids = s.zero_ids;
     const float* rw = s.ones;
-    if (w.mlp_kind != kMlpDense) {
+    if (!dense) {
       MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
       MF_TRY(router_topk(s.router_logits, T, w.experts, K, static_cast<RoutingRule>(c.rule), c.renormalize != 0,
                          s.route_ids, s.route_w, st),
@@ -294,7 +341,17 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       ids = s.route_ids;
       rw = s.route_w;
     }
-    if (w.mlp_kind == kMlpMxfp4Experts && w.mma) {
+    if (w.mlp_kind == kMlpDenseFp8) {
+      float* gate_up = s.fp8_mlp;
+      float* act = s.fp8_mlp + static_cast<size_t>(T) * 2 * w.inter;
+      MF_TRY(gemv_fp8_stack(w.gate_up, reinterpret_cast<const float*>(w.gate_up_scales), w.gate_up_bias, {w.inter, w.inter},
+                            H, w.fp8_br, w.fp8_bc, s.normed, gate_up, T, st),
+             "gemv_fp8 (gate/up)");
+      MF_TRY(swiglu_f32(gate_up, T, w.inter, act, st), "swiglu_f32");
+      MF_TRY(gemv_fp8(w.down, reinterpret_cast<const float*>(w.down_scales), w.fp8_br, w.fp8_bc, w.down_bias, act,
+                      s.mlp_out, H, w.inter, T, st),
+             "gemv_fp8 (down)");
+    } else if (w.mlp_kind == kMlpMxfp4Experts && w.mma) {
       MoeMmaArgs m{};
       m.gate_up_blocks = w.gate_up;
       m.gate_up_scales = w.gate_up_scales;
@@ -403,10 +460,11 @@ class Model : public Napi::ObjectWrap<Model> {
     c.max_tokens = i("maxTokens"), c.max_logit_rows = i("maxLogitRows"), c.page_size = i("pageSize");
     c.num_pages = i("numPages"), c.max_pages_per_seq = i("maxPagesPerSeq"), c.max_seq_len = i("maxSeqLen");
     c.max_inter = i("maxInter"), c.graph_tokens = i("graphTokens");
+    c.fp8_inter = o.Has("fp8Inter") ? i("fp8Inter") : 0;
     c.weights_bytes = static_cast<size_t>(num("weightsBytes"));
     const auto layout = info[1].As<Napi::Float64Array>();
     r.length(layout.ElementLength(), kGlobalFields + static_cast<size_t>(c.layers) * kLayerFields, "layout",
-             "4 + layers * 22");
+             "4 + layers * 26");
     auto s = std::make_unique<State>(env, c);
     s->embed = at_bf16(*s, layout[kEmbed]);
     s->lm_head = at_bf16(*s, layout[kLmHead]);
@@ -430,6 +488,9 @@ class Model : public Napi::ObjectWrap<Model> {
       p.mlp_kind = static_cast<int>(f[kMlpKind]), p.experts = static_cast<int>(f[kExperts]);
       p.inter = static_cast<int>(f[kInter]), p.window = static_cast<int>(f[kWindow]);
       p.interleaved = f[kInterleaved] != 0;
+      p.qkv_scales = reinterpret_cast<const float*>(at_bf16(*s, f[kQkvScales]));
+      p.o_scales = reinterpret_cast<const float*>(at_bf16(*s, f[kOScales]));
+      p.fp8_br = static_cast<int>(f[kFp8BlockRows]), p.fp8_bc = static_cast<int>(f[kFp8BlockCols]);
       s->layers.push_back(p);
     }
     state_ = std::move(s);

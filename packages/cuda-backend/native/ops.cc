@@ -160,7 +160,8 @@ Napi::Value GemvBf16(const Napi::CallbackInfo& info) {
 
 // gemvFp8(w: Uint8Array [rows, cols] E4M3, scales: Float32Array [ceil(rows / blockRows),
 //         ceil(cols / blockCols)], blockRows, blockCols, bias: Uint16Array | null,
-//         x: Float32Array [tokens, cols], rows, cols, tokens) -> Float32Array [tokens, rows]
+//         x: Float32Array [tokens, cols], rows, cols, tokens, yStride | null)
+//   -> Float32Array [tokens, yStride] (yStride defaults to rows; columns past rows stay zero)
 Napi::Value GemvFp8(const Napi::CallbackInfo& info) {
   const ArgReader r{info, "ops.gemvFp8"};
   Napi::Env env = info.Env();
@@ -172,6 +173,7 @@ Napi::Value GemvFp8(const Napi::CallbackInfo& info) {
   const int rows = r.integer(6, "rows", 1, 1 << 30);
   const int cols = r.integer(7, "cols", 16, 1 << 20);
   const int tokens = r.integer(8, "tokens", 1, 1 << 16);
+  const int y_stride = r.is_null(9) ? rows : r.integer(9, "yStride", rows, 1 << 30);
   if (cols % 16 != 0) r.fail("cols must be a multiple of 16");
   if (block_cols % 16 != 0) r.fail("blockCols must be a multiple of 16");
   r.length(w.ElementLength(), static_cast<size_t>(rows) * cols, "w", "rows * cols");
@@ -188,12 +190,14 @@ Napi::Value GemvFp8(const Napi::CallbackInfo& info) {
   DeviceBuffer d_w = to_device(env, w, "w");
   DeviceBuffer d_s = to_device(env, scales, "scales");
   DeviceBuffer d_x = to_device(env, x, "x");
-  DeviceBuffer d_y(env, sizeof(float) * rows * static_cast<size_t>(tokens), "y");
+  const size_t y_len = static_cast<size_t>(y_stride) * tokens;
+  DeviceBuffer d_y(env, sizeof(float) * y_len, "y");
+  check_cuda(env, cudaMemset(d_y.get(), 0, sizeof(float) * y_len), "cudaMemset (y)");
   finish(env,
-         gemv_fp8(d_w.get<uint8_t>(), d_s.get<float>(), block_rows, block_cols, d_bias.get<bf16_bits>(), d_x.get<float>(),
-                  d_y.get<float>(), rows, cols, tokens, nullptr),
+         gemv_fp8_strided(d_w.get<uint8_t>(), d_s.get<float>(), block_rows, block_cols, d_bias.get<bf16_bits>(),
+                          d_x.get<float>(), d_y.get<float>(), y_stride, rows, cols, tokens, nullptr),
          "gemv_fp8");
-  return f32_from(env, d_y, static_cast<size_t>(rows) * tokens, "y");
+  return f32_from(env, d_y, y_len, "y");
 }
 
 struct MoeArgs {

@@ -62,12 +62,14 @@ const LAYER_FIELDS = [
   'inNorm', 'postNorm', 'qkvW', 'qkvB', 'oW', 'oB', 'qNorm', 'kNorm', 'sinks', 'routerW', 'routerB',
   'gateUp', 'gateUpScales', 'gateUpBias', 'down', 'downScales', 'downBias',
   'mlpKind', 'experts', 'inter', 'window', 'interleaved',
+  'qkvScales', 'oScales', 'fp8BlockRows', 'fp8BlockCols',
 ] as const;
 type LayerField = (typeof LAYER_FIELDS)[number];
 const GLOBAL_FIELDS = ['embed', 'lmHead', 'finalNorm', 'invFreq'] as const;
 const MLP_BF16_EXPERTS = 0;
 const MLP_MXFP4_EXPERTS = 1;
 const MLP_DENSE = 2;
+const MLP_DENSE_FP8 = 3;
 
 /** One piece of the weights buffer: where it goes and how to produce its bytes. */
 interface Piece {
@@ -146,6 +148,30 @@ class TensorReader {
     return bf16Array(await this.floats(name, shape));
   }
 
+  /**
+   * Whether `name` can stay FP8 on the device for gemv_fp8: E4M3 codes of this shape with a 2-D
+   * block-scale tensor of the configured grid, and rows the kernel's 16-byte loads take.
+   */
+  fp8Able(name: string, shape: [number, number]): boolean {
+    const scaleName = `${name}_scale_inv`;
+    if (!this.src.has(name) || !this.src.has(scaleName)) return false;
+    const w = this.src.info(name);
+    const s = this.src.info(scaleName);
+    const [br, bc] = this.fp8Block;
+    return (
+      w.dtype === 'F8_E4M3' &&
+      w.shape.length === 2 && w.shape[0] === shape[0] && w.shape[1] === shape[1] &&
+      s.shape.length === 2 && s.shape[0] === Math.ceil(shape[0] / br) && s.shape[1] === Math.ceil(shape[1] / bc) &&
+      shape[1] % 16 === 0 && bc % 16 === 0
+    );
+  }
+
+  /** The E4M3 codes of a tensor that {@link fp8Able} accepted, unchanged. */
+  async fp8Codes(name: string, shape: number[]): Promise<Uint8Array> {
+    this.expect(name, shape);
+    return this.src.read(name);
+  }
+
   async u8(name: string, shape: number[]): Promise<Uint8Array> {
     this.expect(name, shape);
     const info = this.src.info(name);
@@ -179,6 +205,9 @@ interface WeightPlan {
   layout: Float64Array;
   maxInter: number;
   expertFormat: 'mxfp4' | 'bf16' | 'none';
+  /** Widest dense MLP kept FP8 (sizes its scratch), and how many matrices stay FP8. */
+  fp8Inter: number;
+  fp8Matrices: number;
 }
 
 async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stored' | 'mxfp4'): Promise<WeightPlan> {
@@ -210,6 +239,32 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
     return off;
   };
   const quantize = expertsOpt === 'mxfp4' ? await loadQuantizer() : null;
+  // FP8 projections stay FP8 (gemv_fp8) where the kernel takes them; the rest become bf16 as
+  // before. Matrices that share a GEMV (q | k | v, gate | up) are stacked by rows: codes one
+  // after another, scale grids one after another (native/model.cc launches once when the grids
+  // stack into the whole matrix's, once per matrix otherwise).
+  const [fp8BlockRows, fp8BlockCols] = fp8Block;
+  let fp8Inter = 0;
+  let fp8Matrices = 0;
+  const fp8Stack = (names: string[], rowsOf: number[], cols: number): { w: number; scales: number } => {
+    const scaleCols = Math.ceil(cols / fp8BlockCols);
+    const gridRows = rowsOf.map((r) => Math.ceil(r / fp8BlockRows));
+    const w = reserve(rowsOf.reduce((a, b) => a + b, 0) * cols);
+    const scales = reserve(gridRows.reduce((a, b) => a + b, 0) * scaleCols * 4);
+    let row0 = 0;
+    let grid0 = 0;
+    names.forEach((name, i) => {
+      const rows = rowsOf[i];
+      piece(w + row0 * cols, rows * cols, [name], () => rd.fp8Codes(name, [rows, cols]));
+      piece(scales + grid0 * scaleCols * 4, gridRows[i] * scaleCols * 4, [`${name}_scale_inv`], async () =>
+        asBytes(await src.readFloat32(`${name}_scale_inv`)),
+      );
+      row0 += rows;
+      grid0 += gridRows[i];
+    });
+    fp8Matrices += names.length;
+    return { w, scales };
+  };
 
   const layout = new Float64Array(GLOBAL_FIELDS.length + spec.numLayers * LAYER_FIELDS.length).fill(-1);
   const embed = bf16Tensor('model.embed_tokens.weight', [V, H]);
@@ -232,11 +287,19 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
     set('inNorm', bf16Tensor(`${p}.input_layernorm.weight`, [H]));
     set('postNorm', bf16Tensor(`${p}.post_attention_layernorm.weight`, [H]));
     // q, k and v as one [q + 2 kv, H] matrix: one GEMV instead of three.
-    const qkvW = reserve((qDim + 2 * kvDim) * H * 2);
-    set('qkvW', qkvW);
     const parts: [string, number, number][] = [['q_proj', qDim, 0], ['k_proj', kvDim, qDim], ['v_proj', kvDim, qDim + kvDim]];
-    for (const [n, rows, row0] of parts) {
-      piece(qkvW + row0 * H * 2, rows * H * 2, [`${at}.${n}.weight`], async () => asBytes(await rd.bf16(`${at}.${n}.weight`, [rows, H])));
+    set('fp8BlockRows', fp8BlockRows);
+    set('fp8BlockCols', fp8BlockCols);
+    if (parts.every(([n, rows]) => rd.fp8Able(`${at}.${n}.weight`, [rows, H]))) {
+      const st = fp8Stack(parts.map(([n]) => `${at}.${n}.weight`), parts.map(([, rows]) => rows), H);
+      set('qkvW', st.w);
+      set('qkvScales', st.scales);
+    } else {
+      const qkvW = reserve((qDim + 2 * kvDim) * H * 2);
+      set('qkvW', qkvW);
+      for (const [n, rows, row0] of parts) {
+        piece(qkvW + row0 * H * 2, rows * H * 2, [`${at}.${n}.weight`], async () => asBytes(await rd.bf16(`${at}.${n}.weight`, [rows, H])));
+      }
     }
     if (parts.some(([n]) => src.has(`${at}.${n}.bias`))) {
       const qkvB = reserve((qDim + 2 * kvDim) * 2);
@@ -246,7 +309,13 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
         piece(qkvB + row0 * 2, rows * 2, [name], async () => asBytes(src.has(name) ? await rd.bf16(name, [rows]) : new Uint16Array(rows)));
       }
     }
-    set('oW', bf16Tensor(`${at}.o_proj.weight`, [H, qDim]));
+    if (rd.fp8Able(`${at}.o_proj.weight`, [H, qDim])) {
+      const st = fp8Stack([`${at}.o_proj.weight`], [H], qDim);
+      set('oW', st.w);
+      set('oScales', st.scales);
+    } else {
+      set('oW', bf16Tensor(`${at}.o_proj.weight`, [H, qDim]));
+    }
     if (src.has(`${at}.o_proj.bias`)) set('oB', bf16Tensor(`${at}.o_proj.bias`, [H]));
     if (a.qkNorm) {
       set('qNorm', bf16Tensor(`${at}.q_norm.weight`, [D]));
@@ -263,9 +332,21 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
     if (spec.layers[l].mlp === 'dense') {
       const DI = spec.denseIntermediateSize!;
       maxInter = Math.max(maxInter, DI);
-      set('mlpKind', MLP_DENSE);
       set('experts', 1);
       set('inter', DI);
+      const mlp = (n: string) => `${p}.mlp.${n}.weight`;
+      if (rd.fp8Able(mlp('gate_proj'), [DI, H]) && rd.fp8Able(mlp('up_proj'), [DI, H]) && rd.fp8Able(mlp('down_proj'), [H, DI])) {
+        set('mlpKind', MLP_DENSE_FP8);
+        fp8Inter = Math.max(fp8Inter, DI);
+        const gu = fp8Stack([mlp('gate_proj'), mlp('up_proj')], [DI, DI], H);
+        set('gateUp', gu.w);
+        set('gateUpScales', gu.scales);
+        const dn = fp8Stack([mlp('down_proj')], [H], DI);
+        set('down', dn.w);
+        set('downScales', dn.scales);
+        continue;
+      }
+      set('mlpKind', MLP_DENSE);
       const gu = reserve(2 * DI * H * 2);
       set('gateUp', gu);
       piece(gu, DI * H * 2, [`${p}.mlp.gate_proj.weight`], async () => asBytes(await rd.bf16(`${p}.mlp.gate_proj.weight`, [DI, H])));
@@ -399,7 +480,7 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
       }
     }
   }
-  return { pieces, bytes, layout, maxInter, expertFormat };
+  return { pieces, bytes, layout, maxInter, expertFormat, fp8Inter, fp8Matrices };
 }
 
 /** What the addon's Model needs to size and run a model. */
@@ -444,6 +525,7 @@ function nativeConfig(
     maxPagesPerSeq,
     maxSeqLen: maxPagesPerSeq * opts.pageSize,
     maxInter: Math.max(w.maxInter, 1),
+    fp8Inter: w.fp8Inter,
     graphTokens,
     weightsBytes: w.bytes,
   };
@@ -483,6 +565,8 @@ export class CudaModel implements LoadedModel {
     private readonly cfg: NativeConfig,
     /** How the experts are held on the device. */
     readonly expertFormat: WeightPlan['expertFormat'],
+    /** Projection matrices held as FP8 (gemv_fp8) rather than upcast to bf16. */
+    readonly fp8Matrices = 0,
   ) {
     this.native = native;
     this.freePages = Array.from({ length: cfg.numPages }, (_, i) => cfg.numPages - 1 - i);
@@ -735,7 +819,7 @@ export class CudaBackend implements Backend {
       native.dispose();
       throw translateNativeError(e);
     }
-    return new CudaModel(spec, native, cfg, plan.expertFormat);
+    return new CudaModel(spec, native, cfg, plan.expertFormat, plan.fp8Matrices);
   }
 }
 

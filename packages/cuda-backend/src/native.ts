@@ -75,6 +75,7 @@ export interface NativeOps {
     rows: number,
     cols: number,
     tokens: number,
+    yStride: number | null,
   ): Float32Array;
   moeGateUp(
     blocks: Uint8Array,
@@ -221,6 +222,8 @@ export interface NativeModelConfig {
   rule: number; renormalize: number; activation: number; limit: number; alpha: number;
   maxTokens: number; maxLogitRows: number; pageSize: number; numPages: number; maxPagesPerSeq: number;
   maxSeqLen: number; maxInter: number; graphTokens: number; weightsBytes: number;
+  /** Widest dense MLP held as FP8 (sizes its scratch); 0 or absent when none. */
+  fp8Inter?: number;
 }
 
 /** A model's device memory and its step (native/model.cc). */

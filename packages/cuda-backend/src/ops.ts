@@ -73,7 +73,8 @@ export interface CudaOps {
    * y [tokens, rows] = x [tokens, cols] W^T (+ bias) with W in FP8 E4M3 and block scales as FP8
    * checkpoints store them: W's value = e4m3(w) * scales[row / blockRows, col / blockCols] (the
    * `weight_scale_inv` tensor, [ceil(rows / blockRows), ceil(cols / blockCols)]). Blocks default
-   * to 128 x 128; cols and blockCols must be multiples of 16.
+   * to 128 x 128; cols and blockCols must be multiples of 16. With `yStride` (>= rows) the result
+   * is [tokens, yStride] with zeros past `rows`, as the model writes stacked projections.
    */
   gemvFp8(a: {
     w: Uint8Array;
@@ -85,6 +86,7 @@ export interface CudaOps {
     rows: number;
     cols: number;
     tokens: number;
+    yStride?: number;
   }): Float32Array;
   /**
    * Expert gate/up projection with the activation fused: act [tokens, topK, inter]. The weights
@@ -212,7 +214,7 @@ export function cudaOps(): CudaOps {
     gemvBf16: (a) => call(() => n.gemvBf16(a.w, a.bias ?? null, a.x, a.rows, a.cols, a.tokens)),
     gemvFp8: (a) =>
       call(() =>
-        n.gemvFp8(a.w, a.scales, a.blockRows ?? 128, a.blockCols ?? 128, a.bias ?? null, a.x, a.rows, a.cols, a.tokens),
+        n.gemvFp8(a.w, a.scales, a.blockRows ?? 128, a.blockCols ?? 128, a.bias ?? null, a.x, a.rows, a.cols, a.tokens, a.yStride ?? null),
       ),
     moeGateUp: (a) =>
       call(() => {

@@ -74,7 +74,7 @@ function fp8Ref(m: Fp8Matrix, bias: Float32Array | null, x: Float32Array, tokens
   return y;
 }
 
-function run(m: Fp8Matrix, x: Float32Array, tokens: number, bias?: Uint16Array | null): Float32Array {
+function run(m: Fp8Matrix, x: Float32Array, tokens: number, bias?: Uint16Array | null, yStride?: number): Float32Array {
   return ops().gemvFp8({
     w: m.w,
     scales: m.scales,
@@ -85,6 +85,7 @@ function run(m: Fp8Matrix, x: Float32Array, tokens: number, bias?: Uint16Array |
     rows: m.rows,
     cols: m.cols,
     tokens,
+    yStride,
   });
 }
 
@@ -186,6 +187,32 @@ describe.skipIf(skip)('gemv_fp8', () => {
     expectSame(`gemv_fp8 ${rows}x${cols} tokens 2..6 in a batch of 5 vs of 8`, five, all.subarray(2 * rows, 7 * rows));
   });
 
+  it('writes rows into a wider output (yStride) and leaves the rest alone', () => {
+    // The model stacks q | k | v (and gate | up) in one output and, where their scale grids do not
+    // stack, runs one launch per matrix at a row offset.
+    const rows = 200;
+    const cols = 1040;
+    const stride = 333;
+    const tokens = 3;
+    const r = rng(333);
+    const m = randomFp8(rows, cols, r);
+    const bias = randomBf16(rows, r, 0.5);
+    const x = randomNormal(tokens * cols, r);
+    const y = run(m, x, tokens, bias.bits, stride);
+    expect(y.length).toBe(tokens * stride);
+    const ref = fp8Ref(m, bias.values, x, tokens);
+    const got = new Float32Array(tokens * rows);
+    let untouched = 0;
+    for (let t = 0; t < tokens; t++) {
+      got.set(y.subarray(t * stride, t * stride + rows), t * rows);
+      for (let i = t * stride + rows; i < (t + 1) * stride; i++) if (y[i] === 0) untouched++;
+    }
+    expectClose('gemv_fp8 with yStride', got, ref);
+    expect(untouched).toBe(tokens * (stride - rows));
+    const plain = run(m, x, tokens, bias.bits);
+    expectSame('gemv_fp8 with yStride vs without', got, plain);
+  });
+
   it('matches gemv_bf16 on weights that bf16 holds exactly', () => {
     // Power-of-two scales keep every dequantized weight a bf16 value (E4M3 has 3 mantissa bits):
     // the two kernels then compute the same products in different groupings.
@@ -225,5 +252,6 @@ describe.skipIf(!built)('gemv_fp8 arguments', () => {
     expect(() => ops().gemvFp8({ ...m, w: new Uint8Array(2 * 24), x: new Float32Array(24), cols: 24 })).toThrow(/cols must be a multiple of 16/);
     expect(() => ops().gemvFp8({ ...m, blockCols: 24 })).toThrow(/blockCols must be a multiple of 16/);
     expect(() => ops().gemvFp8({ ...m, bias: new Uint16Array(3) })).toThrow(/bias has 3 elements; expected 2/);
+    expect(() => ops().gemvFp8({ ...m, yStride: 1 })).toThrow(/yStride must be an integer in \[2, /);
   });
 });
