@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kThreads) attention_prefill_kernel(AttentionPr
   const int h0 = kvh * group + (blockIdx.y % subsets) * heads;
   const int nh = min(heads, kvh * group + group - h0);
   const int row0 = a.tiles[2 * blockIdx.x];
-  const int count = a.tiles[2 * blockIdx.x + 1];
+  // More rows than fit would overrun the per-row arrays: the excess is left unwritten instead.
+  const int count = min(a.tiles[2 * blockIdx.x + 1], kVectors / heads);
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
