@@ -15,6 +15,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "common.cuh"
 #include "moe_mma.h"
@@ -419,6 +421,182 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_mma_down_kernel(MoeM
   if (threadIdx.x == 0) a.counters[rt] = 0;
 }
 
+// ------------------------------------------------------------------ streaming (persistent) form
+// One kernel for both projections. The grid is what fits on the device at once; block b takes a
+// contiguous run of the step's units (item, row tile), item-major, so it stages an item's vectors
+// once for all its row tiles. Each warp streams its k-range of unit after unit with two register
+// batches: the loads of the next batch (of this unit or the next one) are issued before the
+// current batch is consumed, so weight loads stay in flight through the reductions, barriers and
+// epilogues that a block-per-row-tile grid pays for with idle memory.
+constexpr int kStreamMinBlocks = 2;
+
+template <int NT, bool DOWN>
+__global__ void __launch_bounds__(kThreads, kStreamMinBlocks) moe_mma_stream_kernel(MoeMmaArgs a, int cols_per_item,
+                                                                                   int row_tiles) {
+  extern __shared__ uint4 smem_xs[];
+  __shared__ float red[2][kSplitK][NT * 4][32];
+  __shared__ float amax_part[kSplitK][kMaxCols];
+  __shared__ float col_unscale[kMaxCols];
+  __shared__ int slot_s[kMaxCols];
+  __shared__ int item_s[2];  // expert, columns of the staged item
+  __shared__ bool last;
+  const int slots = a.tokens * a.top_k;
+  const int n_items = a.plan[0];
+  const int total = n_items * row_tiles;
+  const int per_block = (total + gridDim.x - 1) / gridDim.x;
+  const int u0 = blockIdx.x * per_block, u1 = min(total, u0 + per_block);
+  if (u0 >= u1) return;
+  const int32_t* items = a.plan + plan_items_offset();
+  const int32_t* list = items + 3 * max_items(slots, a.num_experts, cols_per_item);
+
+  const int H = a.hidden, I = a.inter;
+  const int kd = DOWN ? I : H;  // reduction length
+  const int rows = DOWN ? H : 2 * I;
+  const int nb = kd / 32, nkt = nb / 2;
+  const int64_t expert_tiles = static_cast<int64_t>(rows / 16) * nkt;
+  const uint8_t* wblocks = DOWN ? a.down_blocks : a.gate_up_blocks;
+  const uint8_t* wscales = DOWN ? a.down_scales : a.gate_up_scales;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int per = (nkt + kSplitK - 1) / kSplitK;
+  const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
+  const int nbat = (k1 - k0 + kBatch - 1) / kBatch;  // batches a unit (0 for a warp with no k-tiles)
+
+  // First tile of unit u for this block's warps.
+  auto unit_tiles = [&](int u, const uint8_t*& t, const uint8_t*& sc) {
+    const int item = u / row_tiles, rt = u - item * row_tiles;
+    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * nkt;
+    t = wblocks + tile0 * 512;
+    sc = wscales + tile0 * 32;
+  };
+
+  Batch B0, B1;
+  const uint8_t *cur_t, *cur_s;
+  unit_tiles(u0, cur_t, cur_s);
+  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1);
+
+  const Staging st{smem_xs, nb * 4 + 4};
+  int staged = -1;
+  int g_batch = 0;  // batches consumed by this warp so far: its parity says which registers hold the current one
+  for (int u = u0; u < u1; ++u) {
+    const int item = u / row_tiles, rt = u - item * row_tiles;
+    if (item != staged) {
+      __syncthreads();  // the previous item's epilogue has read slot_s and xs
+      if (threadIdx.x < 2) item_s[threadIdx.x] = items[3 * item + threadIdx.x];
+      if (threadIdx.x < kMaxCols) {
+        const int cols = items[3 * item + 1];
+        if (static_cast<int>(threadIdx.x) < cols) slot_s[threadIdx.x] = list[items[3 * item + 2] + threadIdx.x];
+      }
+      __syncthreads();
+      const int cols = item_s[1];
+      if constexpr (DOWN) {
+        stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
+                      amax_part);
+      } else {
+        stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
+                      col_unscale, amax_part);
+      }
+      staged = item;
+    }
+    const int expert = item_s[0], cols = item_s[1];
+
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    for (int j = 0; j < nbat; ++j, ++g_batch) {
+      // Issue the next batch's loads (this unit's next k-range, or the next unit's first).
+      const uint8_t *nt = cur_t, *ns = cur_s;
+      int nk = k0 + (j + 1) * kBatch;
+      bool has_next = j + 1 < nbat;
+      if (!has_next && u + 1 < u1) {
+        unit_tiles(u + 1, nt, ns);
+        nk = k0;
+        has_next = true;
+      }
+      const int kb = k0 + j * kBatch;
+      if ((g_batch & 1) == 0) {
+        if (has_next) load_batch(B1, nt, ns, nk, k1);
+        consume_batch<NT>(B0, kb, k1, st, cols, acc);
+      } else {
+        if (has_next) load_batch(B0, nt, ns, nk, k1);
+        consume_batch<NT>(B1, kb, k1, st, cols, acc);
+      }
+      if (j + 1 == nbat) cur_t = nt, cur_s = ns;
+    }
+    const int buf = (u - u0) & 1;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[buf][warp][n * 4 + i][lane] = acc[n][i];
+    __syncthreads();
+
+    if constexpr (!DOWN) {
+      const bool interleaved = a.interleaved;
+      for (int v = threadIdx.x; v < NT * 64; v += kThreads) {
+        const int n = v >> 6, c = (v >> 5) & 1, l = v & 31;
+        const int g = l >> 2, q = l & 3;
+        const int col = n * 8 + 2 * q + c;
+        if (col >= cols) continue;
+        float gs = 0.f, us = 0.f;
+#pragma unroll
+        for (int w = 0; w < kSplitK; ++w) {
+          gs += red[buf][w][n * 4 + c][l];
+          us += red[buf][w][n * 4 + 2 + c][l];
+        }
+        const int o = rt * 8 + g;
+        float gv = gs * col_unscale[col], uv = us * col_unscale[col];
+        const int64_t gr = interleaved ? 2 * o : o, ur = interleaved ? 2 * o + 1 : I + o;
+        if (a.gate_up_bias != nullptr) {
+          const int64_t base = static_cast<int64_t>(expert) * 2 * I;
+          gv += bf16_to_f32(a.gate_up_bias[base + gr]);
+          uv += bf16_to_f32(a.gate_up_bias[base + ur]);
+        }
+        float y;
+        if (a.activation == ExpertActivation::GptOssClamped) {
+          gv = fminf(gv, a.limit);
+          uv = fminf(fmaxf(uv, -a.limit), a.limit);
+          y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
+        } else {
+          y = silu_f(gv) * uv;
+        }
+        a.act[static_cast<int64_t>(slot_s[col]) * I + o] = y;
+      }
+    } else {
+      for (int v = threadIdx.x; v < NT * 128; v += kThreads) {
+        const int n = v >> 7, i = (v >> 5) & 3, l = v & 31;
+        const int g = l >> 2, q = l & 3;
+        const int col = n * 8 + 2 * q + (i & 1);
+        if (col >= cols) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kSplitK; ++w) sum += red[buf][w][n * 4 + i][l];
+        a.part[static_cast<int64_t>(slot_s[col]) * H + rt * 16 + g + (i >= 2 ? 8 : 0)] = sum * col_unscale[col];
+      }
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) last = atomicAdd(&a.counters[rt], 1) == n_items - 1;
+      __syncthreads();
+      if (last) {
+        __threadfence();
+        const int K = a.top_k;
+        for (int v = threadIdx.x; v < a.tokens * 16; v += kThreads) {
+          const int t = v >> 4, row = rt * 16 + (v & 15);
+          float sum = 0.f;
+          for (int k = 0; k < K; ++k) {
+            const int slot = t * K + k;
+            float x = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
+            if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
+            sum = __fadd_rn(sum, __fmul_rn(a.expert_weights[slot], x));
+          }
+          a.y[static_cast<int64_t>(t) * H + row] = sum;
+        }
+        if (threadIdx.x == 0) a.counters[rt] = 0;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------ repack
 __device__ __forceinline__ int source_row(MoeRowMap map, int rows, int rt, int j) {
   if (map == MoeRowMap::Identity) return rt * 16 + j;
@@ -462,6 +640,16 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 }
 
 }  // namespace
+
+// Which kernel form runs: 0 streaming (default), 1 a block per (row tile, item). The second is kept
+// for comparison in benchmarks (MOEFLASH_MOE_FORM=tile).
+int moe_kernel_form() {
+  static const int form = [] {
+    const char* v = std::getenv("MOEFLASH_MOE_FORM");
+    return v != nullptr && std::string(v) == "tile" ? 1 : 0;
+  }();
+  return form;
+}
 
 bool moe_mma_supported(int hidden, int inter) {
   return hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0;
@@ -510,20 +698,36 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
 
   const size_t gu_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.hidden / 32 * 4 + 4);
   const size_t dn_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.inter / 32 * 4 + 4);
-  const dim3 gu_grid(2 * a.inter / 16, items), dn_grid(a.hidden / 16, items);
-  auto run = [&](auto gate_up, auto down) {
-    cudaError_t err = allow_smem(gate_up, gu_smem);
+  if (moe_kernel_form() == 1) {
+    const dim3 gu_grid(2 * a.inter / 16, items), dn_grid(a.hidden / 16, items);
+    auto run = [&](auto gate_up, auto down) {
+      cudaError_t err = allow_smem(gate_up, gu_smem);
+      if (err != cudaSuccess) return err;
+      gate_up<<<gu_grid, kThreads, gu_smem, stream>>>(a, cols);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      err = allow_smem(down, dn_smem);
+      if (err != cudaSuccess) return err;
+      down<<<dn_grid, kThreads, dn_smem, stream>>>(a, cols);
+      return cudaGetLastError();
+    };
+    return cols == 8 ? run(moe_mma_gate_up_kernel<1>, moe_mma_down_kernel<1>)
+                     : run(moe_mma_gate_up_kernel<2>, moe_mma_down_kernel<2>);
+  }
+  auto launch = [&](auto kernel, size_t smem, int row_tiles) {
+    cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
-    gate_up<<<gu_grid, kThreads, gu_smem, stream>>>(a, cols);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    err = allow_smem(down, dn_smem);
-    if (err != cudaSuccess) return err;
-    down<<<dn_grid, kThreads, dn_smem, stream>>>(a, cols);
+    const int fit = device_sm_count() * resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, smem);
+    const int grid = std::max(1, std::min(items * row_tiles, fit));
+    kernel<<<grid, kThreads, smem, stream>>>(a, cols, row_tiles);
     return cudaGetLastError();
   };
-  return cols == 8 ? run(moe_mma_gate_up_kernel<1>, moe_mma_down_kernel<1>)
-                   : run(moe_mma_gate_up_kernel<2>, moe_mma_down_kernel<2>);
+  if (cols == 8) {
+    e = launch(moe_mma_stream_kernel<1, false>, gu_smem, 2 * a.inter / 16);
+    return e != cudaSuccess ? e : launch(moe_mma_stream_kernel<1, true>, dn_smem, a.hidden / 16);
+  }
+  e = launch(moe_mma_stream_kernel<2, false>, gu_smem, 2 * a.inter / 16);
+  return e != cudaSuccess ? e : launch(moe_mma_stream_kernel<2, true>, dn_smem, a.hidden / 16);
 }
 
 }  // namespace moeflash
