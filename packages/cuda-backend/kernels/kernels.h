@@ -146,20 +146,29 @@ size_t argmax_workspace_bytes(int rows, int vocab);
 cudaError_t argmax_rows(const float* logits, int rows, int vocab, int32_t* out, void* workspace,
                         cudaStream_t stream);
 
-// Temperature sampling by inverse CDF, mirroring core's probabilities() + sampleFrom() with only a
-// temperature: w = exp((l - max) / T) and its sums in float64, prob = float32(w / sum), the first
-// index whose running sum (float64) exceeds u * total. u is Philox4x32-10 with key (seed_lo,
-// seed_hi) and counter (position, seq, 0, purpose), x >> 8 times 2^-24 (core's sampling/rng.ts).
+// One token per row, the same as core's sampleToken(row, params, {seed, seq, position, purpose})
+// bit for bit: temperature, then top-k, top-p, min-p, then the inverse-CDF draw with the Philox
+// uniform of rng.ts (key (seed_lo, seed_hi), counter (position, seq, 0, purpose)). Each row has
+// its own settings, so one launch serves a batch of requests. A row with temperature <= 0 is
+// greedy and gets argmax_rows' answer. Where core would throw (a sampled row with a NaN or +Inf
+// logit, or only -Inf), out is -1. Settings are taken as given; validate them as core's
+// validateSamplingParams does (top_p in (0, 1], min_p in [0, 1], top_k >= 0).
+// One block of 1024 threads a row; needs no allocation beyond the workspace.
 struct SampleArgs {
   const float* logits;  // [rows, vocab]
   int rows, vocab;
-  double temperature;   // > 0 (a double: the reference divides by the JS number itself)
-  uint32_t seed_lo, seed_hi;
+  // Per row [rows]; doubles because the reference computes with the JS numbers themselves.
+  const double* temperature;  // <= 0: greedy
+  const int32_t* top_k;       // 0 or >= vocab: off; null: off for every row
+  const double* top_p;        // >= 1: off; null: off for every row
+  const double* min_p;        // 0: off; null: off for every row
+  const uint32_t* seed_lo;    // [rows]: the seed's low and high 32-bit words (rng.ts seedKey)
+  const uint32_t* seed_hi;
   const uint32_t* seqs;       // [rows]
   const uint32_t* positions;  // [rows]
-  uint32_t purpose;
-  int32_t* out;         // [rows]
-  void* workspace;      // sample_workspace_bytes(rows, vocab)
+  const uint32_t* purposes;   // [rows]; null: RngPurpose.Sample (0) for every row
+  int32_t* out;               // [rows]
+  void* workspace;            // sample_workspace_bytes(rows, vocab)
 };
 size_t sample_workspace_bytes(int rows, int vocab);
 cudaError_t sample_rows(const SampleArgs& a, cudaStream_t stream);

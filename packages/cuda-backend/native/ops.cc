@@ -2,6 +2,7 @@
 // one kernel family, waits for it, and copies the result back. This is how the kernels are
 // checked against the TypeScript references; the engine never uses this path (weights and
 // activations stay on the device there).
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -526,8 +527,10 @@ Napi::Value Argmax(const Napi::CallbackInfo& info) {
   return i32_from(env, d_out, rows, "out");
 }
 
-// sample(logits [rows, vocab], rows, vocab, temperature, seedLo, seedHi, seqs: Uint32Array,
-//        positions: Uint32Array, purpose) -> Int32Array [rows]
+// sample(logits [rows, vocab], rows, vocab, temperature: Float64Array, topK: Int32Array | null,
+//        topP: Float64Array | null, minP: Float64Array | null, seedLo: Uint32Array,
+//        seedHi: Uint32Array, seqs: Uint32Array, positions: Uint32Array,
+//        purposes: Uint32Array | null) -> Int32Array [rows]; every array has one entry a row.
 Napi::Value Sample(const Napi::CallbackInfo& info) {
   const ArgReader r{info, "ops.sample"};
   Napi::Env env = info.Env();
@@ -535,24 +538,70 @@ Napi::Value Sample(const Napi::CallbackInfo& info) {
   SampleArgs a{};
   a.rows = r.integer(1, "rows", 1, 1 << 20);
   a.vocab = r.integer(2, "vocab", 1, 1 << 30);
-  a.temperature = r.number(3, "temperature");
-  if (!(a.temperature > 0)) r.fail("temperature must be > 0 (use argmax for greedy)");
-  a.seed_lo = static_cast<uint32_t>(r.number(4, "seedLo"));
-  a.seed_hi = static_cast<uint32_t>(r.number(5, "seedHi"));
-  const auto seqs = r.u32(6, "seqs");
-  const auto positions = r.u32(7, "positions");
-  a.purpose = static_cast<uint32_t>(r.number(8, "purpose"));
   r.length(logits.ElementLength(), static_cast<size_t>(a.rows) * a.vocab, "logits", "rows * vocab");
-  r.length(seqs.ElementLength(), a.rows, "seqs", "rows");
-  r.length(positions.ElementLength(), a.rows, "positions", "rows");
+  const auto f64 = [&](size_t i, const char* name) {
+    return r.typed<Napi::Float64Array>(i, name, napi_float64_array, "Float64Array");
+  };
+  const auto per_row = [&](size_t n, const char* name) { r.length(n, a.rows, name, "rows"); };
+  // The kernel takes settings as given; these are core's validateSamplingParams ranges.
+  const auto temperature = f64(3, "temperature");
+  per_row(temperature.ElementLength(), "temperature");
+  for (size_t i = 0; i < temperature.ElementLength(); ++i)
+    if (!(std::isfinite(temperature[i]) && temperature[i] >= 0))
+      r.fail("temperature[" + std::to_string(i) + "] must be a finite number >= 0 (0 = greedy)");
+  DeviceBuffer d_topk, d_topp, d_minp, d_purposes;
+  if (!r.is_null(4)) {
+    const auto top_k = r.i32(4, "topK");
+    per_row(top_k.ElementLength(), "topK");
+    for (size_t i = 0; i < top_k.ElementLength(); ++i)
+      if (top_k[i] < 0) r.fail("topK[" + std::to_string(i) + "] must be >= 0 (0 = off)");
+    d_topk = to_device(env, top_k, "topK");
+  }
+  if (!r.is_null(5)) {
+    const auto top_p = f64(5, "topP");
+    per_row(top_p.ElementLength(), "topP");
+    for (size_t i = 0; i < top_p.ElementLength(); ++i)
+      if (!(top_p[i] > 0 && top_p[i] <= 1)) r.fail("topP[" + std::to_string(i) + "] must be in (0, 1] (1 = off)");
+    d_topp = to_device(env, top_p, "topP");
+  }
+  if (!r.is_null(6)) {
+    const auto min_p = f64(6, "minP");
+    per_row(min_p.ElementLength(), "minP");
+    for (size_t i = 0; i < min_p.ElementLength(); ++i)
+      if (!(min_p[i] >= 0 && min_p[i] <= 1)) r.fail("minP[" + std::to_string(i) + "] must be in [0, 1] (0 = off)");
+    d_minp = to_device(env, min_p, "minP");
+  }
+  const auto seed_lo = r.u32(7, "seedLo");
+  const auto seed_hi = r.u32(8, "seedHi");
+  const auto seqs = r.u32(9, "seqs");
+  const auto positions = r.u32(10, "positions");
+  per_row(seed_lo.ElementLength(), "seedLo");
+  per_row(seed_hi.ElementLength(), "seedHi");
+  per_row(seqs.ElementLength(), "seqs");
+  per_row(positions.ElementLength(), "positions");
+  if (!r.is_null(11)) {
+    const auto purposes = r.u32(11, "purposes");
+    per_row(purposes.ElementLength(), "purposes");
+    d_purposes = to_device(env, purposes, "purposes");
+  }
   DeviceBuffer d_l = to_device(env, logits, "logits");
+  DeviceBuffer d_t = to_device(env, temperature, "temperature");
+  DeviceBuffer d_lo = to_device(env, seed_lo, "seedLo");
+  DeviceBuffer d_hi = to_device(env, seed_hi, "seedHi");
   DeviceBuffer d_seqs = to_device(env, seqs, "seqs");
   DeviceBuffer d_pos = to_device(env, positions, "positions");
   DeviceBuffer d_out(env, sizeof(int32_t) * a.rows, "out");
   DeviceBuffer d_ws(env, sample_workspace_bytes(a.rows, a.vocab), "workspace");
   a.logits = d_l.get<float>();
+  a.temperature = d_t.get<double>();
+  a.top_k = d_topk.get<int32_t>();
+  a.top_p = d_topp.get<double>();
+  a.min_p = d_minp.get<double>();
+  a.seed_lo = d_lo.get<uint32_t>();
+  a.seed_hi = d_hi.get<uint32_t>();
   a.seqs = d_seqs.get<uint32_t>();
   a.positions = d_pos.get<uint32_t>();
+  a.purposes = d_purposes.get<uint32_t>();
   a.out = d_out.get<int32_t>();
   a.workspace = d_ws.get();
   finish(env, sample_rows(a, nullptr), "sample_rows");

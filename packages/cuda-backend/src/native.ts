@@ -179,12 +179,15 @@ export interface NativeOps {
     logits: Float32Array,
     rows: number,
     vocab: number,
-    temperature: number,
-    seedLo: number,
-    seedHi: number,
+    temperature: Float64Array,
+    topK: Int32Array | null,
+    topP: Float64Array | null,
+    minP: Float64Array | null,
+    seedLo: Uint32Array,
+    seedHi: Uint32Array,
     seqs: Uint32Array,
     positions: Uint32Array,
-    purpose: number,
+    purposes: Uint32Array | null,
   ): Int32Array;
   philox(seedLo: number, seedHi: number, counters: Uint32Array): { u: Float32Array; words: Uint32Array };
   /** Allocates and frees `bytes` of device memory (exercises the out-of-memory error). */

@@ -7,7 +7,14 @@
  * Conventions: bf16 tensors are Uint16Arrays of raw bf16 bits; matrices are row-major; MXFP4
  * expert weights are gpt-oss's `*_blocks` / `*_scales` bytes unchanged.
  */
-import { seedKey, type ExpertActivation, type RoutingRule } from '@moeflash/core';
+import {
+  MoeflashError,
+  seedKey,
+  validateSamplingParams,
+  type ExpertActivation,
+  type RoutingRule,
+  type SamplingParams,
+} from '@moeflash/core';
 
 import { loadAddon, translateNativeError, type NativeOps } from './native.js';
 
@@ -179,18 +186,21 @@ export interface CudaOps {
   /** Index of the largest logit per row (lowest among equals, NaN last). */
   argmax(a: { logits: Float32Array; rows: number; vocab: number }): Int32Array;
   /**
-   * Temperature sampling with core's Philox mapping: row r draws uniform(seed, seqs[r],
-   * positions[r], purpose), draw 0.
+   * Row r's token as core's sampleToken(row r, params[r], rngKey(seed, seqs[r], positions[r],
+   * purpose)) gives it, bit for bit: temperature, top-k, top-p and min-p, each row with its own
+   * settings (one params object stands for every row). Temperature 0 is greedy (argmax's
+   * answer). The seed is params' seed unless `seed` is given (a bigint may use all 64 bits).
+   * -1 for a sampled row that core rejects: a NaN or +Infinity logit, or only -Infinity.
    */
   sample(a: {
     logits: Float32Array;
     rows: number;
     vocab: number;
-    temperature: number;
-    seed: number | bigint;
+    params: SamplingParams | readonly SamplingParams[];
+    seed?: number | bigint | readonly (number | bigint)[];
     seqs: ArrayLike<number>;
     positions: ArrayLike<number>;
-    purpose?: number;
+    purpose?: number | ArrayLike<number>;
   }): Int32Array;
   /** Philox4x32-10 words and sampling uniforms for counters [n, 4] (c0 position, c1 seq, c2 draw, c3 purpose). */
   philox(a: { seed: number | bigint; counters: Uint32Array }): { u: Float32Array; words: Uint32Array };
@@ -323,17 +333,47 @@ export function cudaOps(): CudaOps {
     argmax: (a) => call(() => n.argmax(a.logits, a.rows, a.vocab)),
     sample: (a) =>
       call(() => {
-        const [lo, hi] = seedKey(a.seed);
+        const rows = a.rows;
+        const perRow = <T,>(v: T | readonly T[], what: string): ((r: number) => T) => {
+          if (!Array.isArray(v)) return () => v as T;
+          const list = v as readonly T[];
+          if (list.length !== rows) {
+            throw new MoeflashError('INVALID_ARGUMENT', `ops.sample: ${what} has ${list.length} entries; expected ${rows} (rows)`);
+          }
+          return (r) => list[r]!;
+        };
+        const params = perRow(a.params, 'params');
+        const seed = perRow(a.seed ?? null, 'seed');
+        const temperature = new Float64Array(rows);
+        const topK = new Int32Array(rows);
+        const topP = new Float64Array(rows);
+        const minP = new Float64Array(rows);
+        const seedLo = new Uint32Array(rows);
+        const seedHi = new Uint32Array(rows);
+        for (let r = 0; r < rows; r++) {
+          const p = params(r);
+          validateSamplingParams(p);
+          temperature[r] = p.temperature ?? 0;
+          topK[r] = p.topK ?? 0;
+          topP[r] = p.topP ?? 1;
+          minP[r] = p.minP ?? 0;
+          [seedLo[r], seedHi[r]] = seedKey(seed(r) ?? p.seed ?? 0);
+        }
+        const purpose = a.purpose ?? 0;
+        const purposes = typeof purpose === 'number' ? new Uint32Array(rows).fill(purpose) : Uint32Array.from(purpose);
         return n.sample(
           a.logits,
-          a.rows,
+          rows,
           a.vocab,
-          a.temperature,
-          lo,
-          hi,
+          temperature,
+          topK,
+          topP,
+          minP,
+          seedLo,
+          seedHi,
           Uint32Array.from(a.seqs),
           Uint32Array.from(a.positions),
-          a.purpose ?? 0,
+          purposes,
         );
       }),
     philox: (a) =>

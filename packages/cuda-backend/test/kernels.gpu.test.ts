@@ -495,7 +495,7 @@ describe.skipIf(skip)('argmax and sampling', () => {
     let agree = 0;
     let total = 0;
     for (const seed of [0, 1, 987654321, 2 ** 40 + 5]) {
-      const got = ops().sample({ logits, rows, vocab: V, temperature, seed, seqs, positions });
+      const got = ops().sample({ logits, rows, vocab: V, params: { temperature }, seed, seqs, positions });
       const ref = Int32Array.from({ length: rows }, (_, i) =>
         sampleToken(logits, { temperature }, rngKey(seed, seqs[i], positions[i]), { offset: i * V, length: V }),
       );

@@ -28,9 +28,11 @@
  * Temperature 0 (or undefined) is greedy: the distribution is one-hot at argmax. That keeps
  * sampleFrom(probabilities(l, params), u) === sampleToken(l, params, key) for every input.
  *
- * A device port reproduces steps 0 to 2 exactly; steps 3 to 5 depend on exp and on summation
- * order, which a parallel reduction changes in the last bits, so a device may disagree only
- * where a sum lands within rounding of a top-p threshold or of the sampled uniform.
+ * Steps 0 to 2 are pure comparisons; steps 3 to 5 depend on Math.exp (V8's is fdlibm) and on
+ * the order of the float64 sums. The CUDA port (cuda-backend kernels/sample.cu) runs fdlibm's exp
+ * and reproduces these sums in this order, so it returns the same token bit for bit; a port that
+ * uses another exp or a tree reduction may disagree where a sum lands within rounding of a top-p
+ * threshold or of the sampled uniform.
  */
 
 import { MoeflashError } from '../errors.js';
