@@ -1,4 +1,6 @@
 import type { ModelSpec } from '../model/spec.js';
+import type { RngKey } from '../sampling/rng.js';
+import type { SamplingParams } from '../sampling/sample.js';
 import type { WeightSource } from '../weights/tensor.js';
 
 /** Identifies one sequence (its KV cache) inside a loaded model. */
@@ -13,6 +15,21 @@ export interface StepSequence {
   logits: 'none' | 'last' | 'all';
   /** Hidden states (the residual stream after these layers, 0-based) to return for every token. */
   hiddenLayers?: number[];
+  /**
+   * Draw a token from the logits of the last position on the backend (only where
+   * LoadedModel.sampling is true; other backends ignore it), returned as SequenceOutput.sampled.
+   * Independent of `logits`: with `logits: 'none'` the logits need not leave the backend.
+   */
+  sample?: StepSample;
+}
+
+/**
+ * A backend-side draw: core's argmax(row) when params are greedy, else sampleToken(row, params,
+ * key), the same token bit for bit whichever backend draws it.
+ */
+export interface StepSample {
+  params: SamplingParams;
+  key: RngKey;
 }
 
 /** A whole step: several sequences of any lengths, run in one forward pass. */
@@ -27,6 +44,11 @@ export interface SequenceOutput {
   rows: number;
   /** Per requested layer: row-major [tokens, hidden]. */
   hidden?: Map<number, Float32Array>;
+  /**
+   * The token drawn for StepSequence.sample; -1 where core's sampler rejects the row (a NaN or
+   * +Infinity logit, or every logit -Infinity) and would have thrown.
+   */
+  sampled?: number;
 }
 
 export interface StepResult {
@@ -99,6 +121,8 @@ export interface LoadOptions {
 /** A model resident on a backend. Weights and KV caches never leave it. */
 export interface LoadedModel {
   readonly spec: ModelSpec;
+  /** True when step() honours StepSequence.sample. */
+  readonly sampling?: boolean;
   step(plan: StepPlan): Promise<StepResult>;
   /** Number of positions held in a sequence's cache (0 for an unknown sequence). */
   length(seq: SeqId): number;

@@ -427,6 +427,13 @@ export class Engine extends EventEmitter<EngineEvents> {
             seq.truncate(lengthBefore + 1 + verdict.accepted);
             return accept(verdict.emit);
           }
+          if (out.sampled !== undefined) {
+            // The backend drew the token with the key `sample` below gave it.
+            if (out.sampled < 0) {
+              throw new MoeflashError('INVALID_ARGUMENT', 'sampling: the step\'s logits hold NaN or +Infinity, or are all -Infinity, so no token can be sampled');
+            }
+            return accept([out.sampled]);
+          }
           const logits = out.logits.subarray((out.rows - 1) * V, out.rows * V);
           const token =
             params.temperature === 0
@@ -434,6 +441,9 @@ export class Engine extends EventEmitter<EngineEvents> {
               : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position: seq.length });
           return accept([token]);
         },
+        // A backend that samples draws the same token from the same key (position: the cache
+        // length after the step, as seq.length above), so only the token has to come back.
+        sample: speculator ? undefined : (position) => ({ params, key: { seed: params.seed ?? 0, seq: opts.stream ?? 0, position } }),
       });
     } catch (e) {
       settled = true;

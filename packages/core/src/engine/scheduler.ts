@@ -1,11 +1,12 @@
 import { MoeflashError } from '../errors.js';
-import type { KvPageStats, LoadedModel, SeqId, SequenceOutput, StepPlan } from '../backends/backend.js';
+import type { KvPageStats, LoadedModel, SeqId, SequenceOutput, StepPlan, StepSample } from '../backends/backend.js';
 
 /** One request's share of the next step. */
 export interface StepWork {
   tokens: number[];
   logits: 'none' | 'last' | 'all';
   hiddenLayers?: number[];
+  sample?: StepSample;
 }
 
 /** A request's view of its own sequence in the model. */
@@ -47,6 +48,12 @@ export interface ScheduledRequest {
   chunk?(out: SequenceOutput, seq: SequenceControl): void;
   /** A step ran up to the end of the history (plus drafts): consume its logits; false when done. */
   advance(out: SequenceOutput, seq: SequenceControl): boolean;
+  /**
+   * On a model that samples (LoadedModel.sampling): the draw for a step that reaches the end of
+   * the history without drafts, `position` being the cache length after it. The step then asks
+   * for no logits and `advance` gets SequenceOutput.sampled instead; undefined keeps the logits.
+   */
+  sample?(position: number): StepSample | undefined;
   /** The cache was taken to make room for others; it will be recomputed from `context()`. */
   preempted?(): void;
   /** The request got its first step; `cachedTokens` prompt positions came from the prefix cache. */
@@ -315,7 +322,15 @@ export class Scheduler {
     const have = this.model.length(e.seq);
     const n = Math.min(ctx.length - have, budget, this.prefillChunk);
     const final = have + n === ctx.length;
-    return { work: { tokens: ctx.slice(have, have + n), logits: final ? 'last' : 'none', hiddenLayers: e.req.hiddenLayers }, final };
+    const work: StepWork = { tokens: ctx.slice(have, have + n), logits: final ? 'last' : 'none', hiddenLayers: e.req.hiddenLayers };
+    return { work: final ? this.withSample(e, work) : work, final };
+  }
+
+  /** Lets the backend draw the token of a step that ends the history, where both sides can. */
+  private withSample(e: Entry, work: StepWork): StepWork {
+    if (!this.model.sampling || !e.req.sample || work.logits !== 'last') return work;
+    const sample = e.req.sample(this.model.length(e.seq) + work.tokens.length);
+    return sample ? { ...work, logits: 'none', sample } : work;
   }
 
   private async plan(): Promise<Planned[]> {
@@ -348,7 +363,8 @@ export class Scheduler {
         else this.retire(e, new MoeflashError('OUT_OF_MEMORY', `the KV cache cannot hold ${this.model.length(e.seq) + tokens.length} positions of one sequence`));
         continue;
       }
-      planned.push({ e, work: { tokens, logits: drafts.length ? 'all' : 'last', hiddenLayers: e.req.hiddenLayers }, prefill: false, final: true });
+      const work: StepWork = { tokens, logits: drafts.length ? 'all' : 'last', hiddenLayers: e.req.hiddenLayers };
+      planned.push({ e, work: this.withSample(e, work), prefill: false, final: true });
       budget = this.opts.maxStepTokens - tokensOf();
     }
 

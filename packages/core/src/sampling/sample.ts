@@ -407,3 +407,26 @@ export function sampleToken(
   }
   return sampleFrom(probabilities(logits, params, row), uniform(key));
 }
+
+/**
+ * The token a backend returns for a step's StepSequence.sample: argmax(row) when params are
+ * greedy (what the engine's greedy decoding takes, NaN ranking last), else sampleToken(row,
+ * params, key); -1 where sampleToken rejects the logits (NaN, +Infinity, all -Infinity), so that
+ * one bad row fails its own request rather than the whole step. Bad params still throw.
+ */
+export function sampleTokenOrReject(
+  logits: ArrayLike<number>,
+  params: SamplingParams,
+  key: RngKey,
+  row: LogitsRow = {},
+): number {
+  validateSamplingParams(params);
+  if (isGreedy(params)) return argmax(logits, row.offset, row.length);
+  resolveRow(logits, row.offset, row.length);
+  try {
+    return sampleToken(logits, params, key, row);
+  } catch (e) {
+    if (e instanceof MoeflashError && e.code === 'INVALID_ARGUMENT') return -1;
+    throw e;
+  }
+}

@@ -4,6 +4,7 @@ import { rmsNorm } from '../../math/norm.js';
 import { applyRope, ropeTable, type RopeTable } from '../../math/rope.js';
 import { route } from '../../math/router.js';
 import type { ModelSpec } from '../../model/spec.js';
+import { sampleTokenOrReject } from '../../sampling/sample.js';
 import type { ModelWeights } from '../../weights/layouts.js';
 import type { KvPageStats, LoadedModel, MemoryReport, SeqId, SequenceOutput, StepPlan, StepResult } from '../backend.js';
 import { attendInterleaved } from './attention.js';
@@ -60,6 +61,8 @@ export class CpuModel implements LoadedModel {
   private keyRun = new Float32Array(0);
   private valueRun = new Float32Array(0);
   private disposed = false;
+  /** StepSequence.sample runs core's sampler on the step's own logits. */
+  readonly sampling = true;
 
   constructor(
     readonly spec: ModelSpec,
@@ -299,13 +302,15 @@ export class CpuModel implements LoadedModel {
       seq.length += sp.count;
     });
 
-    // The LM head over every row any sequence asked logits for, in one pass over its rows.
+    // The LM head over every row any sequence asked logits for, in one pass over its rows. A
+    // sequence to sample needs its last row even when it returns no logits.
     const want = plan.sequences.map((s) => (s.logits === 'none' || s.tokens.length === 0 ? 0 : s.logits === 'all' ? s.tokens.length : 1));
-    const m = want.reduce((t, c) => t + c, 0);
+    const rowsOf = plan.sequences.map((s, si) => (s.sample && s.tokens.length > 0 ? Math.max(want[si], 1) : want[si]));
+    const m = rowsOf.reduce((t, c) => t + c, 0);
     const finalIn = new Float32Array(m * H);
     let r = 0;
     spans.forEach((sp, si) => {
-      for (let j = sp.count - want[si]; j < sp.count; j++, r++) {
+      for (let j = sp.count - rowsOf[si]; j < sp.count; j++, r++) {
         finalIn.set(x.subarray((sp.first + j) * H, (sp.first + j + 1) * H), r * H);
         rmsNorm(finalIn, w.finalNorm, spec.rmsNormEps, finalIn, r * H);
       }
@@ -316,8 +321,11 @@ export class CpuModel implements LoadedModel {
     const outputs: SequenceOutput[] = [];
     r = 0;
     plan.sequences.forEach((s, si) => {
-      outputs.push({ seq: s.seq, logits: logits.slice(r * V, (r + want[si]) * V), rows: want[si], hidden: hiddenOut[si] });
-      r += want[si];
+      const end = r + rowsOf[si];
+      const out: SequenceOutput = { seq: s.seq, logits: logits.slice((end - want[si]) * V, end * V), rows: want[si], hidden: hiddenOut[si] };
+      if (s.sample && rowsOf[si] > 0) out.sampled = sampleTokenOrReject(logits, s.sample.params, s.sample.key, { offset: (end - 1) * V, length: V });
+      outputs.push(out);
+      r = end;
     });
     return { sequences: outputs };
   }
