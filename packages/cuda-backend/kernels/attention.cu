@@ -41,6 +41,7 @@ __device__ __forceinline__ const bf16_bits* kv_row(const bf16_bits* cache, const
 
 template <int G>
 __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDecodeArgs a, int splits) {
+  pdl_prologue();
   extern __shared__ float smem[];
   const int D = a.head_dim;
   float* qs = smem;                 // [G][D]
@@ -177,6 +178,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDeco
 }
 
 __global__ void __launch_bounds__(kThreads) attention_combine_kernel(AttentionDecodeArgs a, int splits) {
+  pdl_prologue();
   const int h = blockIdx.x;
   const int seq = blockIdx.y;
   const int D = a.head_dim;
@@ -215,8 +217,7 @@ cudaError_t launch_split(const AttentionDecodeArgs& a, int splits, cudaStream_t 
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(a.num_kv_heads * subsets, a.num_seqs, splits);
-  attention_split_kernel<G><<<grid, kThreads, smem, stream>>>(a, splits);
-  return cudaGetLastError();
+  return launch_pdl(attention_split_kernel<G>, grid, kThreads, smem, stream, a, splits);
 }
 
 }  // namespace
@@ -241,8 +242,7 @@ cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream) 
   else if (group_size <= 4) e = launch_split<4>(a, splits, stream);
   else e = launch_split<8>(a, splits, stream);
   if (e != cudaSuccess) return e;
-  attention_combine_kernel<<<dim3(a.num_heads, a.num_seqs), kThreads, 0, stream>>>(a, splits);
-  return cudaGetLastError();
+  return launch_pdl(attention_combine_kernel, dim3(a.num_heads, a.num_seqs), kThreads, 0, stream, a, splits);
 }
 
 }  // namespace moeflash

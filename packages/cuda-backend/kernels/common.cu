@@ -1,9 +1,19 @@
 // Host-side helpers shared by the launchers.
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "common.cuh"
 
 namespace moeflash {
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEFLASH_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
 
 int device_sm_count() {
   // Launchers size persistent grids from this on every call; the attribute query is cheap but

@@ -58,6 +58,19 @@ __device__ __forceinline__ float e8m0_to_f32(uint32_t s) {
   return s == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(s << 23);
 }
 
+// ------------------------------------------------------------------ programmatic dependent launch
+// Kernels of the decode step are launched with programmatic stream serialization (launch_pdl):
+// a kernel may start while the previous one drains, so its launch and block scheduling overlap
+// that kernel's tail. Each such kernel begins with pdl_prologue(): it lets the next kernel launch,
+// then waits until every earlier kernel has finished and its writes are visible. Nothing may
+// touch global memory before the prologue.
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ------------------------------------------------------------------ reductions
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -108,6 +121,28 @@ __device__ __forceinline__ void warp_reduce_scatter(float (&v)[N], int lane) {
 constexpr int next_pow2(int n) { return n <= 1 ? 1 : 2 * next_pow2((n + 1) / 2); }
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Whether launch_pdl asks for programmatic stream serialization (MOEFLASH_PDL=0 turns it off).
+bool pdl_enabled();
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization; the
+// kernel must begin with pdl_prologue().
+template <typename... KArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+  return e != cudaSuccess ? e : cudaGetLastError();
+}
 
 // Multiprocessor count of the current device, read once per device.
 int device_sm_count();

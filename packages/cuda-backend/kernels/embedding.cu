@@ -6,6 +6,7 @@ namespace {
 
 __global__ void embedding_kernel(const bf16_bits* __restrict__ table, const int32_t* __restrict__ ids,
                                  int hidden, float* __restrict__ out) {
+  pdl_prologue();
   const int t = blockIdx.y;
   const int64_t row = ids[t];
   const uint4* src = reinterpret_cast<const uint4*>(table + row * hidden);
@@ -25,8 +26,7 @@ cudaError_t embedding_bf16(const bf16_bits* table, const int32_t* ids, int token
   if (tokens <= 0) return cudaSuccess;
   constexpr int kThreads = 128;
   const dim3 grid(ceil_div(hidden / 8, kThreads), tokens);
-  embedding_kernel<<<grid, kThreads, 0, stream>>>(table, ids, hidden, out);
-  return cudaGetLastError();
+  return launch_pdl(embedding_kernel, grid, kThreads, 0, stream, table, ids, hidden, out);
 }
 
 }  // namespace moeflash

@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
                                                              float* __restrict__ y, int rows, int cols) {
+  pdl_prologue();
   using Tile = GemvTile<T, R>;
   extern __shared__ float4 smem[];
   const int nchunk = cols / 8;
@@ -209,9 +210,8 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
     const size_t smem = smem_bytes(t, cols);
     const int groups = ceil_div(rows, r);
     const int grid = std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
-    fn<<<grid, kThreads, smem, stream>>>(w, bias, x + static_cast<int64_t>(t0) * cols,
-                                         y + static_cast<int64_t>(t0) * rows, rows, cols);
-    const cudaError_t e = cudaGetLastError();
+    const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + static_cast<int64_t>(t0) * cols,
+                                     y + static_cast<int64_t>(t0) * rows, rows, cols);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

@@ -24,6 +24,7 @@ constexpr int kPrepHeads = 8;
 constexpr int kPrepThreads = kPrepHeads * 32;
 
 __global__ void __launch_bounds__(kPrepThreads) qkv_prepare_kernel(QkvPrepareArgs a) {
+  pdl_prologue();
   extern __shared__ float row[];
   const int t = blockIdx.x;
   const int D = a.head_dim;
@@ -90,6 +91,7 @@ __global__ void __launch_bounds__(kPrepThreads) qkv_prepare_kernel(QkvPrepareArg
 constexpr int kAttThreads = 128;
 
 __global__ void __launch_bounds__(kAttThreads) attention_generic_kernel(AttentionDecodeArgs a) {
+  pdl_prologue();
   extern __shared__ float sc[];
   __shared__ float red[kAttThreads / 32];
   const int h = blockIdx.x, t = blockIdx.y;
@@ -197,12 +199,14 @@ __global__ void __launch_bounds__(kMlpWarps * 32) mlp_down_bf16_kernel(MlpBf16Ar
 // ------------------------------------------------------------------ rows
 __global__ void gather_rows_kernel(const float* __restrict__ src, const int32_t* __restrict__ idx, int cols,
                                    float* __restrict__ dst) {
+  pdl_prologue();
   const float* s = src + static_cast<int64_t>(idx[blockIdx.x]) * cols;
   float* d = dst + static_cast<int64_t>(blockIdx.x) * cols;
   for (int i = threadIdx.x; i < cols; i += blockDim.x) d[i] = s[i];
 }
 
 __global__ void add_kernel(const float* __restrict__ a, const float* __restrict__ b, size_t n, float* __restrict__ out) {
+  pdl_prologue();
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<size_t>(gridDim.x) * blockDim.x)
     out[i] = a[i] + b[i];
 }
@@ -223,8 +227,7 @@ cudaError_t qkv_prepare(const QkvPrepareArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(a.tokens, ceil_div(a.num_heads + a.num_kv_heads, kPrepHeads));
-  qkv_prepare_kernel<<<grid, kPrepThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_pdl(qkv_prepare_kernel, grid, kPrepThreads, smem, stream, a);
 }
 
 bool attention_decode_supported(int num_heads, int num_kv_heads, int head_dim) {
@@ -240,8 +243,7 @@ cudaError_t attention_generic(const AttentionDecodeArgs& a, cudaStream_t stream)
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  attention_generic_kernel<<<dim3(a.num_heads, a.num_seqs), kAttThreads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_pdl(attention_generic_kernel, dim3(a.num_heads, a.num_seqs), kAttThreads, smem, stream, a);
 }
 
 cudaError_t mlp_bf16(const MlpBf16Args& a, cudaStream_t stream) {
@@ -255,15 +257,13 @@ cudaError_t mlp_bf16(const MlpBf16Args& a, cudaStream_t stream) {
 
 cudaError_t gather_rows(const float* src, const int32_t* idx, int rows, int cols, float* dst, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  gather_rows_kernel<<<rows, 256, 0, stream>>>(src, idx, cols, dst);
-  return cudaGetLastError();
+  return launch_pdl(gather_rows_kernel, rows, 256, 0, stream, src, idx, cols, dst);
 }
 
 cudaError_t add_f32(const float* a, const float* b, size_t n, float* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int grid = static_cast<int>(std::min<size_t>((n + 255) / 256, 4096));
-  add_kernel<<<grid, 256, 0, stream>>>(a, b, n, out);
-  return cudaGetLastError();
+  return launch_pdl(add_kernel, grid, 256, 0, stream, a, b, n, out);
 }
 
 }  // namespace moeflash

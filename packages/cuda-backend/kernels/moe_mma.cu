@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 
 #include "common.cuh"
 #include "moe_mma.h"
@@ -26,9 +25,7 @@ namespace {
 
 constexpr int kSplitK = 8;  // warps of a block: the row tile's reduction split 8 ways
 constexpr int kThreads = kSplitK * 32;
-constexpr int kBatch = 6;  // k-tiles whose loads a warp issues together (45 k-tiles / 8 warps <= 6)
 constexpr int kMaxCols = 16;
-constexpr int kMinBlocks = 4;  // 32 warps a multiprocessor: 64 registers a thread
 
 // Nibbles p and p + 4 of a word of E2M1 codes as an f16x2 equal to E2M1 * 2^-14 (low half: nibble
 // p). Same bit move as e2m1_pair_scaled in common.cuh, without the conversion to float32.
@@ -92,6 +89,7 @@ constexpr int kPlanThreads = 1024;
 
 __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* __restrict__ ids, int slots, int experts,
                                                                 int cols, int32_t* __restrict__ plan) {
+  pdl_prologue();
   __shared__ int count[1024], slot_start[1024], item_start[1024];
   const int tid = threadIdx.x, lane = tid & 31;
   for (int e = tid; e < experts; e += blockDim.x) count[e] = 0;
@@ -129,12 +127,56 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
   }
 }
 
-// ------------------------------------------------------------------ shared pieces of a block
-struct ItemView {
-  int expert, cols;
-  const int* slot;  // shared memory: the item's (token, slot) pair of each column
-};
+// The same plan, built by every block in shared memory, for decode steps (<= 8 tokens, <= 64
+// pairs, 8 columns an item: an expert has at most one pair a token, so an item is an expert).
+// Items are ordered by their first pair instead of by expert id; nothing depends on the order.
+// Saves the plan kernel's launch, which is on the critical path of every layer.
+constexpr int kInlineSlots = 64;
 
+__device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s) {
+  __shared__ int id_s[kInlineSlots], head_s[kInlineSlots], rank_s[kInlineSlots];
+  const int t = threadIdx.x;
+  if (t < slots) id_s[t] = ids[t];
+  __syncthreads();
+  if (t < slots) {
+    const int e = id_s[t];
+    int head = t, rank = 0;
+    for (int s = 0; s < t; ++s)
+      if (id_s[s] == e) {
+        head = min(head, s);
+        ++rank;
+      }
+    head_s[t] = head;
+    rank_s[t] = rank;
+  }
+  __syncthreads();
+  int* items = plan_s + 1;
+  int* list = items + 3 * kInlineSlots;
+  if (t < slots) {
+    const int head = head_s[t];
+    int start = 0;  // pairs of the items whose first pair comes before this one's
+    for (int s = 0; s < slots; ++s) start += head_s[s] < head;
+    list[start + rank_s[t]] = t;
+    if (head == t) {
+      int item = 0, cols = 0;
+      for (int s = 0; s < slots; ++s) {
+        item += s < t && head_s[s] == s;
+        cols += head_s[s] == t;
+      }
+      items[3 * item] = id_s[t];
+      items[3 * item + 1] = cols;
+      items[3 * item + 2] = start;
+    }
+  }
+  if (t == 0) {
+    int n = 0;
+    for (int s = 0; s < slots; ++s) n += head_s[s] == s;
+    plan_s[0] = n;
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------ shared pieces of a block
 // B staging: column j is the float32 vector src(j) of length kd, multiplied by a power of two
 // 2^shift_j chosen from its largest magnitude (largest |x| * 2^shift_j < 2^15, so f16 cannot
 // overflow) and stored as f16 in the mma k order: uint4 (j, block b, q) holds the f16x2 pairs
@@ -199,12 +241,14 @@ __device__ void stage_columns(const Staging& st, int cols, int kd, SrcFn src, fl
 
 // The warp's share of one row tile, kBatch k-tiles at a time: the weights of a batch are loaded
 // together (one 16-byte load and one 4-byte scale load a lane per k-tile), then consumed.
+template <int NB>
 struct Batch {
-  uint4 a[kBatch];
-  uint32_t sc[kBatch];
+  uint4 a[NB];
+  uint32_t sc[NB];
 };
 
-__device__ __forceinline__ void load_batch(Batch& B, const uint8_t* __restrict__ tiles,
+template <int kBatch>
+__device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __restrict__ tiles,
                                            const uint8_t* __restrict__ scales, int kb, int k1) {
   const int lane = threadIdx.x & 31, g = lane >> 2;
 #pragma unroll
@@ -218,8 +262,8 @@ __device__ __forceinline__ void load_batch(Batch& B, const uint8_t* __restrict__
 
 // acc[n][i] (n-tile n, fragment element i: rows g / g+8, columns 2q / 2q+1) += the batch's
 // k-tiles, in k order.
-template <int NT>
-__device__ __forceinline__ void consume_batch(const Batch& B, int kb, int k1, const Staging& st, int cols,
+template <int NT, int kBatch>
+__device__ __forceinline__ void consume_batch(const Batch<kBatch>& B, int kb, int k1, const Staging& st, int cols,
                                               float (&acc)[NT][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
 #pragma unroll
@@ -252,174 +296,8 @@ __device__ __forceinline__ void consume_batch(const Batch& B, int kb, int k1, co
   }
 }
 
-// The warp's k-tiles [k0, k1) of one row tile; the first batch was loaded before B was staged so
-// that its latency overlaps the staging.
-template <int NT>
-__device__ __forceinline__ void row_tile_mma(Batch& B, const uint8_t* __restrict__ tiles,
-                                             const uint8_t* __restrict__ scales, int k0, int k1, const Staging& st,
-                                             int cols, float (&acc)[NT][4]) {
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
-  for (int kb = k0; kb < k1; kb += kBatch) {
-    if (kb != k0) load_batch(B, tiles, scales, kb, k1);
-    consume_batch<NT>(B, kb, k1, st, cols, acc);
-  }
-}
-
-__device__ __forceinline__ bool load_item(const int32_t* plan, int slots, int experts, int cols, int* slot_s,
-                                          ItemView& it) {
-  const int n_items = plan[0];
-  if (static_cast<int>(blockIdx.y) >= n_items) return false;
-  const int32_t* items = plan + plan_items_offset();
-  const int32_t* list = items + 3 * max_items(slots, experts, cols);
-  it.expert = items[3 * blockIdx.y];
-  it.cols = items[3 * blockIdx.y + 1];
-  const int start = items[3 * blockIdx.y + 2];
-  if (threadIdx.x < it.cols) slot_s[threadIdx.x] = list[start + threadIdx.x];
-  it.slot = slot_s;
-  return true;  // stage_columns begins with the barrier that publishes slot_s
-}
-
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 __device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
-
-// ------------------------------------------------------------------ gate/up + activation
-// Block = (row tile of 8 outputs: their 8 gate rows and 8 up rows, item). act[slot, o] for the
-// item's pairs.
-template <int NT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) moe_mma_gate_up_kernel(MoeMmaArgs a, int cols_per_item) {
-  extern __shared__ uint4 smem_xs[];
-  __shared__ float red[kSplitK][NT * 4][32];
-  __shared__ float amax_part[kSplitK][kMaxCols];
-  __shared__ float col_unscale[kMaxCols];
-  __shared__ int slot_s[kMaxCols];
-  const int slots = a.tokens * a.top_k;
-  ItemView it;
-  if (!load_item(a.plan, slots, a.num_experts, cols_per_item, slot_s, it)) return;
-  const int H = a.hidden, I = a.inter;
-  const int nb = H / 32, nkt = nb / 2;
-  const int rt = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t expert_tiles = static_cast<int64_t>(2 * I / 16) * nkt;
-  const uint8_t* tiles = a.gate_up_blocks + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 512;
-  const uint8_t* scales = a.gate_up_scales + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 32;
-  const int per = (nkt + kSplitK - 1) / kSplitK;
-  const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
-  Batch B;
-  load_batch(B, tiles, scales, k0, k1);
-
-  const Staging st{smem_xs, nb * 4 + 4};
-  stage_columns(st, it.cols, H, [&](int j) { return a.x + static_cast<int64_t>(it.slot[j] / a.top_k) * H; },
-                col_unscale, amax_part);
-  float acc[NT][4];
-  row_tile_mma<NT>(B, tiles, scales, k0, k1, st, it.cols, acc);
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][n * 4 + i][lane] = acc[n][i];
-  __syncthreads();
-
-  const bool interleaved = a.interleaved;
-  for (int u = threadIdx.x; u < NT * 64; u += kThreads) {
-    const int n = u >> 6, c = (u >> 5) & 1, l = u & 31;
-    const int g = l >> 2, q = l & 3;
-    const int col = n * 8 + 2 * q + c;
-    if (col >= it.cols) continue;
-    float gs = 0.f, us = 0.f;
-#pragma unroll
-    for (int w = 0; w < kSplitK; ++w) {
-      gs += red[w][n * 4 + c][l];
-      us += red[w][n * 4 + 2 + c][l];
-    }
-    const int o = rt * 8 + g;
-    float gv = gs * col_unscale[col], uv = us * col_unscale[col];
-    const int64_t gr = interleaved ? 2 * o : o, ur = interleaved ? 2 * o + 1 : I + o;
-    if (a.gate_up_bias != nullptr) {
-      const int64_t base = static_cast<int64_t>(it.expert) * 2 * I;
-      gv += bf16_to_f32(a.gate_up_bias[base + gr]);
-      uv += bf16_to_f32(a.gate_up_bias[base + ur]);
-    }
-    float y;
-    if (a.activation == ExpertActivation::GptOssClamped) {
-      gv = fminf(gv, a.limit);
-      uv = fminf(fmaxf(uv, -a.limit), a.limit);
-      y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
-    } else {
-      y = silu_f(gv) * uv;
-    }
-    a.act[static_cast<int64_t>(it.slot[col]) * I + o] = y;
-  }
-}
-
-// ------------------------------------------------------------------ down + combine
-// Block = (row tile of 16 output rows, item): part[slot, rows] for the item's pairs. The last block
-// of a row tile to finish (a counter per row tile) adds every token's slots in slot order:
-// y = sum_k weight * (part + bias), the product rounded before the sum as the CPU backend does.
-template <int NT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) moe_mma_down_kernel(MoeMmaArgs a, int cols_per_item) {
-  extern __shared__ uint4 smem_xs[];
-  __shared__ float red[kSplitK][NT * 4][32];
-  __shared__ float amax_part[kSplitK][kMaxCols];
-  __shared__ float col_unscale[kMaxCols];
-  __shared__ bool last;
-  __shared__ int slot_s[kMaxCols];
-  const int slots = a.tokens * a.top_k;
-  ItemView it;
-  if (!load_item(a.plan, slots, a.num_experts, cols_per_item, slot_s, it)) return;
-  const int H = a.hidden, I = a.inter;
-  const int nb = I / 32, nkt = nb / 2;
-  const int rt = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t expert_tiles = static_cast<int64_t>(H / 16) * nkt;
-  const uint8_t* tiles = a.down_blocks + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 512;
-  const uint8_t* scales = a.down_scales + (it.expert * expert_tiles + static_cast<int64_t>(rt) * nkt) * 32;
-  const int per = (nkt + kSplitK - 1) / kSplitK;
-  const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
-  Batch B;
-  load_batch(B, tiles, scales, k0, k1);
-
-  const Staging st{smem_xs, nb * 4 + 4};
-  stage_columns(st, it.cols, I, [&](int j) { return a.act + static_cast<int64_t>(it.slot[j]) * I; }, col_unscale,
-                amax_part);
-  float acc[NT][4];
-  row_tile_mma<NT>(B, tiles, scales, k0, k1, st, it.cols, acc);
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][n * 4 + i][lane] = acc[n][i];
-  __syncthreads();
-
-  for (int u = threadIdx.x; u < NT * 128; u += kThreads) {
-    const int n = u >> 7, i = (u >> 5) & 3, l = u & 31;
-    const int g = l >> 2, q = l & 3;
-    const int col = n * 8 + 2 * q + (i & 1);
-    if (col >= it.cols) continue;
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < kSplitK; ++w) s += red[w][n * 4 + i][l];
-    const int row = rt * 16 + g + (i >= 2 ? 8 : 0);
-    a.part[static_cast<int64_t>(it.slot[col]) * H + row] = s * col_unscale[col];
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&a.counters[rt], 1) == a.plan[0] - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int K = a.top_k;
-  for (int u = threadIdx.x; u < a.tokens * 16; u += kThreads) {
-    const int t = u >> 4, row = rt * 16 + (u & 15);
-    float s = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const int slot = t * K + k;
-      float v = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
-      if (a.down_bias != nullptr) v += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
-      s = __fadd_rn(s, __fmul_rn(a.expert_weights[slot], v));
-    }
-    a.y[static_cast<int64_t>(t) * H + row] = s;
-  }
-  if (threadIdx.x == 0) a.counters[rt] = 0;
-}
 
 // ------------------------------------------------------------------ streaming (persistent) form
 // One kernel for both projections. The grid is what fits on the device at once; block b takes a
@@ -428,11 +306,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) moe_mma_down_kernel(MoeM
 // batches: the loads of the next batch (of this unit or the next one) are issued before the
 // current batch is consumed, so weight loads stay in flight through the reductions, barriers and
 // epilogues that a block-per-row-tile grid pays for with idle memory.
-constexpr int kStreamMinBlocks = 2;
-
-template <int NT, bool DOWN>
-__global__ void __launch_bounds__(kThreads, kStreamMinBlocks) moe_mma_stream_kernel(MoeMmaArgs a, int cols_per_item,
-                                                                                   int row_tiles) {
+// kBatch: k-tiles whose loads a warp issues together; two batches are held (the one consumed and
+// the next), and MINB resident blocks a multiprocessor bound the registers for them.
+template <int NT, bool DOWN, int kBatch, int MINB>
+__global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaArgs a, int cols_per_item,
+                                                                                   int row_tiles, bool inline_plan) {
+  pdl_prologue();
   extern __shared__ uint4 smem_xs[];
   __shared__ float red[2][kSplitK][NT * 4][32];
   __shared__ float amax_part[kSplitK][kMaxCols];
@@ -440,14 +319,22 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks) moe_mma_stream_ker
   __shared__ int slot_s[kMaxCols];
   __shared__ int item_s[2];  // expert, columns of the staged item
   __shared__ bool last;
+  __shared__ int plan_s[1 + 4 * kInlineSlots];
   const int slots = a.tokens * a.top_k;
-  const int n_items = a.plan[0];
+  const int32_t* plan = a.plan;
+  int max_it = max_items(slots, a.num_experts, cols_per_item);
+  if (inline_plan) {
+    build_plan_in_block(a.expert_ids, slots, plan_s);
+    plan = plan_s;
+    max_it = kInlineSlots;
+  }
+  const int n_items = plan[0];
   const int total = n_items * row_tiles;
   const int per_block = (total + gridDim.x - 1) / gridDim.x;
   const int u0 = blockIdx.x * per_block, u1 = min(total, u0 + per_block);
   if (u0 >= u1) return;
-  const int32_t* items = a.plan + plan_items_offset();
-  const int32_t* list = items + 3 * max_items(slots, a.num_experts, cols_per_item);
+  const int32_t* items = plan + plan_items_offset();
+  const int32_t* list = items + 3 * max_it;
 
   const int H = a.hidden, I = a.inter;
   const int kd = DOWN ? I : H;  // reduction length
@@ -469,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks) moe_mma_stream_ker
     sc = wscales + tile0 * 32;
   };
 
-  Batch B0, B1;
+  Batch<kBatch> B0, B1;
   const uint8_t *cur_t, *cur_s;
   unit_tiles(u0, cur_t, cur_s);
   if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1);
@@ -517,10 +404,10 @@ __global__ void __launch_bounds__(kThreads, kStreamMinBlocks) moe_mma_stream_ker
       const int kb = k0 + j * kBatch;
       if ((g_batch & 1) == 0) {
         if (has_next) load_batch(B1, nt, ns, nk, k1);
-        consume_batch<NT>(B0, kb, k1, st, cols, acc);
+        consume_batch<NT, kBatch>(B0, kb, k1, st, cols, acc);
       } else {
         if (has_next) load_batch(B0, nt, ns, nk, k1);
-        consume_batch<NT>(B1, kb, k1, st, cols, acc);
+        consume_batch<NT, kBatch>(B1, kb, k1, st, cols, acc);
       }
       if (j + 1 == nbat) cur_t = nt, cur_s = ns;
     }
@@ -641,16 +528,6 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 
 }  // namespace
 
-// Which kernel form runs: 0 streaming (default), 1 a block per (row tile, item). The second is kept
-// for comparison in benchmarks (MOEFLASH_MOE_FORM=tile).
-int moe_kernel_form() {
-  static const int form = [] {
-    const char* v = std::getenv("MOEFLASH_MOE_FORM");
-    return v != nullptr && std::string(v) == "tile" ? 1 : 0;
-  }();
-  return form;
-}
-
 bool moe_mma_supported(int hidden, int inter) {
   return hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0;
 }
@@ -690,44 +567,44 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
   const int slots = a.tokens * a.top_k;
   // Decode steps (<= 8 tokens: an expert has at most 8 pairs) take one n-tile; larger steps two.
   const int cols = a.tokens <= 8 ? 8 : 16;
-  const int items = max_items(slots, a.num_experts, cols);
+  const bool inline_plan = a.tokens <= 8 && slots <= kInlineSlots;
+  const int items = inline_plan ? std::min(slots, a.num_experts) : max_items(slots, a.num_experts, cols);
   const int alloc_cols = std::min(cols, slots);
-  moe_plan_kernel<<<1, kPlanThreads, 0, stream>>>(a.expert_ids, slots, a.num_experts, cols, a.plan);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
+  cudaError_t e = cudaSuccess;
+  if (!inline_plan) {
+    e = launch_pdl(moe_plan_kernel, 1, kPlanThreads, 0, stream, a.expert_ids, slots, a.num_experts, cols, a.plan);
+    if (e != cudaSuccess) return e;
+  }
 
   const size_t gu_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.hidden / 32 * 4 + 4);
   const size_t dn_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.inter / 32 * 4 + 4);
-  if (moe_kernel_form() == 1) {
-    const dim3 gu_grid(2 * a.inter / 16, items), dn_grid(a.hidden / 16, items);
-    auto run = [&](auto gate_up, auto down) {
-      cudaError_t err = allow_smem(gate_up, gu_smem);
-      if (err != cudaSuccess) return err;
-      gate_up<<<gu_grid, kThreads, gu_smem, stream>>>(a, cols);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-      err = allow_smem(down, dn_smem);
-      if (err != cudaSuccess) return err;
-      down<<<dn_grid, kThreads, dn_smem, stream>>>(a, cols);
-      return cudaGetLastError();
-    };
-    return cols == 8 ? run(moe_mma_gate_up_kernel<1>, moe_mma_down_kernel<1>)
-                     : run(moe_mma_gate_up_kernel<2>, moe_mma_down_kernel<2>);
-  }
   auto launch = [&](auto kernel, size_t smem, int row_tiles) {
     cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
     const int fit = device_sm_count() * resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, smem);
     const int grid = std::max(1, std::min(items * row_tiles, fit));
-    kernel<<<grid, kThreads, smem, stream>>>(a, cols, row_tiles);
-    return cudaGetLastError();
+    return launch_pdl(kernel, grid, kThreads, smem, stream, a, cols, row_tiles, inline_plan);
   };
+  // Register budget variants (MOEFLASH_MOE_VARIANT, for benchmarks): 0 = batches of 6 k-tiles, 2
+  // blocks a multiprocessor; 1 = 4 k-tiles, 3 blocks; 2 = 3 k-tiles, 4 blocks.
+  static const int variant = [] {
+    const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
+    return v != nullptr ? std::max(0, std::min(2, std::atoi(v))) : 0;
+  }();
+  auto both = [&](auto gate_up, auto down) {
+    const cudaError_t err = launch(gate_up, gu_smem, 2 * a.inter / 16);
+    return err != cudaSuccess ? err : launch(down, dn_smem, a.hidden / 16);
+  };
+#define MOEFLASH_MOE_PAIR(NT, B, M) both(moe_mma_stream_kernel<NT, false, B, M>, moe_mma_stream_kernel<NT, true, B, M>)
   if (cols == 8) {
-    e = launch(moe_mma_stream_kernel<1, false>, gu_smem, 2 * a.inter / 16);
-    return e != cudaSuccess ? e : launch(moe_mma_stream_kernel<1, true>, dn_smem, a.hidden / 16);
+    if (variant == 1) return MOEFLASH_MOE_PAIR(1, 4, 3);
+    if (variant == 2) return MOEFLASH_MOE_PAIR(1, 3, 4);
+    return MOEFLASH_MOE_PAIR(1, 6, 2);
   }
-  e = launch(moe_mma_stream_kernel<2, false>, gu_smem, 2 * a.inter / 16);
-  return e != cudaSuccess ? e : launch(moe_mma_stream_kernel<2, true>, dn_smem, a.hidden / 16);
+  if (variant == 1) return MOEFLASH_MOE_PAIR(2, 4, 3);
+  if (variant == 2) return MOEFLASH_MOE_PAIR(2, 3, 4);
+  return MOEFLASH_MOE_PAIR(2, 6, 2);
+#undef MOEFLASH_MOE_PAIR
 }
 
 }  // namespace moeflash

@@ -59,8 +59,9 @@ struct MoeMmaArgs {
   float* y;           // [tokens, hidden]: sum over k in slot order of weight * (down act + bias)
 };
 
-// Three launches: plan, gate/up + activation, down + combine. Deterministic, no atomics on data;
-// a token's result does not depend on the other tokens of the step.
+// Two launches (gate/up + activation, down + combine), plus a plan kernel when the step has more
+// than 8 tokens; decode steps build the plan in every block. Deterministic, no atomics on data; a
+// token's result does not depend on the other tokens of the step.
 cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream);
 
 }  // namespace moeflash

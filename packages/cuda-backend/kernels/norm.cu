@@ -49,6 +49,7 @@ __device__ __forceinline__ void scale_row(const float* x, const bf16_bits* w, fl
 __global__ void rmsnorm_warp_kernel(float* __restrict__ x, const float* __restrict__ residual,
                                     const bf16_bits* __restrict__ w, float eps, int rows, int hidden,
                                     float* __restrict__ out) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
@@ -67,6 +68,7 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_block_kernel(float* __res
                                                                     const bf16_bits* __restrict__ w,
                                                                     float eps, int hidden,
                                                                     float* __restrict__ out) {
+  pdl_prologue();
   __shared__ float partial[kRowThreads / 32];
   const int row = blockIdx.x;
   const int64_t off = static_cast<int64_t>(row) * hidden;
@@ -89,12 +91,10 @@ cudaError_t rmsnorm_residual(float* x, const float* residual, const bf16_bits* w
   if (rows <= 0) return cudaSuccess;
   if (hidden <= 1024) {
     constexpr int kWarps = 8;
-    rmsnorm_warp_kernel<<<ceil_div(rows, kWarps), kWarps * 32, 0, stream>>>(x, residual, weight, eps, rows,
-                                                                             hidden, out);
-  } else {
-    rmsnorm_block_kernel<<<rows, kRowThreads, 0, stream>>>(x, residual, weight, eps, hidden, out);
+    return launch_pdl(rmsnorm_warp_kernel, ceil_div(rows, kWarps), kWarps * 32, 0, stream, x, residual, weight, eps,
+                      rows, hidden, out);
   }
-  return cudaGetLastError();
+  return launch_pdl(rmsnorm_block_kernel, rows, kRowThreads, 0, stream, x, residual, weight, eps, hidden, out);
 }
 
 }  // namespace moeflash

@@ -23,6 +23,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) router_topk_kernel(const 
                                                                          int num_experts, int top_k, RoutingRule rule,
                                                                          bool renormalize, int32_t* __restrict__ ids,
                                                                          float* __restrict__ weights) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int t = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   if (t >= tokens) return;
@@ -106,9 +107,10 @@ cudaError_t router_topk(const float* logits, int tokens, int num_experts, int to
     return cudaErrorInvalidValue;
   const int grid = ceil_div(tokens, kWarpsPerBlock);
   const int threads = kWarpsPerBlock * 32;
+  cudaError_t e;
 #define MOEFLASH_ROUTER_CASE(N)                                                                                  \
-  router_topk_kernel<N><<<grid, threads, 0, stream>>>(logits, tokens, num_experts, top_k, rule, renormalize, ids, \
-                                                      weights)
+  e = launch_pdl(router_topk_kernel<N>, grid, threads, 0, stream, logits, tokens, num_experts, top_k, rule, \
+                 renormalize, ids, weights)
   if (num_experts <= 32) MOEFLASH_ROUTER_CASE(1);
   else if (num_experts <= 64) MOEFLASH_ROUTER_CASE(2);
   else if (num_experts <= 128) MOEFLASH_ROUTER_CASE(4);
@@ -116,7 +118,7 @@ cudaError_t router_topk(const float* logits, int tokens, int num_experts, int to
   else if (num_experts <= 512) MOEFLASH_ROUTER_CASE(16);
   else MOEFLASH_ROUTER_CASE(32);
 #undef MOEFLASH_ROUTER_CASE
-  return cudaGetLastError();
+  return e;
 }
 
 }  // namespace moeflash
