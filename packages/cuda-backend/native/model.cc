@@ -1,12 +1,13 @@
 // The model executor: a model's weights, paged KV cache and activation arena on one device, all
 // reserved when it is created, and the forward pass of a step over them. src/model.ts owns the
 // policy (which pages a sequence holds, how a plan is split into steps); this file runs a step
-// as one call: inputs in, argmax ids (and logits, hidden states when asked) out.
+// as one call: inputs in, argmax ids (and sampled ids, logits, hidden states when asked) out.
 //
 // A decode step (one token a sequence) is replayed from a CUDA graph captured once per batch
 // bucket (1, 2, 4, ... tokens, padded with rows that write to a scratch page); any other step
 // is launched kernel by kernel.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -88,6 +89,30 @@ struct LayerPtrs {
   int fp8_br, fp8_bc;
 };
 
+// Device sampling of a step's logits rows (sample_rows): per-row settings, the drawn ids and the
+// kernel's workspace, for max_logit_rows rows. The settings part is also the host staging layout,
+// uploaded in one copy. Fields of a row in Model.step's `sample` argument, in this order.
+enum SampleField { kSTemperature, kSTopK, kSTopP, kSMinP, kSSeedLo, kSSeedHi, kSSeq, kSPosition, kSPurpose, kSampleFields };
+struct SampleLayout {
+  size_t temperature, top_p, min_p, top_k, seed_lo, seed_hi, seqs, positions, purposes, settings_bytes, ids, workspace, total;
+  SampleLayout(int rows, int vocab) {
+    const size_t L = static_cast<size_t>(rows);
+    size_t off = 0;
+    auto take = [&](size_t bytes) {
+      const size_t at = off;
+      off += align256(bytes);
+      return at;
+    };
+    temperature = take(sizeof(double) * L), top_p = take(sizeof(double) * L), min_p = take(sizeof(double) * L);
+    top_k = take(sizeof(int32_t) * L), seed_lo = take(sizeof(uint32_t) * L), seed_hi = take(sizeof(uint32_t) * L);
+    seqs = take(sizeof(uint32_t) * L), positions = take(sizeof(uint32_t) * L), purposes = take(sizeof(uint32_t) * L);
+    settings_bytes = off;
+    ids = take(sizeof(int32_t) * L);
+    workspace = take(sample_workspace_bytes(rows, vocab));
+    total = off;
+  }
+};
+
 // Everything the device holds for one model. Built whole or not at all: a failed allocation
 // throws from the constructor, and the members already allocated free themselves.
 struct State {
@@ -95,8 +120,13 @@ struct State {
   DeviceBuffer weights, kv, arena;
   PinnedBuffer in_host, out_host;
   cudaStream_t stream = nullptr;
-  std::map<int, cudaGraphExec_t> graphs;
+  std::map<int, cudaGraphExec_t> graphs;  // decode graphs by 2 * bucket + (samples ? 1 : 0)
   bool prepared = false;
+  // Sampling buffers (SampleLayout), allocated by the first step that samples; `sampling` says
+  // whether the step being run does (forward then runs sample_rows after argmax_rows).
+  DeviceBuffer sample_buf;
+  std::vector<char> sample_host;
+  bool sampling = false;
   std::vector<LayerPtrs> layers;
   const bf16_bits *embed = nullptr, *lm_head = nullptr, *final_norm = nullptr;
   const float* inv_freq = nullptr;
@@ -421,6 +451,26 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
     MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (lm head)");
     MF_TRY(argmax_rows(s.logits, n_logit, c.vocab, s.argmax_ids, s.argmax_ws, st), "argmax_rows");
+    if (s.sampling) {
+      const SampleLayout sl(c.max_logit_rows, c.vocab);
+      char* b = s.sample_buf.get<char>();
+      SampleArgs a{};
+      a.logits = s.logits;
+      a.rows = n_logit;
+      a.vocab = c.vocab;
+      a.temperature = reinterpret_cast<const double*>(b + sl.temperature);
+      a.top_k = reinterpret_cast<const int32_t*>(b + sl.top_k);
+      a.top_p = reinterpret_cast<const double*>(b + sl.top_p);
+      a.min_p = reinterpret_cast<const double*>(b + sl.min_p);
+      a.seed_lo = reinterpret_cast<const uint32_t*>(b + sl.seed_lo);
+      a.seed_hi = reinterpret_cast<const uint32_t*>(b + sl.seed_hi);
+      a.seqs = reinterpret_cast<const uint32_t*>(b + sl.seqs);
+      a.positions = reinterpret_cast<const uint32_t*>(b + sl.positions);
+      a.purposes = reinterpret_cast<const uint32_t*>(b + sl.purposes);
+      a.out = reinterpret_cast<int32_t*>(b + sl.ids);
+      a.workspace = b + sl.workspace;
+      MF_TRY(sample_rows(a, st), "sample_rows");
+    }
   }
   return {};
 }
@@ -556,10 +606,14 @@ class Model : public Napi::ObjectWrap<Model> {
   }
 
   // step(inputs: Int32Array, tokens, logitRows, maxLen, copyLogits, hiddenLayers: Int32Array | null,
-  //      decode: boolean) -> { ids: Int32Array, logits: Float32Array | null, hidden: Float32Array | null }
+  //      decode: boolean, sample: Float64Array | null)
+  //   -> { ids: Int32Array, logits: Float32Array | null, hidden: Float32Array | null,
+  //        sampled: Int32Array | null, graph: boolean }
   // inputs: [tokens | positions | slots | seqLens | logitRows] each maxTokens long, then maxTokens
   // block-table rows of maxPagesPerSeq. decode: every token is its own sequence's one new token and
-  // every row's logits are wanted; such a step replays a CUDA graph.
+  // every row's logits are wanted; such a step replays a CUDA graph. sample: [logitRows][9]
+  // settings (SampleField order) to draw a token from each logits row with sample_rows
+  // (temperature 0: argmax), returned as `sampled`.
   Napi::Value Step(const Napi::CallbackInfo& info) {
     const ArgReader r{info, "Model.step"};
     Napi::Env env = info.Env();
@@ -580,6 +634,12 @@ class Model : public Napi::ObjectWrap<Model> {
       }
     }
     const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T;
+    const bool sampling = !r.is_null(7) && n_logit > 0;
+    Napi::Float64Array sample_in;
+    if (sampling) {
+      sample_in = r.typed<Napi::Float64Array>(7, "sample", napi_float64_array, "Float64Array");
+      r.length(sample_in.ElementLength(), static_cast<size_t>(n_logit) * kSampleFields, "sample", "logitRows * 9");
+    }
 
     int rows = T;
     const int MT = c.max_tokens;
@@ -606,6 +666,36 @@ class Model : public Napi::ObjectWrap<Model> {
       if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a KV slot is outside the cache");
     }
     cudaStream_t st = s.stream;
+    s.sampling = sampling;
+    if (sampling) {
+      const SampleLayout sl(c.max_logit_rows, c.vocab);
+      if (s.sample_buf.get() == nullptr) {
+        s.sample_buf = DeviceBuffer(env, sl.total, "sampling buffers");
+        s.sample_host.assign(sl.settings_bytes, 0);
+      }
+      // Padding rows of a graph bucket stay greedy (all zeros).
+      std::fill(s.sample_host.begin(), s.sample_host.end(), 0);
+      char* h = s.sample_host.data();
+      const double* in_s = sample_in.Data();
+      for (int j = 0; j < n_logit; ++j) {
+        const double* f = in_s + static_cast<size_t>(j) * kSampleFields;
+        const double temperature = f[kSTemperature], top_p = f[kSTopP], min_p = f[kSMinP];
+        if (!(std::isfinite(temperature) && temperature >= 0) || !(top_p > 0 && top_p <= 1) || !(min_p >= 0 && min_p <= 1) ||
+            !(f[kSTopK] >= 0 && f[kSTopK] <= 2147483647.0))
+          r.fail("sample row " + std::to_string(j) + " has settings outside core's ranges");
+        reinterpret_cast<double*>(h + sl.temperature)[j] = temperature;
+        reinterpret_cast<double*>(h + sl.top_p)[j] = top_p;
+        reinterpret_cast<double*>(h + sl.min_p)[j] = min_p;
+        reinterpret_cast<int32_t*>(h + sl.top_k)[j] = static_cast<int32_t>(f[kSTopK]);
+        reinterpret_cast<uint32_t*>(h + sl.seed_lo)[j] = static_cast<uint32_t>(f[kSSeedLo]);
+        reinterpret_cast<uint32_t*>(h + sl.seed_hi)[j] = static_cast<uint32_t>(f[kSSeedHi]);
+        reinterpret_cast<uint32_t*>(h + sl.seqs)[j] = static_cast<uint32_t>(f[kSSeq]);
+        reinterpret_cast<uint32_t*>(h + sl.positions)[j] = static_cast<uint32_t>(f[kSPosition]);
+        reinterpret_cast<uint32_t*>(h + sl.purposes)[j] = static_cast<uint32_t>(f[kSPurpose]);
+      }
+      check_cuda(env, cudaMemcpyAsync(s.sample_buf.get(), h, sl.settings_bytes, cudaMemcpyHostToDevice, st),
+                 "cudaMemcpyAsync (sampling settings)");
+    }
     check_cuda(env, cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * 5 * MT, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync (inputs)");
     check_cuda(env,
                cudaMemcpyAsync(s.in_tables, pin + 5 * MT, sizeof(int32_t) * static_cast<size_t>(rows) * c.max_pages_per_seq,
@@ -647,7 +737,8 @@ class Model : public Napi::ObjectWrap<Model> {
       if (!stt.ok()) check_cuda(env, stt.err, std::string("step: ") + stt.what);
     };
     if (bucket > 0) {
-      auto g = s.graphs.find(bucket);
+      const int graph_key = 2 * bucket + (sampling ? 1 : 0);
+      auto g = s.graphs.find(graph_key);
       if (g != s.graphs.end()) {
         check_cuda(env, cudaGraphLaunch(g->second, st), "cudaGraphLaunch (decode step)");
       } else {
@@ -666,7 +757,7 @@ class Model : public Napi::ObjectWrap<Model> {
         const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
         cudaGraphDestroy(graph);
         check_cuda(env, inst, "cudaGraphInstantiate");
-        s.graphs[bucket] = exec;
+        s.graphs[graph_key] = exec;
       }
     } else {
       run_eager(T, n_logit, max_len);
@@ -682,6 +773,15 @@ class Model : public Napi::ObjectWrap<Model> {
                                    cudaMemcpyDeviceToHost, st),
                    "cudaMemcpyAsync (logits)");
     }
+    Napi::Int32Array sampled;
+    if (sampling) {
+      sampled = Napi::Int32Array::New(env, want);
+      const SampleLayout sl(c.max_logit_rows, c.vocab);
+      check_cuda(env,
+                 cudaMemcpyAsync(sampled.Data(), s.sample_buf.get<char>() + sl.ids, sizeof(int32_t) * want,
+                                 cudaMemcpyDeviceToHost, st),
+                 "cudaMemcpyAsync (sampled ids)");
+    }
     check_cuda(env, cudaStreamSynchronize(st), "step (cudaStreamSynchronize)");
     Napi::Object o = Napi::Object::New(env);
     Napi::Int32Array ids = Napi::Int32Array::New(env, want);
@@ -695,6 +795,7 @@ class Model : public Napi::ObjectWrap<Model> {
       o.Set("logits", env.Null());
     }
     o.Set("hidden", hidden.empty() ? Napi::Value(env.Null()) : Napi::Value(hidden_out));
+    o.Set("sampled", sampling ? Napi::Value(sampled) : Napi::Value(env.Null()));
     o.Set("graph", bucket > 0);
     return o;
   }

@@ -1,7 +1,8 @@
 /**
  * The CUDA backend: {@link CudaBackend} loads a checkpoint onto one GPU and {@link CudaModel} runs
  * steps on it. Weights, the paged KV cache and one activation arena are reserved at load (all or
- * nothing); a step allocates no device memory and is one call into the addon.
+ * nothing); a step is one call into the addon and allocates no device memory, except that the
+ * first step that samples on the device (StepSequence.sample) reserves sample_rows' buffers.
  *
  * ```
  *  WeightSource ──> plan (offsets) ──> native Model (weights | KV pages | arena) ──> upload tensors
@@ -12,7 +13,10 @@
 import {
   MoeflashError,
   detectExpertLayout,
+  rngKey,
   ropeTable,
+  seedKey,
+  validateSamplingParams,
   type Backend,
   type DeviceInfo,
   type KvPageStats,
@@ -24,6 +28,7 @@ import {
   type SequenceOutput,
   type StepPlan,
   type StepResult,
+  type StepSample,
   type WeightSource,
 } from '@moeflash/core';
 
@@ -545,6 +550,14 @@ function checkSupported(spec: ModelSpec): void {
   if (spec.moe.topK > 8) bad(`top-k ${spec.moe.topK} (at most 8)`);
 }
 
+/** A row's settings for Model.step's `sample` argument (native/model.cc SampleField order). */
+const SAMPLE_FIELDS = 9;
+function sampleFields(s: StepSample): number[] {
+  const p = s.params;
+  const [lo, hi] = seedKey(s.key.seed);
+  return [p.temperature ?? 0, p.topK ?? 0, p.topP ?? 1, p.minP ?? 0, lo, hi, s.key.seq, s.key.position, s.key.purpose ?? 0];
+}
+
 interface SeqState {
   pages: number[];
   length: number;
@@ -558,6 +571,8 @@ export class CudaModel implements LoadedModel {
   private native: NativeModel | null;
   /** Steps that replayed a CUDA graph, and steps launched kernel by kernel. */
   readonly stats = { graphSteps: 0, eagerCalls: 0 };
+  /** StepSequence.sample runs sample_rows (kernels/sample.cu), bit-exact with core's sampler. */
+  readonly sampling = true;
 
   constructor(
     readonly spec: ModelSpec,
@@ -651,6 +666,11 @@ export class CudaModel implements LoadedModel {
       for (const l of s.hiddenLayers ?? []) {
         if (!Number.isInteger(l) || l < 0 || l >= spec.numLayers) throw new MoeflashError('INVALID_ARGUMENT', `hiddenLayers: layer ${l} is outside [0, ${spec.numLayers})`);
       }
+      if (s.sample) {
+        validateSamplingParams(s.sample.params);
+        const k = s.sample.key;
+        rngKey(k.seed, k.seq, k.position, k.purpose);
+      }
       const len = this.length(s.seq) + s.tokens.length;
       if (len > cfg.maxSeqLen) {
         throw new MoeflashError('OUT_OF_MEMORY', `sequence ${s.seq} would hold ${len} positions; the KV cache was sized for ${cfg.maxSeqLen} a sequence: load with a larger maxSequenceLength`);
@@ -675,13 +695,15 @@ export class CudaModel implements LoadedModel {
     });
 
     // Rows of the step in plan order, and where each sequence's outputs go.
-    interface RowRef { si: number; token: number; pos: number; logitRow: number; }
+    interface RowRef { si: number; token: number; pos: number; logitRow: number; sample?: StepSample; }
     const rows: RowRef[] = [];
     const outs = plan.sequences.map((s, si) => {
       const n = s.tokens.length;
       const first = s.logits === 'all' ? 0 : n - 1;
       const want = s.logits === 'none' || n === 0 ? 0 : n - first;
-      s.tokens.forEach((token, i) => rows.push({ si, token, pos: states[si].length + i, logitRow: i >= first && want > 0 ? i - first : -1 }));
+      s.tokens.forEach((token, i) =>
+        rows.push({ si, token, pos: states[si].length + i, logitRow: i >= first && want > 0 ? i - first : -1, sample: i === n - 1 ? s.sample : undefined }),
+      );
       const hidden = s.hiddenLayers?.length ? new Map(s.hiddenLayers.map((l) => [l, new Float32Array(n * H)] as const)) : undefined;
       return {
         seq: s.seq,
@@ -690,6 +712,7 @@ export class CudaModel implements LoadedModel {
         argmax: new Int32Array(want),
         hidden,
         rowBase: rows.length - n,
+        sampled: undefined as number | undefined,
       };
     });
     const hiddenLayers = [...new Set(plan.sequences.flatMap((s) => s.hiddenLayers ?? []))].sort((x, y) => x - y);
@@ -703,7 +726,7 @@ export class CudaModel implements LoadedModel {
         let c1 = c0;
         let nLogit = 0;
         while (c1 < rows.length && c1 - c0 < MT) {
-          const wantsLogit = decode || rows[c1].logitRow >= 0;
+          const wantsLogit = decode || rows[c1].logitRow >= 0 || rows[c1].sample !== undefined;
           if (wantsLogit && nLogit === cfg.maxLogitRows) break;
           if (wantsLogit) nLogit++;
           c1++;
@@ -720,7 +743,7 @@ export class CudaModel implements LoadedModel {
           inp[2 * MT + t] = pages[Math.floor(r.pos / cfg.pageSize)] * cfg.pageSize + (r.pos % cfg.pageSize);
           inp[3 * MT + t] = r.pos + 1;
           maxLen = Math.max(maxLen, r.pos + 1);
-          if (decode || r.logitRow >= 0) {
+          if (decode || r.logitRow >= 0 || r.sample) {
             inp[4 * MT + li++] = t;
             logitOf.push(r);
           }
@@ -728,14 +751,24 @@ export class CudaModel implements LoadedModel {
           const base = 5 * MT + t * cfg.maxPagesPerSeq;
           for (let p = 0; p < used; p++) inp[base + p] = pages[p];
         }
-        const res = native.step(inp, T, li, maxLen, copyLogits, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode);
+        // Logits leave the device only when some row of the call returns them; drawn tokens always do.
+        const copy = copyLogits && logitOf.some((r) => r.logitRow >= 0);
+        let sample: Float64Array | null = null;
+        if (logitOf.some((r) => r.sample)) {
+          sample = new Float64Array(li * SAMPLE_FIELDS);
+          logitOf.forEach((r, j) => {
+            if (r.sample) sample!.set(sampleFields(r.sample), j * SAMPLE_FIELDS);
+          });
+        }
+        const res = native.step(inp, T, li, maxLen, copy, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode, sample);
         if (res.graph) this.stats.graphSteps++;
         else this.stats.eagerCalls++;
         logitOf.forEach((r, j) => {
+          if (r.sample && res.sampled) outs[r.si].sampled = res.sampled[j];
           if (r.logitRow < 0) return;
           const o = outs[r.si];
           o.argmax[r.logitRow] = res.ids[j];
-          if (copyLogits && res.logits) o.logits.set(res.logits.subarray(j * V, (j + 1) * V), r.logitRow * V);
+          if (copy && res.logits) o.logits.set(res.logits.subarray(j * V, (j + 1) * V), r.logitRow * V);
         });
         if (res.hidden) {
           hiddenLayers.forEach((l, k) => {
@@ -756,7 +789,14 @@ export class CudaModel implements LoadedModel {
     }
     plan.sequences.forEach((s, si) => (states[si].length += s.tokens.length));
     return {
-      sequences: outs.map((o) => ({ seq: o.seq, logits: o.logits, rows: o.rows, hidden: o.hidden, argmax: o.argmax })),
+      sequences: outs.map((o) => ({
+        seq: o.seq,
+        logits: o.logits,
+        rows: o.rows,
+        hidden: o.hidden,
+        argmax: o.argmax,
+        ...(o.sampled !== undefined ? { sampled: o.sampled } : {}),
+      })),
     };
   }
 }

@@ -242,7 +242,9 @@ export interface NativeModel {
     copyLogits: boolean,
     hiddenLayers: Int32Array | null,
     decode: boolean,
-  ): { ids: Int32Array; logits: Float32Array | null; hidden: Float32Array | null; graph: boolean };
+    /** [logitRows][9]: temperature, topK, topP, minP, seedLo, seedHi, seq, position, purpose. */
+    sample: Float64Array | null,
+  ): { ids: Int32Array; logits: Float32Array | null; hidden: Float32Array | null; sampled: Int32Array | null; graph: boolean };
   info(): { weights: number; kvCache: number; activations: number; graphs: number };
   dispose(): void;
 }

@@ -8,12 +8,28 @@
  *
  * Limit: exact equality of every token. Rows core rejects (a NaN or +Infinity logit, or only
  * -Infinity, on a sampled row) must come back as -1; greedy rows (temperature 0) as argmax.
+ *
+ * Then the model: StepSequence.sample on eager and CUDA-graph steps gives the token core draws
+ * from the step's own logits, and an engine on the CUDA backend generates the same tokens whether
+ * the device or the host samples.
  */
+import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 
-import { argmax, rngKey, sampleToken, type SamplingParams } from '@moeflash/core';
+import {
+  argmax,
+  createEngine,
+  loadModelSpec,
+  openWeights,
+  rngKey,
+  sampleToken,
+  sampleTokenOrReject,
+  type SamplingParams,
+  type StepSample,
+} from '@moeflash/core';
 
-import { cudaOps, isCudaAvailable } from '../src/index.js';
+import { createCudaBackend, cudaOps, isCudaAvailable, type CudaModel } from '../src/index.js';
+import { tinyModel } from '../../core/test/helpers.js';
 import { firstMismatch, logCheck, randomNormal, rng } from './helpers.js';
 
 const cuda = isCudaAvailable();
@@ -248,5 +264,82 @@ describe.skipIf(skip)('sample_rows: the same token as core sampleToken', () => {
       sampleToken(logits, { temperature: 1 }, rngKey(seed, i + 1, i + 5), { offset: i * V, length: V }),
     );
     expect(Array.from(got)).toEqual(Array.from(ref));
+  });
+});
+
+describe.skipIf(skip)('CUDA model: StepSequence.sample', () => {
+  const fixtures = path.join(__dirname, '..', '..', 'core', 'test', 'fixtures', 'golden');
+  const SETTINGS: SamplingParams[] = [
+    { temperature: 0 },
+    { temperature: 1 },
+    { temperature: 0.7, topK: 20, topP: 0.9 },
+    { temperature: 1.2, minP: 0.05 },
+  ];
+
+  it('eager and graph steps draw the token core draws from the same logits', async () => {
+    const { readdirSync } = await import('node:fs');
+    const name = readdirSync(fixtures).find((f) => f.startsWith('gpt_oss_mxfp4')) ?? readdirSync(fixtures)[0]!;
+    const dir = path.join(fixtures, name);
+    const spec = await loadModelSpec(dir);
+    const w = await openWeights(dir);
+    const gpu = (await createCudaBackend().load(spec, w, { maxSequences: 4, maxSequenceLength: 64, maxStepTokens: 16 })) as CudaModel;
+    await w.close();
+    const V = spec.vocabSize;
+    const draw = (si: number, position: number, seed = 5): StepSample => ({
+      params: { ...SETTINGS[si]!, seed },
+      key: rngKey(seed, 100 + si, position),
+    });
+    const check = (label: string, out: { logits: Float32Array; rows: number; sampled?: number }, sample: StepSample) => {
+      const row = out.logits.subarray((out.rows - 1) * V, out.rows * V);
+      const want = sampleTokenOrReject(row, sample.params, sample.key);
+      logCheck(label, `${out.sampled} (core ${want})`);
+      expect(out.sampled, label).toBe(want);
+    };
+    // Prefill (eager), logits returned alongside the draw.
+    const prompts = SETTINGS.map((_, i) => [5 + i, 17, 42, 99, 3 + i, 250, 8]);
+    const pre = prompts.map((p, i) => draw(i, p.length));
+    const a = await gpu.step({ sequences: prompts.map((p, i) => ({ seq: i + 1, tokens: p, logits: 'last' as const, sample: pre[i] })) });
+    a.sequences.forEach((o, i) => check(`prefill ${i}`, o, pre[i]!));
+    // Decode steps (a CUDA graph with sampling), five in a row, with and without logits.
+    const graphs = gpu.stats.graphSteps;
+    for (let k = 0; k < 5; k++) {
+      const pos = prompts[0]!.length + k + 1;
+      const samples = SETTINGS.map((_, i) => draw(i, pos, 7 + k));
+      const tokens = SETTINGS.map((_, i) => (k * 31 + i * 7) % V);
+      const blind = await gpu.step({ sequences: tokens.map((t, i) => ({ seq: i + 1, tokens: [t], logits: 'none' as const, sample: samples[i] })) });
+      for (const o of blind.sequences) {
+        expect(o.logits.length).toBe(0);
+        expect(o.sampled).toBeGreaterThanOrEqual(0);
+      }
+      // The same step again, logits returned: the same logits, so the same draw, and core's.
+      for (let i = 0; i < SETTINGS.length; i++) gpu.truncate(i + 1, gpu.length(i + 1) - 1);
+      const seen = await gpu.step({ sequences: tokens.map((t, i) => ({ seq: i + 1, tokens: [t], logits: 'last' as const, sample: samples[i] })) });
+      seen.sequences.forEach((o, i) => {
+        check(`decode ${k} row ${i}`, o, samples[i]!);
+        expect(o.sampled).toBe(blind.sequences[i]!.sampled);
+      });
+    }
+    expect(gpu.stats.graphSteps).toBeGreaterThan(graphs);
+    await gpu.dispose();
+  });
+
+  it('an engine on the CUDA backend generates the same tokens whether the device or the host samples', async () => {
+    const dir = await tinyModel('gpt_oss');
+    const onDevice = await createEngine({ model: dir, backend: createCudaBackend(), log: () => {} });
+    const onHost = await createEngine({ model: dir, backend: createCudaBackend(), log: () => {} });
+    Object.defineProperty(onHost.model, 'sampling', { value: false });
+    try {
+      for (const params of [{ temperature: 0 }, { temperature: 1, seed: 3 }, { temperature: 0.8, topK: 40, topP: 0.9, minP: 0.02, seed: 9 }]) {
+        const opts = { ...params, maxTokens: 16, ignoreEos: true };
+        const prompts = [[5, 6, 7], [11, 12, 13, 14, 15], [1, 2]];
+        const got = await Promise.all(prompts.map((p, i) => onDevice.generate(p, { ...opts, stream: i }).result));
+        const want = await Promise.all(prompts.map((p, i) => onHost.generate(p, { ...opts, stream: i }).result));
+        logCheck(`engine ${JSON.stringify(params)}`, got.map((r) => r.tokens.join(',')).join(' | '));
+        expect(got.map((r) => r.tokens)).toEqual(want.map((r) => r.tokens));
+      }
+    } finally {
+      await onDevice.close();
+      await onHost.close();
+    }
   });
 });
