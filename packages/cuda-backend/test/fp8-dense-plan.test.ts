@@ -115,6 +115,8 @@ describe('CUDA weight plan with FP8 dense weights (no GPU needed)', () => {
     ['qwen3_moe_per_expert', [32, 32], true], // grids stack: one launch for q | k | v and for gate | up
     ['qwen3_moe_per_expert', [16, 48], true], // partial column blocks (down's 160 columns)
     ['qwen3_moe_fused', [32, 32], true],
+    ['qwen3_moe_fused', [64, 32], true], // the GPU test's fused cases (fp8-source.ts FP8_MODEL_CASES)
+    ['qwen3_moe_fused', [96, 32], true], // q = 96 + 32 rows, k and v one partial row block: one launch per matrix
     ['gpt_oss_mxfp4', [128, 128], true], // FP8 attention beside MXFP4 experts
     ['mixtral_per_expert', [128, 128], false], // hidden 72: rows not a multiple of 16 bytes, bf16 as before
   ] as [string, [number, number], boolean][])('%s, blocks %j', async (name, block, kept) => {

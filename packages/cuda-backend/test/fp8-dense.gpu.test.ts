@@ -4,13 +4,18 @@
  * projections run through gemv_fp8 instead of being upcast to bf16 at load. Prefill and decode
  * steps (the latter replayed from CUDA graphs) must give the CPU's logits within the 1e-2 of the
  * other CUDA-vs-CPU checks. Needs a GPU; elsewhere the suite is skipped with the reason printed.
+ *
+ * The device keeps K and V in bf16, the CPU in float32: a case whose CPU routing has a near-tie
+ * fails here with no fault in the FP8 path. fp8-dense-cases.test.ts measures on the CPU what that
+ * rounding alone does to these cases (it gave the H100's errors to three digits) and keeps them
+ * clear of such ties.
  */
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CpuBackend, loadModelSpec, openWeights } from '@moeflash/core';
 import { createCudaBackend, isCudaAvailable, type CudaModel } from '@moeflash/cuda-backend';
 
-import { fp8Checkpoint } from './fp8-source.js';
+import { FP8_DECODE_STEPS, FP8_MODEL_CASES, FP8_PROMPT, fp8Checkpoint } from './fp8-source.js';
 
 const avail = isCudaAvailable();
 if (!avail.ok) console.log(`[cuda] FP8 dense model tests skipped: ${avail.reason}`);
@@ -34,18 +39,14 @@ function argmax(v: Float32Array): number {
 }
 
 describe.skipIf(!avail.ok)('CUDA model with FP8 dense weights', () => {
-  it.each([
-    ['qwen3_moe_per_expert', [128, 128]], // one launch per matrix of q | k | v and gate | up; a dense FP8 MLP layer
-    ['qwen3_moe_per_expert', [32, 32]], // the scale grids stack: one launch each
-    ['qwen3_moe_fused', [32, 32]],
-    ['gpt_oss_mxfp4', [128, 128]], // FP8 attention (with biases) beside MXFP4 experts
-  ] as [string, [number, number]][])('%s, blocks %j: logits as the CPU backend', async (name, block) => {
+  it.each(FP8_MODEL_CASES)('%s, blocks %j: logits as the CPU backend', async (name, block) => {
     const dir = path.join(root, name);
     const w = await openWeights(dir);
     try {
       const fp = await fp8Checkpoint(await loadModelSpec(dir), w, block);
       const cpu = await new CpuBackend().load(fp.spec, fp.source);
       const gpu = (await createCudaBackend().load(fp.spec, fp.source, {
+        experts: 'stored', // the CPU's exact experts: the FP8 projections are what is compared
         maxSequences: 2,
         maxSequenceLength: 64,
         maxStepTokens: 16,
@@ -53,7 +54,7 @@ describe.skipIf(!avail.ok)('CUDA model with FP8 dense weights', () => {
       expect(gpu.fp8Matrices).toBe(fp.fp8.length);
       const V = fp.spec.vocabSize;
       // 20 tokens in steps of at most 16: gemv_fp8 runs 8 tokens a launch, plus a remainder.
-      const prompt = [5, 17, 42, 99, 3, 250, 8, 64, 11, 13, 200, 7, 1, 2, 77, 31, 9, 120, 55, 6];
+      const prompt = FP8_PROMPT;
       const a = await cpu.step({ sequences: [{ seq: 1, tokens: prompt, logits: 'all' }] });
       const b = await gpu.step({ sequences: [{ seq: 1, tokens: prompt, logits: 'all' }] });
       const e = relError(b.sequences[0].logits, a.sequences[0].logits);
@@ -62,7 +63,7 @@ describe.skipIf(!avail.ok)('CUDA model with FP8 dense weights', () => {
       // Greedy decode on the CPU's tokens: one-token steps, replayed from CUDA graphs.
       let next = argmax(a.sequences[0].logits.subarray((prompt.length - 1) * V));
       let worst = 0;
-      for (let i = 0; i < 8; i++) {
+      for (let i = 0; i < FP8_DECODE_STEPS; i++) {
         const c = await cpu.step({ sequences: [{ seq: 1, tokens: [next], logits: 'last' }] });
         const g = await gpu.step({ sequences: [{ seq: 1, tokens: [next], logits: 'last' }] });
         worst = Math.max(worst, relError(g.sequences[0].logits, c.sequences[0].logits));

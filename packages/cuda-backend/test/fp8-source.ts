@@ -80,3 +80,20 @@ export async function fp8Checkpoint(
     fp8: [...q.keys()],
   };
 }
+
+/**
+ * The CUDA model checks of fp8-dense.gpu.test.ts, [fixture, block grid]; fp8-dense-cases.test.ts
+ * checks on the CPU that none of them sits on a router near-tie that the device's bf16 KV cache
+ * flips (as qwen3_moe_fused in 32x32 blocks does: see there).
+ */
+export const FP8_MODEL_CASES: [string, [number, number]][] = [
+  ['qwen3_moe_per_expert', [128, 128]], // one launch per matrix of q | k | v and gate | up; a dense FP8 MLP layer
+  ['qwen3_moe_per_expert', [32, 32]], // the scale grids stack: one launch each
+  ['qwen3_moe_fused', [64, 32]], // head_dim 32, hidden 64: the grids stack
+  ['qwen3_moe_fused', [96, 32]], // q = 96 + 32 rows, k and v one partial row block each: one launch per matrix
+  ['gpt_oss_mxfp4', [128, 128]], // FP8 attention (with biases) beside MXFP4 experts
+];
+
+/** Their prompt (20 tokens: steps of 16 and 4, gemv_fp8 runs 8 tokens a launch) and greedy decode steps. */
+export const FP8_PROMPT = [5, 17, 42, 99, 3, 250, 8, 64, 11, 13, 200, 7, 1, 2, 77, 31, 9, 120, 55, 6];
+export const FP8_DECODE_STEPS = 8;

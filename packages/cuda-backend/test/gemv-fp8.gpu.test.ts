@@ -115,6 +115,9 @@ describe.skipIf(skip)('gemv_fp8', () => {
     [1, 16, 1, true, 128, 128],
     [300, 768, 4, false, 64, 96], // other block shapes
     [257, 512, 7, true, 1, 16],
+    [256, 64, 8, false, 32, 32], // qwen3_moe_fused's q | k | v and o (fp8-dense.gpu.test.ts)
+    [64, 128, 4, false, 32, 32],
+    [128, 64, 3, false, 96, 32], // its q in 96-row blocks: a partial row block
   ])('rows %i cols %i tokens %i bias %s blocks %ix%i', (rows, cols, tokens, withBias, br, bc) => {
     const r = rng(rows * 7 + cols + tokens);
     const m = randomFp8(rows, cols, r, br, bc);
