@@ -7,10 +7,13 @@
 
 namespace moeflash {
 
+// Off unless MOEFLASH_PDL=1: measured on an H100 (gpt-oss-20b, batch 1) the early trigger made the
+// step slower (3.10 ms against 2.90 ms): dependents parked at their wait hold the multiprocessor
+// slots that the persistent grids (sized to fill the device) expect to have.
 bool pdl_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("MOEFLASH_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return on;
 }

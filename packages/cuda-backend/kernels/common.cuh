@@ -122,7 +122,7 @@ constexpr int next_pow2(int n) { return n <= 1 ? 1 : 2 * next_pow2((n + 1) / 2);
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Whether launch_pdl asks for programmatic stream serialization (MOEFLASH_PDL=0 turns it off).
+// Whether launch_pdl asks for programmatic stream serialization (MOEFLASH_PDL=1; off by default).
 bool pdl_enabled();
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization; the
