@@ -484,6 +484,142 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   }
 }
 
+// ------------------------------------------------------------------ row form (decode)
+// Decode steps (<= 8 tokens, plan built in the block): block = (item, RT = 8 / SK row tiles), warp
+// = (row tile, k-split). A warp streams its whole k-range in batches of kRowBatch with the next
+// batch always in flight and meets no block barrier after staging: at SK > 1 the SK warps of a row
+// tile add their sums through shared memory behind a named barrier of those warps only.
+constexpr int kRowBatch = 4;
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <bool DOWN, int SK>
+__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item) {
+  pdl_prologue();
+  extern __shared__ uint4 smem_xs[];
+  constexpr int RT = kSplitK / SK;
+  __shared__ float red[SK > 1 ? RT : 1][SK][4][32];
+  __shared__ float amax_part[kSplitK][kMaxCols];
+  __shared__ float col_unscale[kMaxCols];
+  __shared__ int plan_s[1 + 4 * kInlineSlots];
+  const int slots = a.tokens * a.top_k;
+  build_plan_in_block(a.expert_ids, slots, plan_s);
+  const int n_items = plan_s[0];
+  const int item = blockIdx.x / groups_per_item;
+  if (item >= n_items) return;
+  const int group = blockIdx.x - item * groups_per_item;
+  const int* items = plan_s + 1;
+  const int* slot_s = items + 3 * kInlineSlots + items[3 * item + 2];
+  const int expert = items[3 * item], cols = items[3 * item + 1];
+
+  const int H = a.hidden, I = a.inter;
+  const int kd = DOWN ? I : H;
+  const int rows = DOWN ? H : 2 * I;
+  const int row_tiles = rows / 16;
+  const int nb = kd / 32, nkt = nb / 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r = warp / SK, sk = warp - r * SK;
+  const int rt = group * RT + r;
+  const bool active = rt < row_tiles;
+  const int per = (nkt + SK - 1) / SK;
+  const int k0 = min(nkt, sk * per), k1 = active ? min(nkt, k0 + per) : k0;
+  const int64_t tile0 = (static_cast<int64_t>(expert) * row_tiles + (active ? rt : 0)) * nkt;
+  const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
+  const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
+
+  Batch<kRowBatch> B0, B1;
+  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
+  const Staging st{smem_xs, nb * 4 + 4};
+  if constexpr (DOWN) {
+    stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
+                  amax_part);
+  } else {
+    stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
+                  col_unscale, amax_part);
+  }
+  if (!active) return;  // no block barrier follows
+
+  float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
+  int j = 0;
+  for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
+    const bool next = kb + kRowBatch < k1;
+    if ((j & 1) == 0) {
+      if (next) load_batch(B1, tiles, scales, kb + kRowBatch, k1);
+      consume_batch<1, kRowBatch>(B0, kb, k1, st, cols, acc);
+    } else {
+      if (next) load_batch(B0, tiles, scales, kb + kRowBatch, k1);
+      consume_batch<1, kRowBatch>(B1, kb, k1, st, cols, acc);
+    }
+  }
+  if constexpr (SK > 1) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[r][sk][i][lane] = acc[0][i];
+    named_barrier(1 + r, SK * 32);
+    if (sk != 0) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < SK; ++w) v += red[r][w][i][lane];
+      acc[0][i] = v;
+    }
+  }
+  const int g = lane >> 2, q = lane & 3;
+  if constexpr (!DOWN) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = 2 * q + c;
+      if (col >= cols) continue;
+      const int o = rt * 8 + g;
+      float gv = acc[0][c] * col_unscale[col], uv = acc[0][2 + c] * col_unscale[col];
+      const int64_t gr = a.interleaved ? 2 * o : o, ur = a.interleaved ? 2 * o + 1 : I + o;
+      if (a.gate_up_bias != nullptr) {
+        const int64_t base = static_cast<int64_t>(expert) * 2 * I;
+        gv += bf16_to_f32(a.gate_up_bias[base + gr]);
+        uv += bf16_to_f32(a.gate_up_bias[base + ur]);
+      }
+      float y;
+      if (a.activation == ExpertActivation::GptOssClamped) {
+        gv = fminf(gv, a.limit);
+        uv = fminf(fmaxf(uv, -a.limit), a.limit);
+        y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
+      } else {
+        y = silu_f(gv) * uv;
+      }
+      a.act[static_cast<int64_t>(slot_s[col]) * I + o] = y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int col = 2 * q + (i & 1);
+      if (col < cols)
+        a.part[static_cast<int64_t>(slot_s[col]) * H + rt * 16 + g + (i >= 2 ? 8 : 0)] = acc[0][i] * col_unscale[col];
+    }
+    __threadfence();
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) last = atomicAdd(&a.counters[rt], 1) == n_items - 1;
+    last = __shfl_sync(kFullMask, last, 0);
+    if (!last) return;
+    __threadfence();
+    const int K = a.top_k;
+    for (int v = lane; v < a.tokens * 16; v += 32) {
+      const int t = v >> 4, row = rt * 16 + (v & 15);
+      float sum = 0.f;
+      for (int k = 0; k < K; ++k) {
+        const int slot = t * K + k;
+        float x = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
+        if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
+        sum = __fadd_rn(sum, __fmul_rn(a.expert_weights[slot], x));
+      }
+      a.y[static_cast<int64_t>(t) * H + row] = sum;
+    }
+    if (lane == 0) a.counters[rt] = 0;
+  }
+}
+
 // ------------------------------------------------------------------ repack
 __device__ __forceinline__ int source_row(MoeRowMap map, int rows, int rt, int j) {
   if (map == MoeRowMap::Identity) return rt * 16 + j;
@@ -585,12 +721,34 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
     const int grid = std::max(1, std::min(items * row_tiles, fit));
     return launch_pdl(kernel, grid, kThreads, smem, stream, a, cols, row_tiles, inline_plan);
   };
-  // Register budget variants (MOEFLASH_MOE_VARIANT, for benchmarks): 0 = batches of 6 k-tiles, 2
-  // blocks a multiprocessor; 1 = 4 k-tiles, 3 blocks; 2 = 3 k-tiles, 4 blocks.
+  // Variants (MOEFLASH_MOE_VARIANT, for benchmarks): 0 = streaming, batches of 6 k-tiles, 2 blocks
+  // a multiprocessor; 1 = 4 k-tiles, 3 blocks; 2 = 3 k-tiles, 4 blocks; 3 = row form for decode.
   static const int variant = [] {
     const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
-    return v != nullptr ? std::max(0, std::min(2, std::atoi(v))) : 0;
+    return v != nullptr ? std::max(0, std::min(3, std::atoi(v))) : 0;
   }();
+  if (variant == 3 && inline_plan) {
+    // Enough warps to keep the device's loads in flight: k-split so that items * row tiles * SK
+    // reaches ~2500 warps.
+    auto rows_launch = [&](auto k1, auto k2, auto k4, auto k8, size_t smem, int row_tiles) {
+      const int units = items * row_tiles;
+      const int sk = units >= 2500 ? 1 : units * 2 >= 2500 ? 2 : units * 4 >= 2500 ? 4 : 8;
+      const int rt_per_block = kSplitK / sk;
+      const int groups = (row_tiles + rt_per_block - 1) / rt_per_block;
+      const dim3 grid(items * groups);
+      switch (sk) {
+        case 1: { cudaError_t err = allow_smem(k1, smem); return err != cudaSuccess ? err : launch_pdl(k1, grid, kThreads, smem, stream, a, groups); }
+        case 2: { cudaError_t err = allow_smem(k2, smem); return err != cudaSuccess ? err : launch_pdl(k2, grid, kThreads, smem, stream, a, groups); }
+        case 4: { cudaError_t err = allow_smem(k4, smem); return err != cudaSuccess ? err : launch_pdl(k4, grid, kThreads, smem, stream, a, groups); }
+        default: { cudaError_t err = allow_smem(k8, smem); return err != cudaSuccess ? err : launch_pdl(k8, grid, kThreads, smem, stream, a, groups); }
+      }
+    };
+    e = rows_launch(moe_mma_rows_kernel<false, 1>, moe_mma_rows_kernel<false, 2>, moe_mma_rows_kernel<false, 4>,
+                    moe_mma_rows_kernel<false, 8>, gu_smem, 2 * a.inter / 16);
+    if (e != cudaSuccess) return e;
+    return rows_launch(moe_mma_rows_kernel<true, 1>, moe_mma_rows_kernel<true, 2>, moe_mma_rows_kernel<true, 4>,
+                       moe_mma_rows_kernel<true, 8>, dn_smem, a.hidden / 16);
+  }
   auto both = [&](auto gate_up, auto down) {
     const cudaError_t err = launch(gate_up, gu_smem, 2 * a.inter / 16);
     return err != cudaSuccess ? err : launch(down, dn_smem, a.hidden / 16);
