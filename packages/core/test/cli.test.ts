@@ -52,6 +52,7 @@ describe('moeflash logits', () => {
 
   it('requires its flags', async () => {
     await expect(logits(['--model', dir])).rejects.toThrow(/--input is required/);
+    await expect(logits(['--model', dir, '--input', 'x.json', '--output', 'y', '--experts', 'fp4'])).rejects.toThrow(/--experts must be auto, stored or mxfp4/);
   });
 });
 
@@ -65,12 +66,28 @@ describe('moeflash info', () => {
     expect(text).toMatch(/mxfp4 experts \+ fp8/);
   });
 
+  it('says how the CUDA backend loads the experts: quantized on load, as stored, or why not', async () => {
+    const golden = path.join(__dirname, 'fixtures', 'golden');
+    const line = async (...args: string[]) => {
+      const out = capture('log');
+      await info(args);
+      vi.restoreAllMocks();
+      return out().split('\n').find((l) => l.startsWith('on cuda'));
+    };
+    expect(await line('--model', path.join(golden, 'mixtral_fused'))).toMatch(/experts mxfp4 \(quantized on load from bf16\)/);
+    expect(await line('--model', path.join(golden, 'mixtral_fused'), '--experts', 'stored')).toMatch(/experts bf16 \(stored bf16\)/);
+    expect(await line('--model', path.join(golden, 'gpt_oss_mxfp4'))).toMatch(/experts mxfp4 \(stored mxfp4\)/);
+    expect(await line('--model', path.join(golden, 'mixtral_per_expert'))).toMatch(/experts bf16 \(stored bf16; not quantized: hidden 72/);
+    await expect(info(['--model', dir, '--experts', 'fp4'])).rejects.toThrow(/--experts must be auto, stored or mxfp4/);
+  });
+
   it('--json gives the footprint of the bandwidth model', async () => {
     const out = capture('log');
     await info(['--model', dir, '--json']);
     const j = JSON.parse(out());
     expect(j.bytesPerToken['bf16']).toBeGreaterThan(j.bytesPerToken['mxfp4 experts + bf16']);
     expect(j.bytesPerToken['mxfp4 experts + bf16']).toBeGreaterThan(j.bytesPerToken['mxfp4 experts + fp8']);
+    expect(j.cudaExpertLoad).toMatchObject({ format: expect.any(String), quantized: expect.any(Boolean) });
   });
 });
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Writes the CUDA parity report (markdown): for every golden fixture, `moeflash logits --backend
 // cuda` against HF's logits, the same through the API in one batched step, and greedy generation
-// against the CPU backend.
+// against the CPU backend. Experts load as stored (bf16 fixtures stay bf16, not quantize-on-load).
 //
 //   node packages/cuda-backend/scripts/parity-report.mjs OUT.md [COMMIT]
 //
@@ -34,7 +34,7 @@ if (!avail.ok) {
 
 async function cliParity(dir) {
   const tmp = path.join(os.tmpdir(), `moeflash-logits-${path.basename(dir)}.safetensors`);
-  execFileSync(process.execPath, [cli, 'logits', '--model', dir, '--input', path.join(dir, 'input.json'), '--output', tmp, '--backend', 'cuda'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  execFileSync(process.execPath, [cli, 'logits', '--model', dir, '--input', path.join(dir, 'input.json'), '--output', tmp, '--backend', 'cuda', '--experts', 'stored'], { stdio: ['ignore', 'ignore', 'inherit'] });
   const got = await openWeights(tmp);
   const ref = await openWeights(path.join(dir, 'logits.safetensors'));
   const { sequences } = JSON.parse(fs.readFileSync(path.join(dir, 'input.json'), 'utf8'));
@@ -69,7 +69,7 @@ let pass = true;
 for (const name of fixtureNames(root)) {
   const dir = path.join(root, name);
   const c = await cliParity(dir);
-  const r = await fixtureParity(dir, { genTokens: 32 });
+  const r = await fixtureParity(dir, { genTokens: 32, cudaOptions: { experts: 'stored' } });
   const apiWorst = Math.max(...r.sequences.map((s) => s.relError));
   const apiTop1 = Math.min(...r.sequences.map((s) => s.top1UpToTies));
   const greedy = r.greedy.map((g) => `${g.agree}/${g.of}${g.agree < g.of ? ` (CPU margin ${g.cpuMarginAtSplit.toExponential(1)})` : ''}`).join(', ');
@@ -89,7 +89,7 @@ const md = [
   `- device: ${dev.name} (${(dev.totalMemory / 2 ** 30).toFixed(1)} GiB)`,
   `- date: ${new Date().toISOString()}`,
   `- commit: ${commit}`,
-  `- command: \`node packages/cuda-backend/scripts/parity-report.mjs ${path.relative(repo, path.resolve(out))} ${commit}\` (runs \`moeflash logits --backend cuda\` on each fixture)`,
+  `- command: \`node packages/cuda-backend/scripts/parity-report.mjs ${path.relative(repo, path.resolve(out))} ${commit}\` (runs \`moeflash logits --backend cuda --experts stored\` on each fixture)`,
   '- limits: ||out - ref|| / ||ref|| <= 1e-2 over all positions and top-1 agreement >= 99% (ref: HF transformers, float32).',
   `  Top-1 is given raw and up to ties: a different pick counts when HF's own logit for it is within ${TIE} of HF's top-1`,
   '  (bf16 KV cache and activations move logits by a few 1e-3; the CPU backend keeps float32). The limit applies to the latter;',

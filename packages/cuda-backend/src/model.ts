@@ -43,13 +43,41 @@ export interface CudaLoadOptions extends LoadOptions {
   /** KV page size in positions (default 16). */
   pageSize?: number;
   /**
-   * Experts of a bf16 checkpoint: `stored` keeps them bf16 (exact against the CPU backend);
-   * `mxfp4` quantizes them on load with @moeflash/quant (about a quarter of the bytes, the fast
-   * kernels). Default: the MOEFLASH_CUDA_EXPERTS environment variable, else `stored`.
+   * How experts stored as floats (bf16, fp16, fp32) are held on the device. Experts stored as
+   * MXFP4 are uploaded as stored under every value.
+   *
+   * - `auto` (the default): quantized to MXFP4 while they are streamed to the device, with
+   *   @moeflash/quant's OCP scale rule (the bytes `moeflash quantize` writes): about a quarter of
+   *   the bytes and the fast kernels. Where the MXFP4 kernels do not take the shapes (hidden and
+   *   expert widths must be multiples of 32), for FP8 experts, or without @moeflash/quant, they
+   *   stay bf16 with one log line saying why ({@link CudaModel.expertLoad} reports it too).
+   * - `stored`: kept bf16 (logits exact against the CPU backend and HF references).
+   * - `mxfp4`: quantized, and an error where that is impossible.
+   *
+   * Unset: the MOEFLASH_CUDA_EXPERTS environment variable (`auto`, `stored` or `mxfp4`), else `auto`.
    */
-  experts?: 'stored' | 'mxfp4';
+  experts?: CudaExpertsOption;
   /** GPU index (default 0). */
   device?: number;
+  /** One line of diagnostics, such as experts left bf16 (default console.warn). */
+  log?: (line: string) => void;
+}
+
+/** Values of {@link CudaLoadOptions.experts}. */
+export type CudaExpertsOption = 'auto' | 'stored' | 'mxfp4';
+
+/** How a load holds a checkpoint's experts on the device ({@link planExpertLoad}, {@link CudaModel.expertLoad}). */
+export interface CudaExpertLoad {
+  /** The option it was planned for. */
+  option: CudaExpertsOption;
+  /** How the checkpoint stores them: MXFP4 blocks, a float dtype, or `none` (no MoE layer). */
+  stored: 'mxfp4' | 'bf16' | 'f16' | 'f32' | 'f64' | 'fp8' | 'none';
+  /** How the device holds them. */
+  format: 'mxfp4' | 'bf16' | 'none';
+  /** True when float experts are quantized to MXFP4 while they are streamed to the device. */
+  quantized: boolean;
+  /** Why float experts stay bf16 under `auto` (null when they do not, or were asked to). */
+  fallback: string | null;
 }
 
 /** A plan of {@link CudaModel.step}: `copyLogits: false` returns only each logits row's arg-max. */
@@ -99,11 +127,22 @@ function bf16Array(v: Float32Array): Uint16Array {
 }
 const asBytes = (a: ArrayBufferView): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
-function transposeU16(m: Uint16Array, rows: number, cols: number): Uint16Array {
-  const t = new Uint16Array(rows * cols);
+function transpose<T extends Uint16Array | Float32Array>(m: T, rows: number, cols: number): T {
+  const t = (m instanceof Float32Array ? new Float32Array(rows * cols) : new Uint16Array(rows * cols)) as T;
   for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) t[c * rows + r] = m[r * cols + c];
   return t;
 }
+
+/** bf16 bits widened to float32 (exact), or float32 values as they are. */
+function toF32(m: Uint16Array | Float32Array): Float32Array {
+  if (m instanceof Float32Array) return m;
+  const v = new Float32Array(m.length);
+  const w = new Uint32Array(v.buffer);
+  for (let i = 0; i < m.length; i++) w[i] = m[i] << 16;
+  return v;
+}
+
+const toBf16Bits = (m: Uint16Array | Float32Array): Uint16Array => (m instanceof Float32Array ? bf16Array(m) : m);
 
 /** Reads tensors as the device stores them: bf16 bits (any float dtype converted), or raw bytes. */
 class TensorReader {
@@ -115,6 +154,11 @@ class TensorReader {
 
   shape(name: string): number[] {
     return this.src.info(name).shape;
+  }
+
+  /** Stored as bf16 bits that {@link bf16} returns unchanged (no FP8 scale to apply). */
+  plainBf16(name: string): boolean {
+    return this.src.info(name).dtype === 'BF16' && !this.src.has(`${name}_scale_inv`);
   }
 
   expect(name: string, shape: number[]): void {
@@ -189,18 +233,81 @@ class TensorReader {
 
 type Quantizer = (values: Float32Array) => { blocks: Uint8Array; scales: Uint8Array };
 
-async function loadQuantizer(): Promise<Quantizer> {
+/** @moeflash/quant's MXFP4 encoder (OCP scale rule, as `moeflash quantize`), or why it failed to load. */
+async function loadQuantizer(): Promise<Quantizer | string> {
   // A variable specifier keeps the bundler from inlining the optional package.
   const id = '@moeflash/quant';
   try {
     const mod = (await import(/* @vite-ignore */ id)) as { quantizeMxfp4: Quantizer };
     return (v) => mod.quantizeMxfp4(v);
   } catch (e) {
-    throw new MoeflashError(
-      'BACKEND_UNAVAILABLE',
-      `experts: 'mxfp4' quantizes bf16 experts with @moeflash/quant, which failed to load (${(e as Error).message}); install it or load with experts: 'stored'`,
-    );
+    return `@moeflash/quant failed to load (${(e as Error).message.split('\n')[0]})`;
   }
+}
+
+const EXPERTS_OPTIONS: readonly CudaExpertsOption[] = ['auto', 'stored', 'mxfp4'];
+
+/** The experts option of a load: the option, else MOEFLASH_CUDA_EXPERTS, else `auto`. */
+function expertsOption(opt: unknown): CudaExpertsOption {
+  const env = process.env.MOEFLASH_CUDA_EXPERTS;
+  const [v, from] = opt !== undefined ? [opt, 'experts'] : env ? [env, 'MOEFLASH_CUDA_EXPERTS'] : ['auto', ''];
+  if (!EXPERTS_OPTIONS.includes(v as CudaExpertsOption)) {
+    throw new MoeflashError('INVALID_ARGUMENT', `${from} must be 'auto', 'stored' or 'mxfp4', got ${JSON.stringify(v)}`);
+  }
+  return v as CudaExpertsOption;
+}
+
+const STORED_DTYPES: Record<string, CudaExpertLoad['stored']> = {
+  BF16: 'bf16', F16: 'f16', F32: 'f32', F64: 'f64', F8_E4M3: 'fp8', F8_E5M2: 'fp8',
+};
+
+/**
+ * How {@link CudaBackend.load} would hold a checkpoint's experts under the `experts` option (see
+ * {@link CudaLoadOptions.experts}; unset: MOEFLASH_CUDA_EXPERTS, else `auto`); reads tensor
+ * headers only. `mxfp4` with shapes the MXFP4 kernels do not take is an error. Whether
+ * @moeflash/quant loads is not checked here: a load that cannot import it reports that as its
+ * fallback instead.
+ */
+export function planExpertLoad(spec: ModelSpec, src: WeightSource, option?: CudaExpertsOption): CudaExpertLoad {
+  const experts = expertsOption(option);
+  // The float dtype of the first layer whose experts are not MXFP4 (a converter may keep some).
+  let float: CudaExpertLoad['stored'] | null = null;
+  let mxfp4 = false;
+  for (let l = 0; l < spec.numLayers; l++) {
+    if (spec.layers[l].mlp === 'dense') continue;
+    const lay = detectExpertLayout(src, l);
+    const ex = `${lay.prefix}.experts`;
+    if (lay.kind === 'mxfp4-fused') {
+      mxfp4 = true;
+      continue;
+    }
+    if (float !== null) continue;
+    const name = lay.kind === 'fused' ? `${ex}.gate_up_proj` : `${ex}.0.${lay.names[0]}.weight`;
+    const dtype = src.info(name).dtype;
+    float = src.has(`${name}_scale_inv`) ? 'fp8' : (STORED_DTYPES[dtype] ?? 'bf16');
+  }
+  const stored = float ?? (mxfp4 ? 'mxfp4' : 'none');
+  const plan = (quantized: boolean, fallback: string | null = null): CudaExpertLoad => ({
+    option: experts,
+    stored,
+    format: quantized || mxfp4 ? 'mxfp4' : float !== null ? 'bf16' : 'none',
+    quantized,
+    fallback,
+  });
+  if (float === null || experts === 'stored') return plan(false);
+  const H = spec.hiddenSize;
+  const I = spec.moe.intermediateSize;
+  if (H % 32 !== 0 || I % 32 !== 0 || spec.moe.topK > 8) {
+    const why = `hidden ${H}, expert width ${I}, top-k ${spec.moe.topK}: MXFP4 experts need widths that are multiples of 32 and top-k <= 8`;
+    if (experts === 'mxfp4') {
+      throw new MoeflashError('CONFIG_UNSUPPORTED', `experts: 'mxfp4' needs hidden and expert widths that are multiples of 32 and top-k <= 8 (got hidden ${H}, intermediate ${I}, top-k ${spec.moe.topK}); load with experts: 'stored'`);
+    }
+    return plan(false, why);
+  }
+  if (float === 'fp8' && experts === 'auto') {
+    return plan(false, `the experts are stored as FP8; quantize-on-load takes bf16, fp16 and fp32 experts (experts: 'mxfp4' quantizes them anyway)`);
+  }
+  return plan(true);
 }
 
 /** The device layout of a model: every piece of the weights buffer and the per-layer table. */
@@ -215,7 +322,8 @@ interface WeightPlan {
   fp8Matrices: number;
 }
 
-async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stored' | 'mxfp4'): Promise<WeightPlan> {
+/** `quantize`: float experts become MXFP4 (shapes checked by {@link planExpertLoad}); null keeps them bf16. */
+async function planWeights(spec: ModelSpec, src: WeightSource, quantize: Quantizer | null): Promise<WeightPlan> {
   const q = spec.quantization;
   const fp8Block = (q?.method === 'fp8' ? q.weightBlockSize : q?.dense?.weightBlockSize) ?? [128, 128];
   const rd = new TensorReader(src, fp8Block);
@@ -243,7 +351,6 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
     piece(off, n, [name], async () => asBytes(await rd.bf16(name, shape)));
     return off;
   };
-  const quantize = expertsOpt === 'mxfp4' ? await loadQuantizer() : null;
   // FP8 projections stay FP8 (gemv_fp8) where the kernel takes them; the rest become bf16 as
   // before. Matrices that share a GEMV (q | k | v, gate | up) are stacked by rows: codes one
   // after another, scale grids one after another (native/model.cc launches once when the grids
@@ -388,61 +495,60 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
       continue;
     }
 
-    // bf16 experts, brought to gate_up [E, 2I, H] (rows in the checkpoint's order) and down [E, H, I].
-    // Each producer returns expert j's rows as bf16 bits.
-    let gateUpOf: (j: number) => Promise<Uint16Array>;
-    let downOf: (j: number) => Promise<Uint16Array>;
+    // Float experts, brought to gate_up [E, 2I, H] (rows in the checkpoint's order) and down [E, H, I].
+    // Each producer returns expert j's rows: bf16 bits, or (only when quantizing experts not
+    // stored as plain bf16) float32 decoded exactly as stored, which is what the converter
+    // quantizes; rounding to bf16 first could move a block's scale or a value across a tie.
+    type Rows = Uint16Array | Float32Array;
+    const rows = (name: string, shape: number[]): Promise<Rows> =>
+      quantize && !rd.plainBf16(name) ? rd.floats(name, shape) : rd.bf16(name, shape);
+    let gateUpOf: (j: number) => Promise<Rows>;
+    let downOf: (j: number) => Promise<Rows>;
     let gateUpNames: string[];
     let downNames: string[];
     if (lay.kind === 'per-expert') {
       const [g, u, d] = lay.names;
+      // Gate rows then up rows, or alternating where the family's kernels read them interleaved.
       gateUpOf = async (j) => {
-        const out = new Uint16Array(2 * I * H);
-        out.set(await rd.bf16(`${ex}.${j}.${g}.weight`, [I, H]), 0);
-        out.set(await rd.bf16(`${ex}.${j}.${u}.weight`, [I, H]), I * H);
+        let gate = await rows(`${ex}.${j}.${g}.weight`, [I, H]);
+        let up = await rows(`${ex}.${j}.${u}.weight`, [I, H]);
+        const bits = gate instanceof Uint16Array && up instanceof Uint16Array;
+        if (!bits) [gate, up] = [toF32(gate), toF32(up)];
+        const out = bits ? new Uint16Array(2 * I * H) : new Float32Array(2 * I * H);
+        for (let r = 0; r < I; r++) {
+          out.set(gate.subarray(r * H, (r + 1) * H), (interleaved ? 2 * r : r) * H);
+          out.set(up.subarray(r * H, (r + 1) * H), (interleaved ? 2 * r + 1 : I + r) * H);
+        }
         return out;
       };
-      downOf = (j) => rd.bf16(`${ex}.${j}.${d}.weight`, [H, I]);
+      downOf = (j) => rows(`${ex}.${j}.${d}.weight`, [H, I]);
       gateUpNames = Array.from({ length: E }, (_, j) => [`${ex}.${j}.${g}.weight`, `${ex}.${j}.${u}.weight`]).flat();
       downNames = Array.from({ length: E }, (_, j) => `${ex}.${j}.${d}.weight`);
     } else {
       const shape = rd.shape(`${ex}.gate_up_proj`);
       const inputMajor = shape[1] === H && shape[2] === 2 * I && (interleaved || 2 * I !== H);
       // Fused tensors are read once and sliced per expert.
-      let gu: Promise<Uint16Array> | null = null;
-      let dn: Promise<Uint16Array> | null = null;
-      const guAll = () => (gu ??= rd.bf16(`${ex}.gate_up_proj`, inputMajor ? [E, H, 2 * I] : [E, 2 * I, H]));
-      const dnAll = () => (dn ??= rd.bf16(`${ex}.down_proj`, inputMajor ? [E, I, H] : [E, H, I]));
+      let gu: Promise<Rows> | null = null;
+      let dn: Promise<Rows> | null = null;
+      const guAll = () => (gu ??= rows(`${ex}.gate_up_proj`, inputMajor ? [E, H, 2 * I] : [E, 2 * I, H]));
+      const dnAll = () => (dn ??= rows(`${ex}.down_proj`, inputMajor ? [E, I, H] : [E, H, I]));
       // The last expert drops the cached tensor so that a load holds one layer's experts at most.
       gateUpOf = async (j) => {
         const m = (await guAll()).subarray(j * 2 * I * H, (j + 1) * 2 * I * H);
         if (j === E - 1) gu = null;
-        return inputMajor ? transposeU16(m, H, 2 * I) : m.slice();
+        return inputMajor ? transpose(m, H, 2 * I) : m.slice();
       };
       downOf = async (j) => {
         const m = (await dnAll()).subarray(j * H * I, (j + 1) * H * I);
         if (j === E - 1) dn = null;
-        return inputMajor ? transposeU16(m, I, H) : m.slice();
+        return inputMajor ? transpose(m, I, H) : m.slice();
       };
       gateUpNames = [`${ex}.gate_up_proj`];
       downNames = [`${ex}.down_proj`];
     }
-    const quantizable = quantize !== null && H % 32 === 0 && I % 32 === 0 && spec.moe.topK <= 8;
-    if (quantize && !quantizable) {
-      throw new MoeflashError(
-        'CONFIG_UNSUPPORTED',
-        `experts: 'mxfp4' needs hidden and expert widths that are multiples of 32 and top-k <= 8 (got hidden ${H}, intermediate ${I}, top-k ${spec.moe.topK}); load with experts: 'stored'`,
-      );
-    }
-    if (quantizable) {
+    if (quantize) {
       expertFormat = 'mxfp4';
       set('mlpKind', MLP_MXFP4_EXPERTS);
-      const decode = (b: Uint16Array) => {
-        const v = new Float32Array(b.length);
-        const w = new Uint32Array(v.buffer);
-        for (let i = 0; i < b.length; i++) w[i] = b[i] << 16;
-        return v;
-      };
       const guBlocks = reserve(E * 2 * I * (H / 32) * 16);
       const guScales = reserve(E * 2 * I * (H / 32));
       const dnBlocks = reserve(E * H * (I / 32) * 16);
@@ -455,8 +561,8 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
         // Each expert's blocks and scales come from one quantization; the scales piece reuses it.
         let guQ: Promise<{ blocks: Uint8Array; scales: Uint8Array }> | null = null;
         let dnQ: Promise<{ blocks: Uint8Array; scales: Uint8Array }> | null = null;
-        const gq = () => (guQ ??= gateUpOf(j).then((b) => quantize(decode(b))));
-        const dq = () => (dnQ ??= downOf(j).then((b) => quantize(decode(b))));
+        const gq = () => (guQ ??= gateUpOf(j).then((b) => quantize(toF32(b))));
+        const dq = () => (dnQ ??= downOf(j).then((b) => quantize(toF32(b))));
         const nGu = 2 * I * (H / 32);
         const nDn = H * (I / 32);
         piece(guBlocks + j * nGu * 16, nGu * 16, j === 0 ? gateUpNames : [], async () => (await gq()).blocks);
@@ -480,8 +586,8 @@ async function planWeights(spec: ModelSpec, src: WeightSource, expertsOpt: 'stor
       set('gateUp', gu);
       set('down', dn);
       for (let j = 0; j < E; j++) {
-        piece(gu + j * 2 * I * H * 2, 2 * I * H * 2, j === 0 ? gateUpNames : [], async () => asBytes(await gateUpOf(j)));
-        piece(dn + j * H * I * 2, H * I * 2, j === 0 ? downNames : [], async () => asBytes(await downOf(j)));
+        piece(gu + j * 2 * I * H * 2, 2 * I * H * 2, j === 0 ? gateUpNames : [], async () => asBytes(toBf16Bits(await gateUpOf(j))));
+        piece(dn + j * H * I * 2, H * I * 2, j === 0 ? downNames : [], async () => asBytes(toBf16Bits(await downOf(j))));
       }
     }
   }
@@ -582,6 +688,8 @@ export class CudaModel implements LoadedModel {
     readonly expertFormat: WeightPlan['expertFormat'],
     /** Projection matrices held as FP8 (gemv_fp8) rather than upcast to bf16. */
     readonly fp8Matrices = 0,
+    /** How the experts came to be held as they are: stored format, quantized on load, or why not. */
+    readonly expertLoad: CudaExpertLoad | null = null,
   ) {
     this.native = native;
     this.freePages = Array.from({ length: cfg.numPages }, (_, i) => cfg.numPages - 1 - i);
@@ -816,9 +924,20 @@ export class CudaBackend implements Backend {
     checkSupported(spec);
     const device = opts.device ?? 0;
     addon.setDevice(device);
-    const envExperts = process.env.MOEFLASH_CUDA_EXPERTS;
-    const experts = opts.experts ?? (envExperts === 'mxfp4' ? 'mxfp4' : 'stored');
-    const plan = await planWeights(spec, weights, experts);
+    const expertLoad = planExpertLoad(spec, weights, opts.experts);
+    let quantize: Quantizer | null = null;
+    if (expertLoad.quantized) {
+      const q = await loadQuantizer();
+      if (typeof q !== 'string') quantize = q;
+      else if (expertLoad.option === 'mxfp4') {
+        throw new MoeflashError('BACKEND_UNAVAILABLE', `experts: 'mxfp4' quantizes float experts on load, but ${q}; install it or load with experts: 'stored'`);
+      } else Object.assign(expertLoad, { quantized: false, fallback: `${q}; install it to quantize` });
+    }
+    if (expertLoad.fallback) {
+      (opts.log ?? console.warn)(`moeflash cuda: experts held as bf16, not quantized to MXFP4 on load: ${expertLoad.fallback} (experts: 'stored' keeps bf16 without this line)`);
+    }
+    const plan = await planWeights(spec, weights, quantize);
+    expertLoad.format = plan.expertFormat;
     const pageSize = opts.kvCache?.pageSize ?? opts.pageSize ?? 16;
     const maxSeqLen = Math.min(opts.maxSequenceLength ?? Math.min(spec.attention.maxPositionEmbeddings, 4096), spec.attention.maxPositionEmbeddings);
     const cfg = nativeConfig(
@@ -859,7 +978,7 @@ export class CudaBackend implements Backend {
       native.dispose();
       throw translateNativeError(e);
     }
-    return new CudaModel(spec, native, cfg, plan.expertFormat, plan.fp8Matrices);
+    return new CudaModel(spec, native, cfg, plan.expertFormat, plan.fp8Matrices, expertLoad);
   }
 }
 

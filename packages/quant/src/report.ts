@@ -180,7 +180,9 @@ async function tokenize(
 }
 
 async function runLogits(dir: string, backend: BackendChoice, tokens: number[], log: (l: string) => void): Promise<{ logits: Float32Array; backend: string }> {
-  const h = await loadModel({ model: dir, backend });
+  // Each checkpoint runs as stored: the CUDA backend would otherwise quantize the reference's
+  // bf16 experts on load, and the report would compare MXFP4 with MXFP4.
+  const h = await loadModel({ model: dir, backend, backendOptions: { experts: 'stored' } });
   log(`loaded ${dir} on ${h.backend.name} in ${(h.loadMs / 1000).toFixed(1)} s`);
   try {
     const r = await h.model.step({ sequences: [{ seq: 0, tokens, logits: 'all' }] });

@@ -14,6 +14,8 @@ export interface LoadModelOptions {
   kvCache?: KvCacheOptions;
   /** Largest sequence length a KV cache must hold. */
   maxSequenceLength?: number;
+  /** Backend-specific load options, passed through (the CUDA backend's `experts`, for one). */
+  backendOptions?: Record<string, unknown>;
 }
 
 /** A model on a backend without tokenizer or engine (what `moeflash logits` and tests drive directly). */
@@ -32,7 +34,13 @@ export async function loadModel(opts: LoadModelOptions): Promise<ModelHandle> {
   const t0 = performance.now();
   const weights = await openWeights(dir);
   try {
-    const model = await backend.load(spec, weights, { onProgress: opts.onProgress, kvCache: opts.kvCache, maxSequenceLength: opts.maxSequenceLength });
+    const model = await backend.load(spec, weights, {
+      ...opts.backendOptions,
+      log: opts.log,
+      onProgress: opts.onProgress,
+      kvCache: opts.kvCache,
+      maxSequenceLength: opts.maxSequenceLength,
+    });
     return { dir, spec, backend, model, loadMs: performance.now() - t0 };
   } finally {
     await weights.close();

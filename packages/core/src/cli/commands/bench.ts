@@ -8,14 +8,16 @@ import { bytesPerToken, footprint } from '../../model/footprint.js';
 import type { ModelSpec } from '../../model/spec.js';
 import { openWeights } from '../../weights/safetensors.js';
 import { num, parse, required } from '../args.js';
+import { EXPERTS_HELP, describeExpertLoad, expertLoadOf, expertsFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 
-export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--batch 1,8,32] [--prompt 512] [--gen 256] [--out FILE.json]
+export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--batch 1,8,32] [--prompt 512] [--gen 256] [--out FILE.json] [--experts auto|stored|mxfp4]
   Prefill and decode throughput at each batch size (random prompts, greedy decoding): prefill
   tokens/s, decode tokens/s and ms a step, the bytes a decode step must read (bandwidth model),
   the achieved GB/s and its share of the device's copy bandwidth measured in the same run, and
-  peak memory. Prints a table; writes JSON (--out, default bench.json) and a markdown table next
-  to it (same name, .md).`;
+  peak memory. Prints the expert format the model was loaded with and a table; writes JSON
+  (--out, default bench.json) and a markdown table next to it (same name, .md).
+  ${EXPERTS_HELP}`;
 
 /** What the CUDA backend adds for the benchmark (found at run time, as the registry does). */
 interface CudaBenchModule {
@@ -112,7 +114,7 @@ async function runBatch(model: LoadedModel, spec: ModelSpec, batch: number, prom
 export async function bench(argv: string[]): Promise<void> {
   const { values: v } = parse('bench', argv, {
     model: { type: 'string' }, backend: { type: 'string' }, batch: { type: 'string' }, prompt: { type: 'string' },
-    gen: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' },
+    gen: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, experts: { type: 'string' },
   });
   if (v.help) return void console.log(benchHelp);
   const dir = path.resolve(required('bench', 'model', v.model));
@@ -123,6 +125,7 @@ export async function bench(argv: string[]): Promise<void> {
   const seed = num('bench', 'seed', v.seed, 1)!;
   const out = path.resolve(v.out ?? 'bench.json');
   const backendChoice = (v.backend ?? 'cuda') as BackendChoice;
+  const experts = expertsFlag('bench', v.experts);
 
   const spec = await loadModelSpec(dir);
   const backend = await resolveBackend(backendChoice);
@@ -140,6 +143,7 @@ export async function bench(argv: string[]): Promise<void> {
   let model: LoadedModel;
   try {
     model = await backend.load(spec, weights, {
+      ...experts,
       onProgress: progressBar(),
       maxSequences: Math.max(...batches),
       maxSequenceLength: prompt + gen + 1,
@@ -150,6 +154,9 @@ export async function bench(argv: string[]): Promise<void> {
   const loadSeconds = (performance.now() - t0) / 1e3;
   sampleMem();
   const expertFormat = (model as { expertFormat?: string }).expertFormat ?? 'bf16';
+  const expertLoad = expertLoadOf(model);
+  const expertsLine = `experts ${expertLoad ? describeExpertLoad(expertLoad) : expertFormat}`;
+  console.error(`loaded in ${loadSeconds.toFixed(1)} s on ${backend.name}: ${expertsLine}`);
   const expertBytesPerParam = expertFormat === 'mxfp4' ? 4.25 / 8 : 2;
 
   const rows: BenchRow[] = [];
@@ -194,6 +201,7 @@ export async function bench(argv: string[]): Promise<void> {
     family: spec.family,
     layers: spec.numLayers,
     expertFormat,
+    expertLoad,
     prompt,
     gen,
     loadSeconds,
@@ -219,6 +227,7 @@ export async function bench(argv: string[]): Promise<void> {
     `# moeflash bench: ${path.basename(dir)} (${spec.family}, ${spec.numLayers} layers, experts ${expertFormat})`,
     '',
     `- device: ${device}; backend ${backend.name}; date ${result.date}`,
+    `- ${expertsLine}`,
     `- command: \`${result.command}\``,
     copyBandwidth ? `- copy bandwidth (device-to-device, read + write, same run): ${(copyBandwidth / 1e9).toFixed(0)} GB/s; batch-1 floor ${(result.batch1FloorMs ?? 0).toFixed(3)} ms (${(floorBytes / 1e9).toFixed(2)} GB of weights a token)` : '- copy bandwidth: not measured (not the CUDA backend)',
     `- memory: weights ${gib(memory.weights)}, KV cache ${gib(memory.kvCache)}, activations ${gib(memory.activations)}${result.devicePeakUsedBytes !== null ? `; device peak used ${gib(result.devicePeakUsedBytes)} (before load ${gib(result.deviceUsedBeforeLoadBytes!)})` : ''}`,

@@ -4,12 +4,15 @@ import { loadModel } from '../../engine/load.js';
 import { MoeflashError } from '../../errors.js';
 import { writeSafetensors } from '../../weights/safetensors-writer.js';
 import { parse, required } from '../args.js';
+import { EXPERTS_HELP, describeExpertLoad, expertLoadOf, expertsFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 
-export const logitsHelp = `moeflash logits --model DIR --input IDS.json --output OUT.safetensors [--backend cpu|cuda]
+export const logitsHelp = `moeflash logits --model DIR --input IDS.json --output OUT.safetensors [--backend cpu|cuda] [--experts auto|stored|mxfp4]
   Logits at every position of each sequence, each from an empty cache.
   IDS.json: {"sequences": [[int, ...], ...]}. OUT holds one F32 tensor logits.{i} of shape
-  [len_i, vocab] per sequence: the logits at every position of sequence i from an empty cache.`;
+  [len_i, vocab] per sequence: the logits at every position of sequence i from an empty cache.
+  ${EXPERTS_HELP}
+    (compare with reference logits: --experts stored)`;
 
 export async function parseSequences(file: string, vocab: number): Promise<number[][]> {
   let json: unknown;
@@ -33,6 +36,7 @@ export async function parseSequences(file: string, vocab: number): Promise<numbe
 export async function logits(argv: string[]): Promise<void> {
   const { values: v } = parse('logits', argv, {
     model: { type: 'string' }, input: { type: 'string' }, output: { type: 'string' }, backend: { type: 'string' },
+    experts: { type: 'string' },
   });
   if (v.help) return void console.log(logitsHelp);
   const input = required('logits', 'input', v.input);
@@ -41,6 +45,7 @@ export async function logits(argv: string[]): Promise<void> {
     model: required('logits', 'model', v.model),
     backend: (v.backend ?? 'cpu') as BackendChoice,
     onProgress: progressBar(),
+    backendOptions: expertsFlag('logits', v.experts),
   });
   try {
     const seqs = await parseSequences(input, h.spec.vocabSize);
@@ -50,7 +55,8 @@ export async function logits(argv: string[]): Promise<void> {
       tensors[`logits.${i}`] = { dtype: 'F32', shape: [seqs[i].length, h.spec.vocabSize], data: s.logits };
     });
     await writeSafetensors(output, tensors, { producer: 'moeflash logits', backend: h.backend.name });
-    console.error(`wrote ${seqs.length} sequence(s) of logits to ${output} (${h.backend.name} backend)`);
+    const el = expertLoadOf(h.model);
+    console.error(`wrote ${seqs.length} sequence(s) of logits to ${output} (${h.backend.name} backend${el ? `, experts ${describeExpertLoad(el)}` : ''})`);
   } finally {
     await h.model.dispose();
   }
