@@ -125,7 +125,7 @@ export interface NativeOps {
     alpha: number,
     interleaved: boolean,
     repeat: number,
-  ): Float32Array;
+  ): Float32Array & { msPerLaunch?: number };
   router(
     w: Uint16Array,
     bias: Uint16Array | null,

@@ -106,7 +106,8 @@ export interface CudaOps {
    * The whole MoE layer on the tensor-core path (plan, repack, gate/up + activation, down +
    * combine) for any number of tokens: y [tokens, hidden]. Weights in the checkpoint layout;
    * gpt-oss activations take interleaved gate/up rows. `repeat` runs it that many times on the
-   * same buffers (checks that the launch leaves its counters ready for the next one).
+   * same buffers (checks that the launch leaves its counters ready for the next one) and then
+   * reports `msPerLaunch`, the device time of one launch when they run back to back.
    */
   moeMma(
     a: MoeShape & {
@@ -118,7 +119,7 @@ export interface CudaOps {
       activation: ExpertActivation;
       repeat?: number;
     },
-  ): Float32Array;
+  ): Float32Array & { msPerLaunch?: number };
   moeDown(
     a: MoeWeights & MoeShape & { act: Float32Array; expertIds: Int32Array; expertWeights: Float32Array },
   ): Float32Array;
