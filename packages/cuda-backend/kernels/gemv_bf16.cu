@@ -56,11 +56,22 @@ __device__ __forceinline__ void load_batch(uint4 (&wv)[kUnroll][R], const bf16_b
   }
 }
 
+// With a norm (PreNorm.weight set) the staged vector of token t is rmsnorm(x[t] + residual[t]),
+// computed by every block for itself; block 0 also writes x[t] + residual[t] to x_out and the
+// normalized vector to normed_out. One launch replaces rmsnorm_residual + gemv_bf16.
+struct PreNorm {
+  const float* residual;
+  const bf16_bits* weight;
+  float eps;
+  float* x_out;
+  float* normed_out;
+};
+
 template <int T, int R>
 __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __restrict__ w,
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
-                                                             float* __restrict__ y, int rows, int cols) {
+                                                             float* __restrict__ y, int rows, int cols, PreNorm pn) {
   pdl_prologue();
   using Tile = GemvTile<T, R>;
   extern __shared__ float4 smem[];
@@ -78,12 +89,65 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
   load_batch<R>(wv, w, group, rows, cols, nchunk, tid);
 
   const int n4 = cols / 4;
-  for (int j = tid; j < T * n4; j += kThreads) {
-    const int t = j / n4;
-    const int e = j - t * n4;
-    xs[(2 * t + (e & 1)) * nchunk + (e >> 1)] = ld_f4(x + static_cast<int64_t>(t) * cols + 4 * e);
+  if (pn.weight == nullptr) {
+    for (int j = tid; j < T * n4; j += kThreads) {
+      const int t = j / n4;
+      const int e = j - t * n4;
+      xs[(2 * t + (e & 1)) * nchunk + (e >> 1)] = ld_f4(x + static_cast<int64_t>(t) * cols + 4 * e);
+    }
+    __syncthreads();
+  } else {
+    // Same arithmetic as norm.cu: x + residual, sum of squares with fmaf per component, then
+    // (v * inv) * weight.
+    const bool writer = blockIdx.x == 0;
+    float ss[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      float acc = 0.f;
+      for (int e = tid; e < n4; e += kThreads) {
+        float4 v = ld_f4(x + static_cast<int64_t>(t) * cols + 4 * e);
+        if (pn.residual != nullptr) {
+          const float4 r = ld_f4(pn.residual + static_cast<int64_t>(t) * cols + 4 * e);
+          v.x += r.x;
+          v.y += r.y;
+          v.z += r.z;
+          v.w += r.w;
+        }
+        if (writer && pn.x_out != nullptr) reinterpret_cast<float4*>(pn.x_out + static_cast<int64_t>(t) * cols)[e] = v;
+        xs[(2 * t + (e & 1)) * nchunk + (e >> 1)] = v;
+        acc = fmaf(v.x, v.x, acc);
+        acc = fmaf(v.y, v.y, acc);
+        acc = fmaf(v.z, v.z, acc);
+        acc = fmaf(v.w, v.w, acc);
+      }
+      ss[t] = warp_sum(acc);
+    }
+    float* part = red;  // [kWarps][T] (red is free until the first reduction)
+    if (lane == 0)
+#pragma unroll
+      for (int t = 0; t < T; ++t) part[warp * T + t] = ss[t];
+    __syncthreads();
+    float inv[T];
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      float total = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) total += part[i * T + t];
+      inv[t] = rsqrtf(total / static_cast<float>(cols) + pn.eps);
+    }
+#pragma unroll
+    for (int t = 0; t < T; ++t) {
+      for (int e = tid; e < n4; e += kThreads) {
+        float4& v = xs[(2 * t + (e & 1)) * nchunk + (e >> 1)];
+        const uint2 g2 = *reinterpret_cast<const uint2*>(pn.weight + 4 * e);
+        v = make_float4((v.x * inv[t]) * bf16_lo(g2.x), (v.y * inv[t]) * bf16_hi(g2.x), (v.z * inv[t]) * bf16_lo(g2.y),
+                        (v.w * inv[t]) * bf16_hi(g2.y));
+        if (writer && pn.normed_out != nullptr)
+          reinterpret_cast<float4*>(pn.normed_out + static_cast<int64_t>(t) * cols)[e] = v;
+      }
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   for (; group < ngroups; group += gridDim.x) {
     float acc[R][T];
@@ -156,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
   }
 }
 
-using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int);
+using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm);
 
 template <int T, int R>
 KernelFn kernel_for() {
@@ -180,6 +244,7 @@ KernelFn pick_tokens(int t) {
 size_t smem_bytes(int tokens, int cols) {
   return static_cast<size_t>(tokens) * cols * sizeof(float) + kWarps * 32 * sizeof(float);
 }
+static_assert(kWarps * 8 <= kWarps * 32, "the norm's partial sums fit the reduction area");
 
 size_t max_smem() {
   int dev = 0, optin = 0;
@@ -190,8 +255,10 @@ size_t max_smem() {
 
 }  // namespace
 
-cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
-                      int tokens, cudaStream_t stream) {
+namespace {
+
+cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
+                        int tokens, const PreNorm& pn, cudaStream_t stream) {
   if (tokens <= 0 || rows <= 0) return cudaSuccess;
   if (cols <= 0 || cols % 8 != 0) return cudaErrorInvalidValue;
   // Tokens per launch: at most 8 and as many as their x fits shared memory. Splitting changes no
@@ -210,11 +277,30 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
     const size_t smem = smem_bytes(t, cols);
     const int groups = ceil_div(rows, r);
     const int grid = std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
-    const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + static_cast<int64_t>(t0) * cols,
-                                     y + static_cast<int64_t>(t0) * rows, rows, cols);
+    const int64_t off = static_cast<int64_t>(t0) * cols;
+    PreNorm p = pn;
+    if (p.residual != nullptr) p.residual += off;
+    if (p.x_out != nullptr) p.x_out += off;
+    if (p.normed_out != nullptr) p.normed_out += off;
+    const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + off,
+                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
+                      int tokens, cudaStream_t stream) {
+  return gemv_launch(w, bias, x, y, rows, cols, tokens, PreNorm{}, stream);
+}
+
+cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
+                              const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
+                              int rows, int cols, int tokens, cudaStream_t stream) {
+  if (norm_weight == nullptr || cols % 4 != 0) return cudaErrorInvalidValue;
+  return gemv_launch(w, bias, x, y, rows, cols, tokens, PreNorm{residual, norm_weight, eps, x_out, normed_out}, stream);
 }
 
 }  // namespace moeflash

@@ -46,6 +46,13 @@ cudaError_t rope_rotate_half(float* q, float* k, const int32_t* positions, const
 // does not depend on `tokens` (same reduction order for every batch size).
 cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows,
                       int cols, int tokens, cudaStream_t stream);
+// The RMSNorm that precedes a projection, fused into it: v[t] = x[t] + residual[t] (residual may
+// be null), y[t] = W (v[t] * rsqrt(mean(v[t]^2) + eps) * norm_weight) (+ bias). Every block
+// normalizes for itself; block 0 writes v to x_out (the next residual stream; it must not alias x
+// or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
+cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
+                              const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
+                              int rows, int cols, int tokens, cudaStream_t stream);
 
 // ---------------------------------------------------------------- experts_mxfp4.cu
 enum class ExpertActivation : int {

@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "addon.h"
@@ -139,6 +140,7 @@ struct State {
   float* fp8_mlp = nullptr;  // FP8 dense MLP: gate | up outputs [T, 2 inter], then act [T, inter]
   void *att_ws, *argmax_ws;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
+  float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
   size_t arena_bytes = 0;
 
@@ -180,6 +182,7 @@ struct State {
     add(sizeof(float) * T * K * H, 22);  // per-pair down projections (tensor-core MoE)
     add(sizeof(float) * T * 3 * c.fp8_inter, 23);  // FP8 dense MLP scratch
     add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
+    add(sizeof(float) * T * H, 25);      // residual stream, second buffer
     return off;
   }
 
@@ -226,6 +229,7 @@ struct State {
         case 22: moe_part = static_cast<float*>(p); break;
         case 23: fp8_mlp = static_cast<float*>(p); break;
         case 24: att_tiles = static_cast<int32_t*>(p); break;
+        case 25: x_alt = static_cast<float*>(p); break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -296,15 +300,24 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
   const bool tiled_attention = attention_decode_supported(c.heads, c.kv_heads, c.head_dim);
   size_t hidden_done = 0;
+  // The residual stream. A norm fused into the projection after it (gemv_bf16_prenorm) writes the
+  // updated stream to the other buffer, since every block of that launch still reads this one.
+  float* xc = s.x;
+  float* xn = s.x_alt;
   for (int l = 0; l < c.layers; ++l) {
     const LayerPtrs& w = s.layers[l];
-    MF_TRY(rmsnorm_residual(s.x, l == 0 ? nullptr : s.mlp_out, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
-    if (w.qkv_scales != nullptr)
+    const float* in_residual = l == 0 ? nullptr : s.mlp_out;
+    if (w.qkv_scales != nullptr) {
+      MF_TRY(rmsnorm_residual(xc, in_residual, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
       MF_TRY(gemv_fp8_stack(reinterpret_cast<const uint8_t*>(w.qkv_w), w.qkv_scales, w.qkv_b, {c.q_dim(), c.kv_dim(), c.kv_dim()},
                             H, w.fp8_br, w.fp8_bc, s.normed, s.qkv, T, st),
              "gemv_fp8 (qkv)");
-    else
-      MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
+    } else {
+      MF_TRY(gemv_bf16_prenorm(w.qkv_w, w.qkv_b, xc, in_residual, w.in_norm, c.eps, xn, nullptr, s.qkv, c.qkv_dim(), H,
+                               T, st),
+             "gemv_bf16 (input norm + qkv)");
+      std::swap(xc, xn);
+    }
     QkvPrepareArgs qa{};
     qa.qkv = s.qkv;
     qa.q_norm = w.q_norm;
@@ -357,14 +370,18 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
              "gemv_fp8 (o)");
     else
       MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
-    MF_TRY(rmsnorm_residual(s.x, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
-
     const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
     const int K = dense ? 1 : c.top_k;
     const int32_t* ids = s.zero_ids;
     const float* rw = s.ones;
-    if (!dense) {
-      MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
+    if (dense) {
+      MF_TRY(rmsnorm_residual(xc, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
+    } else {
+      // The router's launch does the norm too and leaves the normalized rows for the experts.
+      MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
+                               w.experts, H, T, st),
+             "gemv_bf16 (post-attention norm + router)");
+      std::swap(xc, xn);
       MF_TRY(router_topk(s.router_logits, T, w.experts, K, static_cast<RoutingRule>(c.rule), c.renormalize != 0,
                          s.route_ids, s.route_w, st),
              "router_topk");
@@ -439,14 +456,14 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     if (hidden_host != nullptr && hidden_done < hidden.size() && std::find(hidden.begin(), hidden.end(), l) != hidden.end()) {
       // The residual stream after layer l: x still lacks this layer's MLP output, which the next
       // norm adds in place.
-      MF_TRY(add_f32(s.x, s.mlp_out, static_cast<size_t>(T) * H, s.hid, st), "add_f32 (hidden)");
+      MF_TRY(add_f32(xc, s.mlp_out, static_cast<size_t>(T) * H, s.hid, st), "add_f32 (hidden)");
       const size_t idx = std::find(hidden.begin(), hidden.end(), l) - hidden.begin();
       MF_TRY(cudaMemcpyAsync(hidden_host + idx * T * H, s.hid, sizeof(float) * T * H, cudaMemcpyDeviceToHost, st),
              "cudaMemcpyAsync (hidden)");
       ++hidden_done;
     }
   }
-  MF_TRY(rmsnorm_residual(s.x, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
+  MF_TRY(rmsnorm_residual(xc, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
   if (n_logit > 0) {
     MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
     MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (lm head)");
