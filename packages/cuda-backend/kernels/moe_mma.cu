@@ -19,6 +19,7 @@
 
 #include "common.cuh"
 #include "moe_mma.h"
+#include "router_topk.cuh"
 
 namespace moeflash {
 namespace {
@@ -133,10 +134,35 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
 // Saves the plan kernel's launch, which is on the critical path of every layer.
 constexpr int kInlineSlots = 64;
 
-__device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s) {
+// With `route`, the block first takes each token's top-k from the router logits (warp t, token t)
+// and block 0 publishes them for the down kernel.
+template <int PER_LANE>
+__device__ __forceinline__ void route_in_block(const MoeMmaArgs& a, int* id_s, float* w_s) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < a.tokens)
+    topk_row<PER_LANE>(a.router_logits + static_cast<int64_t>(warp) * a.num_experts, a.num_experts, a.top_k, a.rule,
+                       a.renormalize, lane, id_s + warp * a.top_k, w_s + warp * a.top_k);
+}
+
+__device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s,
+                                    const MoeMmaArgs* route = nullptr) {
   __shared__ int id_s[kInlineSlots], head_s[kInlineSlots], rank_s[kInlineSlots];
+  __shared__ float w_s[kInlineSlots];
   const int t = threadIdx.x;
-  if (t < slots) id_s[t] = ids[t];
+  if (route != nullptr) {
+    const int per_lane = (route->num_experts + 31) / 32;
+    if (per_lane <= 1) route_in_block<1>(*route, id_s, w_s);
+    else if (per_lane <= 2) route_in_block<2>(*route, id_s, w_s);
+    else if (per_lane <= 4) route_in_block<4>(*route, id_s, w_s);
+    else route_in_block<8>(*route, id_s, w_s);
+    __syncthreads();
+    if (blockIdx.x == 0 && t < slots) {
+      route->route_ids[t] = id_s[t];
+      route->route_weights[t] = w_s[t];
+    }
+  } else if (t < slots) {
+    id_s[t] = ids[t];
+  }
   __syncthreads();
   if (t < slots) {
     const int e = id_s[t];
@@ -505,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   __shared__ float col_unscale[kMaxCols];
   __shared__ int plan_s[1 + 4 * kInlineSlots];
   const int slots = a.tokens * a.top_k;
-  build_plan_in_block(a.expert_ids, slots, plan_s);
+  build_plan_in_block(a.expert_ids, slots, plan_s, !DOWN && a.router_logits != nullptr ? &a : nullptr);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
   if (item >= n_items) return;
@@ -664,6 +690,20 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 
 }  // namespace
 
+namespace {
+int moe_variant() {
+  static const int variant = [] {
+    const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
+    return v != nullptr ? std::max(0, std::min(3, std::atoi(v))) : 3;
+  }();
+  return variant;
+}
+}  // namespace
+
+bool moe_mma_routes(int tokens, int top_k, int num_experts) {
+  return moe_variant() == 3 && tokens <= 8 && tokens * top_k <= kInlineSlots && num_experts <= 256 && top_k <= 32;
+}
+
 bool moe_mma_supported(int hidden, int inter) {
   return hidden > 0 && inter > 0 && hidden % 64 == 0 && inter % 64 == 0;
 }
@@ -724,14 +764,13 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
   // Decode steps take the row form. For measurements, MOEFLASH_MOE_VARIANT picks the streaming form
   // instead (0: batches of 6 k-tiles, 2 blocks a multiprocessor; 1: 4 k-tiles, 3 blocks; 2: 3
   // k-tiles, 4 blocks), and MOEFLASH_MOE_WARPS sets the row form's warp target.
-  static const int variant = [] {
-    const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
-    return v != nullptr ? std::max(0, std::min(3, std::atoi(v))) : 3;
-  }();
+  const int variant = moe_variant();
   static const int target_warps = [] {
     const char* v = std::getenv("MOEFLASH_MOE_WARPS");
     return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 2500;
   }();
+  if (a.router_logits != nullptr && !moe_mma_routes(a.tokens, a.top_k, a.num_experts))
+    return cudaErrorInvalidValue;  // the caller routes first (router_topk) for these steps
   if (variant == 3 && inline_plan) {
     // Enough warps to keep the device's loads in flight: the k-split SK is the smallest that gets
     // items * row tiles * SK to the target (measured on an H100: 36 us a gpt-oss-20b layer at one

@@ -50,6 +50,14 @@ struct MoeMmaArgs {
   const float* x;               // [tokens, hidden]
   const int32_t* expert_ids;    // [tokens, top_k], distinct within a token
   const float* expert_weights;  // [tokens, top_k]
+  // Routing inside the MoE launch (decode steps, <= 256 experts): when router_logits is set, the
+  // gate/up kernel takes each token's top-k itself (router_topk's rule and arithmetic) and writes
+  // them to route_ids / route_weights, which must be expert_ids / expert_weights.
+  const float* router_logits;  // [tokens, num_experts] or null
+  RoutingRule rule;
+  bool renormalize;
+  int32_t* route_ids;
+  float* route_weights;
   int tokens, top_k, num_experts, hidden, inter;
 
   int32_t* plan;      // moe_plan_ints(tokens * top_k, num_experts)
@@ -58,6 +66,9 @@ struct MoeMmaArgs {
   float* part;        // [tokens * top_k, hidden] scratch
   float* y;           // [tokens, hidden]: sum over k in slot order of weight * (down act + bias)
 };
+
+// Whether moe_mxfp4_mma takes router_logits for a step of `tokens` (else run router_topk first).
+bool moe_mma_routes(int tokens, int top_k, int num_experts);
 
 // Two launches (gate/up + activation, down + combine), plus a plan kernel when the step has more
 // than 8 tokens; decode steps build the plan in every block. Deterministic, no atomics on data; a

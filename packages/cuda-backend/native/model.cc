@@ -304,6 +304,10 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   // updated stream to the other buffer, since every block of that launch still reads this one.
   float* xc = s.x;
   float* xn = s.x_alt;
+  // Each block of a fused launch normalizes every token for itself, which pays off only while the
+  // tokens are few (H100, gpt-oss-20b: batch 1 2.71 -> 2.61 ms a step; batch 8 6.06 -> 6.45 ms,
+  // batch 32 15.1 -> 17.4 ms when fused).
+  const bool fuse_norms = T <= 2;
   for (int l = 0; l < c.layers; ++l) {
     const LayerPtrs& w = s.layers[l];
     const float* in_residual = l == 0 ? nullptr : s.mlp_out;
@@ -312,11 +316,14 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       MF_TRY(gemv_fp8_stack(reinterpret_cast<const uint8_t*>(w.qkv_w), w.qkv_scales, w.qkv_b, {c.q_dim(), c.kv_dim(), c.kv_dim()},
                             H, w.fp8_br, w.fp8_bc, s.normed, s.qkv, T, st),
              "gemv_fp8 (qkv)");
-    } else {
+    } else if (fuse_norms) {
       MF_TRY(gemv_bf16_prenorm(w.qkv_w, w.qkv_b, xc, in_residual, w.in_norm, c.eps, xn, nullptr, s.qkv, c.qkv_dim(), H,
                                T, st),
              "gemv_bf16 (input norm + qkv)");
       std::swap(xc, xn);
+    } else {
+      MF_TRY(rmsnorm_residual(xc, in_residual, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
+      MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
     }
     QkvPrepareArgs qa{};
     qa.qkv = s.qkv;
@@ -374,17 +381,23 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     const int K = dense ? 1 : c.top_k;
     const int32_t* ids = s.zero_ids;
     const float* rw = s.ones;
-    if (dense) {
+    if (dense || !fuse_norms)
       MF_TRY(rmsnorm_residual(xc, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
-    } else {
-      // The router's launch does the norm too and leaves the normalized rows for the experts.
-      MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
-                               w.experts, H, T, st),
-             "gemv_bf16 (post-attention norm + router)");
-      std::swap(xc, xn);
-      MF_TRY(router_topk(s.router_logits, T, w.experts, K, static_cast<RoutingRule>(c.rule), c.renormalize != 0,
-                         s.route_ids, s.route_w, st),
-             "router_topk");
+    if (!dense) {
+      if (fuse_norms) {
+        // The router's launch does the norm too and leaves the normalized rows for the experts.
+        MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
+                                 w.experts, H, T, st),
+               "gemv_bf16 (post-attention norm + router)");
+        std::swap(xc, xn);
+      } else {
+        MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
+      }
+      // Decode steps on the tensor-core MoE path take their top-k inside the experts' launch.
+      if (!(w.mlp_kind == kMlpMxfp4Experts && w.mma && moe_mma_routes(T, K, w.experts)))
+        MF_TRY(router_topk(s.router_logits, T, w.experts, K, static_cast<RoutingRule>(c.rule), c.renormalize != 0,
+                           s.route_ids, s.route_w, st),
+               "router_topk");
       ids = s.route_ids;
       rw = s.route_w;
     }
@@ -413,6 +426,13 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.x = s.normed;
       m.expert_ids = ids;
       m.expert_weights = rw;
+      if (moe_mma_routes(T, K, w.experts)) {
+        m.router_logits = s.router_logits;
+        m.rule = static_cast<RoutingRule>(c.rule);
+        m.renormalize = c.renormalize != 0;
+        m.route_ids = s.route_ids;
+        m.route_weights = s.route_w;
+      }
       m.tokens = T, m.top_k = K, m.num_experts = w.experts, m.hidden = H, m.inter = w.inter;
       m.plan = s.moe_plan;
       m.counters = s.moe_counters;
