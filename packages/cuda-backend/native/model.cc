@@ -123,8 +123,9 @@ struct State {
   cudaStream_t stream = nullptr;
   std::map<int, cudaGraphExec_t> graphs;  // decode graphs by 2 * bucket + (samples ? 1 : 0)
   bool prepared = false;
-  // Sampling buffers (SampleLayout), allocated by the first step that samples; `sampling` says
-  // whether the step being run does (forward then runs sample_rows after argmax_rows).
+  // Sampling buffers (SampleLayout), reserved with everything else at load (a step allocates
+  // nothing); `sampling` says whether the step being run samples (forward then runs sample_rows
+  // after argmax_rows).
   DeviceBuffer sample_buf;
   std::vector<char> sample_host;
   bool sampling = false;
@@ -192,8 +193,10 @@ struct State {
         kv(env, kv_bytes(cfg), "KV cache"),
         arena(env, layout(cfg, [](int, size_t) {}), "activation arena"),
         in_host(env, sizeof(int32_t) * cfg.input_ints(), "step inputs"),
-        out_host(env, sizeof(float) * cfg.max_logit_rows * (static_cast<size_t>(cfg.vocab) + 1), "step outputs") {
-    arena_bytes = arena.bytes();
+        out_host(env, sizeof(float) * cfg.max_logit_rows * (static_cast<size_t>(cfg.vocab) + 1), "step outputs"),
+        sample_buf(env, SampleLayout(cfg.max_logit_rows, cfg.vocab).total, "sampling buffers"),
+        sample_host(SampleLayout(cfg.max_logit_rows, cfg.vocab).settings_bytes, 0) {
+    arena_bytes = arena.bytes() + sample_buf.bytes();
     char* base = arena.get<char>();
     layout(c, [&](int id, size_t off) {
       void* p = base + off;
@@ -706,10 +709,6 @@ class Model : public Napi::ObjectWrap<Model> {
     s.sampling = sampling;
     if (sampling) {
       const SampleLayout sl(c.max_logit_rows, c.vocab);
-      if (s.sample_buf.get() == nullptr) {
-        s.sample_buf = DeviceBuffer(env, sl.total, "sampling buffers");
-        s.sample_host.assign(sl.settings_bytes, 0);
-      }
       // Padding rows of a graph bucket stay greedy (all zeros).
       std::fill(s.sample_host.begin(), s.sample_host.end(), 0);
       char* h = s.sample_host.data();
