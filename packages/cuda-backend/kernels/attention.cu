@@ -5,10 +5,8 @@
 // Scores for all the block's query heads come from one pass over the keys (a thread a position),
 // softmax statistics per head from one warp, then P V with threads laid out as 8-dim chunks x
 // position groups. Results (unnormalized output, running max, sum) go to a workspace.
-// Combine: the last split block of a (sequence, head subset) to finish (a counter in the
-// workspace, left at zero) merges the splits of its heads in split order and adds the sink to the
-// denominator; no second launch. The split size is fixed, so a sequence's result does not depend
-// on the others.
+// Combine kernel: per (sequence, head), merges the splits in split order and adds the sink to the
+// denominator. The split size is fixed, so a sequence's result does not depend on the others.
 #include <algorithm>
 #include <cfloat>
 
@@ -39,43 +37,6 @@ __device__ __forceinline__ const bf16_bits* kv_row(const bf16_bits* cache, const
   const int page = a.block_table[static_cast<int64_t>(seq) * a.max_pages_per_seq + pos / a.page_size];
   const int64_t row = (static_cast<int64_t>(page) * a.page_size + pos % a.page_size) * a.num_kv_heads + kvh;
   return cache + row * a.head_dim;
-}
-
-// Called by every split block that holds keys after it wrote its partial results: the last of
-// them (for this sequence and head subset) merges the splits of its nh heads.
-template <int G>
-__device__ void combine_if_last(const AttentionDecodeArgs& a, const Workspace& ws, int splits, int seq, int h0, int nh,
-                                int len) {
-  __shared__ bool last;
-  const int used = (len + kSplit - 1) / kSplit;
-  __threadfence();
-  __syncthreads();
-  int* done = a.split_counters + static_cast<int64_t>(seq) * a.num_heads + blockIdx.x;
-  if (threadIdx.x == 0) last = atomicAdd(done, 1) == used - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int D = a.head_dim;
-  for (int g = threadIdx.x >> 5; g < nh; g += kThreads / 32) {
-    const int h = h0 + g;
-    const int64_t base = (static_cast<int64_t>(seq) * a.num_heads + h) * splits;
-    float m = a.sinks != nullptr ? a.sinks[h] : -INFINITY;
-    for (int s = 0; s < used; ++s) m = fmaxf(m, __ldcg(ws.ml + (base + s) * 2));
-    float l = a.sinks != nullptr ? expf(a.sinks[h] - m) : 0.f;
-    for (int s = 0; s < used; ++s) {
-      const float ms = __ldcg(ws.ml + (base + s) * 2);
-      if (ms != -INFINITY) l += __ldcg(ws.ml + (base + s) * 2 + 1) * expf(ms - m);
-    }
-    for (int dim = threadIdx.x & 31; dim < D; dim += 32) {
-      float o = 0.f;
-      for (int s = 0; s < used; ++s) {
-        const float ms = __ldcg(ws.ml + (base + s) * 2);
-        if (ms != -INFINITY) o += __ldcg(ws.o + (base + s) * D + dim) * expf(ms - m);
-      }
-      a.out[(static_cast<int64_t>(seq) * a.num_heads + h) * D + dim] = o / l;
-    }
-  }
-  if (threadIdx.x == 0) *done = 0;
 }
 
 template <int G>
@@ -114,7 +75,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDeco
         ws.ml[base * 2 + 1] = 0.f;
       }
     }
-    combine_if_last<G>(a, ws, splits, seq, h0, nh, len);
     return;
   }
 
@@ -215,7 +175,32 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDeco
       ws.ml[base * 2 + 1] = stat_l[g];
     }
   }
-  combine_if_last<G>(a, ws, splits, seq, h0, nh, len);
+}
+
+__global__ void __launch_bounds__(kThreads) attention_combine_kernel(AttentionDecodeArgs a, int splits) {
+  pdl_prologue();
+  const int h = blockIdx.x;
+  const int seq = blockIdx.y;
+  const int D = a.head_dim;
+  const int len = a.seq_lens[seq];
+  const int used = (len + kSplit - 1) / kSplit;
+  const Workspace ws = carve(a.workspace, a.num_seqs, a.num_heads, D, splits);
+  const int64_t base = (static_cast<int64_t>(seq) * a.num_heads + h) * splits;
+  float m = a.sinks != nullptr ? a.sinks[h] : -INFINITY;
+  for (int s = 0; s < used; ++s) m = fmaxf(m, ws.ml[(base + s) * 2]);
+  float l = a.sinks != nullptr ? expf(a.sinks[h] - m) : 0.f;
+  for (int s = 0; s < used; ++s) {
+    const float ms = ws.ml[(base + s) * 2];
+    if (ms != -INFINITY) l += ws.ml[(base + s) * 2 + 1] * expf(ms - m);
+  }
+  for (int dim = threadIdx.x; dim < D; dim += kThreads) {
+    float o = 0.f;
+    for (int s = 0; s < used; ++s) {
+      const float ms = ws.ml[(base + s) * 2];
+      if (ms != -INFINITY) o += ws.o[(base + s) * D + dim] * expf(ms - m);
+    }
+    a.out[(static_cast<int64_t>(seq) * a.num_heads + h) * D + dim] = o / l;
+  }
 }
 
 template <int G>
@@ -248,7 +233,7 @@ cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream) 
       a.num_heads % a.num_kv_heads != 0 || a.page_size <= 0 || a.max_seq_len <= 0)
     return cudaErrorInvalidValue;
   const int group_size = a.num_heads / a.num_kv_heads;
-  if (group_size > 16 || a.split_counters == nullptr) return cudaErrorInvalidValue;
+  if (group_size > 16) return cudaErrorInvalidValue;
   const int splits = max_splits(a.max_seq_len);
   // Query heads a block takes at once; a group of 16 is done as two blocks of 8.
   cudaError_t e;
@@ -256,7 +241,8 @@ cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream) 
   else if (group_size <= 2) e = launch_split<2>(a, splits, stream);
   else if (group_size <= 4) e = launch_split<4>(a, splits, stream);
   else e = launch_split<8>(a, splits, stream);
-  return e;
+  if (e != cudaSuccess) return e;
+  return launch_pdl(attention_combine_kernel, dim3(a.num_heads, a.num_seqs), kThreads, 0, stream, a, splits);
 }
 
 }  // namespace moeflash

@@ -137,9 +137,6 @@ struct AttentionDecodeArgs {
   const float* sinks;
   float* out;
   void* workspace;  // attention_decode_workspace_bytes(...)
-  // [num_seqs * num_heads] int32, all zero before the first launch; every launch leaves them zero
-  // (the last split block of a sequence's heads merges the splits instead of a second kernel).
-  int* split_counters;
   int num_seqs, num_heads, num_kv_heads, head_dim;
   int page_size, max_pages_per_seq;
   int max_seq_len;  // upper bound of seq_lens (sizes the split grid)

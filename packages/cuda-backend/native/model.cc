@@ -142,7 +142,6 @@ struct State {
   void *att_ws, *argmax_ws;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
-  int32_t* att_counters;  // attention_decode's split counters, zero between launches
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
   size_t arena_bytes = 0;
 
@@ -185,7 +184,6 @@ struct State {
     add(sizeof(float) * T * 3 * c.fp8_inter, 23);  // FP8 dense MLP scratch
     add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
     add(sizeof(float) * T * H, 25);      // residual stream, second buffer
-    add(sizeof(int32_t) * T * c.heads, 26);  // attention split counters
     return off;
   }
 
@@ -235,7 +233,6 @@ struct State {
         case 23: fp8_mlp = static_cast<float*>(p); break;
         case 24: att_tiles = static_cast<int32_t*>(p); break;
         case 25: x_alt = static_cast<float*>(p); break;
-        case 26: att_counters = static_cast<int32_t*>(p); break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -243,7 +240,6 @@ struct State {
     check_cuda(env, cudaMemset(zero_ids, 0, sizeof(int32_t) * c.max_tokens), "cudaMemset (zero ids)");
     // The MoE down kernel's per-row-tile counters start at zero and every launch leaves them so.
     check_cuda(env, cudaMemset(moe_counters, 0, sizeof(int32_t) * moe_counter_ints(c.hidden)), "cudaMemset (MoE counters)");
-    check_cuda(env, cudaMemset(att_counters, 0, sizeof(int32_t) * c.max_tokens * c.heads), "cudaMemset (attention counters)");
     check_cuda(env, cudaMemcpy(ones, one.data(), sizeof(float) * c.max_tokens, cudaMemcpyHostToDevice), "cudaMemcpy (ones)");
     // Unwritten cache rows are never read, but a NaN pattern would show it at once if they were.
     check_cuda(env, cudaMemset(kv.get(), 0xff, kv.bytes()), "cudaMemset (KV cache)");
@@ -359,7 +355,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     aa.sinks = w.sinks;
     aa.out = s.attn;
     aa.workspace = s.att_ws;
-    aa.split_counters = s.att_counters;
     aa.num_seqs = T;
     aa.num_heads = c.heads;
     aa.num_kv_heads = c.kv_heads;

@@ -416,9 +416,6 @@ Napi::Value AttentionDecode(const Napi::CallbackInfo& info) {
   DeviceBuffer d_lens = to_device(env, lens, "seqLens");
   DeviceBuffer d_out(env, q.ByteLength(), "out");
   DeviceBuffer d_ws(env, attention_decode_workspace_bytes(a.num_seqs, a.num_heads, a.head_dim, a.max_seq_len), "workspace");
-  DeviceBuffer d_counters(env, sizeof(int32_t) * a.num_seqs * a.num_heads, "split counters");
-  check_cuda(env, cudaMemset(d_counters.get(), 0, d_counters.bytes()), "cudaMemset (split counters)");
-  a.split_counters = d_counters.get<int32_t>();
   a.q = d_q.get<float>();
   a.k_cache = d_k.get<bf16_bits>();
   a.v_cache = d_v.get<bf16_bits>();
