@@ -325,6 +325,45 @@ __device__ __forceinline__ void consume_batch(const Batch<kBatch>& B, int kb, in
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 __device__ __forceinline__ float sigmoid_f(float z) { return 1.0f / (1.0f + expf(-z)); }
 
+// act[slot, o] = activation(gate + bias, up + bias) for output o of `expert`; gv and uv are the
+// unscaled gate and up sums.
+__device__ __forceinline__ void store_activation(const MoeMmaArgs& a, int expert, int o, int slot, float gv, float uv) {
+  const int I = a.inter;
+  const int64_t gr = a.interleaved ? 2 * o : o, ur = a.interleaved ? 2 * o + 1 : I + o;
+  if (a.gate_up_bias != nullptr) {
+    const int64_t base = static_cast<int64_t>(expert) * 2 * I;
+    gv += bf16_to_f32(a.gate_up_bias[base + gr]);
+    uv += bf16_to_f32(a.gate_up_bias[base + ur]);
+  }
+  float y;
+  if (a.activation == ExpertActivation::GptOssClamped) {
+    gv = fminf(gv, a.limit);
+    uv = fminf(fmaxf(uv, -a.limit), a.limit);
+    y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
+  } else {
+    y = silu_f(gv) * uv;
+  }
+  a.act[static_cast<int64_t>(slot) * I + o] = y;
+}
+
+// y[t, rows of row tile rt] = sum over k in slot order of weight * (part + bias), the product
+// rounded before the sum as the CPU backend does it; threads first, first + stride, ... share the
+// rows. Run by the last writer of the row tile's parts (part is read from L2: other blocks wrote it).
+__device__ __forceinline__ void combine_row_tile(const MoeMmaArgs& a, int rt, int first, int stride) {
+  const int H = a.hidden, K = a.top_k;
+  for (int v = first; v < a.tokens * 16; v += stride) {
+    const int t = v >> 4, row = rt * 16 + (v & 15);
+    float sum = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int slot = t * K + k;
+      float x = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
+      if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
+      sum = __fadd_rn(sum, __fmul_rn(a.expert_weights[slot], x));
+    }
+    a.y[static_cast<int64_t>(t) * H + row] = sum;
+  }
+}
+
 // ------------------------------------------------------------------ streaming (persistent) form
 // One kernel for both projections. The grid is what fits on the device at once; block b takes a
 // contiguous run of the step's units (item, row tile), item-major, so it stages an item's vectors
@@ -445,7 +484,6 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
     __syncthreads();
 
     if constexpr (!DOWN) {
-      const bool interleaved = a.interleaved;
       for (int v = threadIdx.x; v < NT * 64; v += kThreads) {
         const int n = v >> 6, c = (v >> 5) & 1, l = v & 31;
         const int g = l >> 2, q = l & 3;
@@ -457,23 +495,7 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
           gs += red[buf][w][n * 4 + c][l];
           us += red[buf][w][n * 4 + 2 + c][l];
         }
-        const int o = rt * 8 + g;
-        float gv = gs * col_unscale[col], uv = us * col_unscale[col];
-        const int64_t gr = interleaved ? 2 * o : o, ur = interleaved ? 2 * o + 1 : I + o;
-        if (a.gate_up_bias != nullptr) {
-          const int64_t base = static_cast<int64_t>(expert) * 2 * I;
-          gv += bf16_to_f32(a.gate_up_bias[base + gr]);
-          uv += bf16_to_f32(a.gate_up_bias[base + ur]);
-        }
-        float y;
-        if (a.activation == ExpertActivation::GptOssClamped) {
-          gv = fminf(gv, a.limit);
-          uv = fminf(fmaxf(uv, -a.limit), a.limit);
-          y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
-        } else {
-          y = silu_f(gv) * uv;
-        }
-        a.act[static_cast<int64_t>(slot_s[col]) * I + o] = y;
+        store_activation(a, expert, rt * 8 + g, slot_s[col], gs * col_unscale[col], us * col_unscale[col]);
       }
     } else {
       for (int v = threadIdx.x; v < NT * 128; v += kThreads) {
@@ -492,18 +514,7 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
       __syncthreads();
       if (last) {
         __threadfence();
-        const int K = a.top_k;
-        for (int v = threadIdx.x; v < a.tokens * 16; v += kThreads) {
-          const int t = v >> 4, row = rt * 16 + (v & 15);
-          float sum = 0.f;
-          for (int k = 0; k < K; ++k) {
-            const int slot = t * K + k;
-            float x = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
-            if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
-            sum = __fadd_rn(sum, __fmul_rn(a.expert_weights[slot], x));
-          }
-          a.y[static_cast<int64_t>(t) * H + row] = sum;
-        }
+        combine_row_tile(a, rt, threadIdx.x, kThreads);
         if (threadIdx.x == 0) a.counters[rt] = 0;
       }
     }
@@ -598,23 +609,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
     for (int c = 0; c < 2; ++c) {
       const int col = 2 * q + c;
       if (col >= cols) continue;
-      const int o = rt * 8 + g;
-      float gv = acc[0][c] * col_unscale[col], uv = acc[0][2 + c] * col_unscale[col];
-      const int64_t gr = a.interleaved ? 2 * o : o, ur = a.interleaved ? 2 * o + 1 : I + o;
-      if (a.gate_up_bias != nullptr) {
-        const int64_t base = static_cast<int64_t>(expert) * 2 * I;
-        gv += bf16_to_f32(a.gate_up_bias[base + gr]);
-        uv += bf16_to_f32(a.gate_up_bias[base + ur]);
-      }
-      float y;
-      if (a.activation == ExpertActivation::GptOssClamped) {
-        gv = fminf(gv, a.limit);
-        uv = fminf(fmaxf(uv, -a.limit), a.limit);
-        y = (uv + 1.0f) * (gv * sigmoid_f(gv * a.alpha));
-      } else {
-        y = silu_f(gv) * uv;
-      }
-      a.act[static_cast<int64_t>(slot_s[col]) * I + o] = y;
+      store_activation(a, expert, rt * 8 + g, slot_s[col], acc[0][c] * col_unscale[col], acc[0][2 + c] * col_unscale[col]);
     }
   } else {
 #pragma unroll
@@ -630,18 +625,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
     last = __shfl_sync(kFullMask, last, 0);
     if (!last) return;
     __threadfence();
-    const int K = a.top_k;
-    for (int v = lane; v < a.tokens * 16; v += 32) {
-      const int t = v >> 4, row = rt * 16 + (v & 15);
-      float sum = 0.f;
-      for (int k = 0; k < K; ++k) {
-        const int slot = t * K + k;
-        float x = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
-        if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
-        sum = __fadd_rn(sum, __fmul_rn(a.expert_weights[slot], x));
-      }
-      a.y[static_cast<int64_t>(t) * H + row] = sum;
-    }
+    combine_row_tile(a, rt, lane, 32);
     if (lane == 0) a.counters[rt] = 0;
   }
 }

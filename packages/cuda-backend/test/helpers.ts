@@ -2,7 +2,7 @@
  * Shared by the GPU tests: seeded random inputs (never zeros), bf16 rounding, error measures and
  * float64 references where core has no module for the operation.
  */
-import { dequantizeMxfp4Rows } from '@moeflash/core';
+import { dequantizeMxfp4Rows, type ExpertActivation } from '@moeflash/core';
 
 /** mulberry32: small, fast, seeded; enough for test inputs. */
 export function rng(seed: number): () => number {
@@ -154,4 +154,16 @@ export function dot64(w: ArrayLike<number>, offset: number, x: ArrayLike<number>
   let s = 0;
   for (let i = 0; i < n; i++) s += w[offset + i] * x[xOffset + i];
   return s;
+}
+
+/** gpt-oss's clamped SwiGLU with its released limit and alpha, and plain SwiGLU. */
+export const CLAMPED: ExpertActivation = { kind: 'gpt_oss_clamped_swiglu', limit: 7, alpha: 1.702 };
+export const SWIGLU: ExpertActivation = { kind: 'swiglu' };
+
+/** An expert's activation of one gate/up pair, in float64 (the references' arithmetic). */
+export function activate(g: number, u: number, act: ExpertActivation): number {
+  if (act.kind === 'swiglu') return (g / (1 + Math.exp(-g))) * u;
+  const gi = Math.min(g, act.limit);
+  const ui = Math.min(Math.max(u, -act.limit), act.limit);
+  return (ui + 1) * (gi / (1 + Math.exp(-gi * act.alpha)));
 }

@@ -24,13 +24,14 @@ import {
   sampleToken,
   uniform,
   MoeflashError,
-  type ExpertActivation,
   type MoeSpec,
   type RopeSpec,
 } from '@moeflash/core';
 
 import { cudaOps, isCudaAvailable } from '../src/index.js';
 import {
+  activate,
+  CLAMPED,
   dot64,
   expertRows,
   firstMismatch,
@@ -42,6 +43,7 @@ import {
   randomRouting,
   relError,
   rng,
+  SWIGLU,
 } from './helpers.js';
 
 const cuda = isCudaAvailable();
@@ -184,15 +186,6 @@ describe.skipIf(skip)('gemv_bf16', () => {
   });
 });
 
-const CLAMPED: ExpertActivation = { kind: 'gpt_oss_clamped_swiglu', limit: 7, alpha: 1.702 };
-const SWIGLU: ExpertActivation = { kind: 'swiglu' };
-
-function activate(g: number, u: number, act: ExpertActivation): number {
-  if (act.kind === 'swiglu') return (g / (1 + Math.exp(-g))) * u;
-  const gi = Math.min(g, act.limit);
-  const ui = Math.min(Math.max(u, -act.limit), act.limit);
-  return (ui + 1) * (gi / (1 + Math.exp(-gi * act.alpha)));
-}
 
 describe.skipIf(skip)('moe_gate_up_mxfp4 / moe_down_mxfp4', () => {
   const cases = [

@@ -14,6 +14,8 @@ import type { ExpertActivation } from '@moeflash/core';
 
 import { cudaOps, isCudaAvailable } from '../src/index.js';
 import {
+  activate,
+  CLAMPED,
   dot64,
   expertRows,
   firstMismatch,
@@ -25,21 +27,13 @@ import {
   randomRouting,
   relError,
   rng,
+  SWIGLU,
 } from './helpers.js';
 
 const cuda = isCudaAvailable();
 if (!cuda.ok) console.log(`[cuda] tensor-core MoE tests skipped: ${cuda.reason}`);
 
 const LIMIT = 2e-3;
-const CLAMPED: ExpertActivation = { kind: 'gpt_oss_clamped_swiglu', limit: 7, alpha: 1.702 };
-const SWIGLU: ExpertActivation = { kind: 'swiglu' };
-
-function activate(g: number, u: number, act: ExpertActivation): number {
-  if (act.kind === 'swiglu') return (g / (1 + Math.exp(-g))) * u;
-  const gi = Math.min(g, act.limit);
-  const ui = Math.min(Math.max(u, -act.limit), act.limit);
-  return (ui + 1) * (gi / (1 + Math.exp(-gi * act.alpha)));
-}
 
 interface Layer {
   E: number;

@@ -16,29 +16,14 @@
  */
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CpuBackend, loadModelSpec, openWeights } from '@moeflash/core';
+import { argmax, CpuBackend, loadModelSpec, openWeights } from '@moeflash/core';
 import { createCudaBackend, isCudaAvailable, type CudaModel } from '@moeflash/cuda-backend';
+
+import { relError } from './helpers.js';
 
 const avail = isCudaAvailable();
 if (!avail.ok) console.log(`[cuda] tensor-core model tests skipped: ${avail.reason}`);
 const dir = path.join(__dirname, '..', '..', '..', 'models', 'moeflash-tiny-coder');
-
-function relError(a: Float32Array, b: Float32Array): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < a.length; i++) {
-    if (!Number.isFinite(a[i])) return Infinity;
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(v: Float32Array): number {
-  let best = 0;
-  for (let i = 1; i < v.length; i++) if (v[i] > v[best]) best = i;
-  return best;
-}
 
 const PROMPTS = [
   [12, 400, 33, 1017, 5, 77, 2048, 9, 310, 61, 8, 1500],
