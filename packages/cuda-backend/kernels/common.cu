@@ -7,15 +7,24 @@
 
 namespace moeflash {
 
-// Off unless MOEFLASH_PDL=1: measured on an H100 (gpt-oss-20b, batch 1) the early trigger made the
-// step slower (3.10 ms against 2.90 ms): dependents parked at their wait hold the multiprocessor
-// slots that the persistent grids (sized to fill the device) expect to have.
+// Off unless MOEFLASH_PDL=1 (read at every launch, so a benchmark can capture graphs both ways).
 bool pdl_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOEFLASH_PDL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return on;
+  const char* v = std::getenv("MOEFLASH_PDL");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+bool profile_skip(const char* cls) {
+  const char* list = std::getenv("MOEFLASH_PROFILE_SKIP");
+  if (list == nullptr || *list == 0) return false;
+  const size_t n = std::strlen(cls);
+  for (const char* p = list; *p != 0;) {
+    const char* end = std::strchr(p, ',');
+    const size_t len = end != nullptr ? static_cast<size_t>(end - p) : std::strlen(p);
+    if (len == n && std::strncmp(p, cls, n) == 0) return true;
+    if (end == nullptr) break;
+    p = end + 1;
+  }
+  return false;
 }
 
 int device_sm_count() {

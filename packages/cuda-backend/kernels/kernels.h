@@ -326,4 +326,9 @@ inline int attention_prefill_make_tiles(const int32_t* seq_starts, int num_seqs,
 bool attention_prefill_supported(int num_heads, int num_kv_heads, int head_dim);
 cudaError_t attention_prefill(const AttentionPrefillArgs& a, cudaStream_t stream);
 
+// Whether MOEFLASH_PROFILE_SKIP (a comma-separated list of kernel classes) names `cls`: a
+// measurement leaves those launches out of the step to find their share of its time. The step's
+// results are wrong then; the variable is for benchmarks only (bench/step-profile.mjs).
+bool profile_skip(const char* cls);
+
 }  // namespace moeflash

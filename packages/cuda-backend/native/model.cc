@@ -300,7 +300,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   const Config& c = s.c;
   const int H = c.hidden;
   cudaStream_t st = s.stream;
-  MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
+  if (!profile_skip("embed")) MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
   const bool tiled_attention = attention_decode_supported(c.heads, c.kv_heads, c.head_dim);
   size_t hidden_done = 0;
   // The residual stream. A norm fused into the projection after it (gemv_bf16_prenorm) writes the
@@ -320,10 +320,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
                             H, w.fp8_br, w.fp8_bc, s.normed, s.qkv, T, st),
              "gemv_fp8 (qkv)");
     } else if (fuse_norms) {
-      MF_TRY(gemv_bf16_prenorm(w.qkv_w, w.qkv_b, xc, in_residual, w.in_norm, c.eps, xn, nullptr, s.qkv, c.qkv_dim(), H,
-                               T, st),
-             "gemv_bf16 (input norm + qkv)");
-      std::swap(xc, xn);
+      if (!profile_skip("qkv")) {
+        MF_TRY(gemv_bf16_prenorm(w.qkv_w, w.qkv_b, xc, in_residual, w.in_norm, c.eps, xn, nullptr, s.qkv, c.qkv_dim(), H,
+                                 T, st),
+               "gemv_bf16 (input norm + qkv)");
+        std::swap(xc, xn);
+      }
     } else {
       MF_TRY(rmsnorm_residual(xc, in_residual, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
       MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
@@ -345,7 +347,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     qa.num_heads = c.heads;
     qa.num_kv_heads = c.kv_heads;
     qa.head_dim = c.head_dim;
-    MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
+    if (!profile_skip("prep")) MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
     AttentionDecodeArgs aa{};
     aa.q = s.q;
     aa.k_cache = s.k_cache(l);
@@ -371,14 +373,14 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       pa.num_tiles = s.prefill_tiles, pa.num_heads = c.heads, pa.num_kv_heads = c.kv_heads, pa.head_dim = c.head_dim;
       pa.page_size = c.page_size, pa.max_pages_per_seq = c.max_pages_per_seq, pa.window = w.window, pa.scale = c.scale;
       MF_TRY(attention_prefill(pa, st), "attention_prefill");
-    } else {
+    } else if (!profile_skip("attn")) {
       MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
     }
     if (w.o_scales != nullptr)
       MF_TRY(gemv_fp8(reinterpret_cast<const uint8_t*>(w.o_w), w.o_scales, w.fp8_br, w.fp8_bc, w.o_b, s.attn, s.proj, H,
                       c.q_dim(), T, st),
              "gemv_fp8 (o)");
-    else
+    else if (!profile_skip("o"))
       MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
     const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
     const int K = dense ? 1 : c.top_k;
@@ -389,10 +391,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     if (!dense) {
       if (fuse_norms) {
         // The router's launch does the norm too and leaves the normalized rows for the experts.
-        MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
-                                 w.experts, H, T, st),
-               "gemv_bf16 (post-attention norm + router)");
-        std::swap(xc, xn);
+        if (!profile_skip("router")) {
+          MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
+                                   w.experts, H, T, st),
+                 "gemv_bf16 (post-attention norm + router)");
+          std::swap(xc, xn);
+        }
       } else {
         MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
       }
@@ -442,7 +446,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.act = s.act;
       m.part = s.moe_part;
       m.y = s.mlp_out;
-      MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
+      if (!profile_skip("moe")) MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
     } else if (w.mlp_kind == kMlpMxfp4Experts) {
       for (int t0 = 0; t0 < T; t0 += 8) {
         MoeDims d{std::min(8, T - t0), K, w.experts, H, w.inter};
@@ -486,11 +490,13 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       ++hidden_done;
     }
   }
-  MF_TRY(rmsnorm_residual(xc, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
+  if (!profile_skip("final")) MF_TRY(rmsnorm_residual(xc, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
   if (n_logit > 0) {
-    MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
-    MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (lm head)");
-    MF_TRY(argmax_rows(s.logits, n_logit, c.vocab, s.argmax_ids, s.argmax_ws, st), "argmax_rows");
+    if (!profile_skip("gather")) MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
+    if (!profile_skip("lm"))
+      MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (lm head)");
+    if (!profile_skip("argmax"))
+      MF_TRY(argmax_rows(s.logits, n_logit, c.vocab, s.argmax_ids, s.argmax_ws, st), "argmax_rows");
     if (s.sampling) {
       const SampleLayout sl(c.max_logit_rows, c.vocab);
       char* b = s.sample_buf.get<char>();
@@ -524,7 +530,8 @@ class Model : public Napi::ObjectWrap<Model> {
   static Napi::Function Class(Napi::Env env) {
     return DefineClass(env, "Model",
                        {InstanceMethod("upload", &Model::Upload), InstanceMethod("prepare", &Model::Prepare),
-                        InstanceMethod("step", &Model::Step),
+                        InstanceMethod("step", &Model::Step), InstanceMethod("timeGraphs", &Model::TimeGraphs),
+                        InstanceMethod("dropGraphs", &Model::DropGraphs),
                         InstanceMethod("dispose", &Model::Dispose), InstanceMethod("info", &Model::Info)});
   }
 
@@ -846,6 +853,44 @@ class Model : public Napi::ObjectWrap<Model> {
     o.Set("activations", static_cast<double>(s.arena_bytes));
     o.Set("graphs", static_cast<double>(s.graphs.size()));
     return o;
+  }
+
+  // timeGraphs(bucket, sampling, iters) -> device milliseconds a replay of that decode step's
+  // graph (CUDA events around `iters` back-to-back launches): the step without the host's part.
+  // Replays rewrite the same KV slots with the same values, so the cache is left as it was.
+  Napi::Value TimeGraphs(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.timeGraphs"};
+    State& s = state(r);
+    Napi::Env env = info.Env();
+    const int bucket = info[0].As<Napi::Number>().Int32Value();
+    const bool sampling = info[1].ToBoolean().Value();
+    const int iters = std::max(1, info[2].As<Napi::Number>().Int32Value());
+    auto g = s.graphs.find(2 * bucket + (sampling ? 1 : 0));
+    if (g == s.graphs.end()) r.fail("no graph for this batch bucket yet: run a decode step of that size first");
+    cudaEvent_t a = nullptr, b = nullptr;
+    check_cuda(env, cudaEventCreate(&a), "cudaEventCreate");
+    check_cuda(env, cudaEventCreate(&b), "cudaEventCreate");
+    check_cuda(env, cudaGraphLaunch(g->second, s.stream), "cudaGraphLaunch (warm-up)");
+    check_cuda(env, cudaEventRecord(a, s.stream), "cudaEventRecord");
+    for (int i = 0; i < iters; ++i) check_cuda(env, cudaGraphLaunch(g->second, s.stream), "cudaGraphLaunch");
+    check_cuda(env, cudaEventRecord(b, s.stream), "cudaEventRecord");
+    check_cuda(env, cudaEventSynchronize(b), "cudaEventSynchronize");
+    float ms = 0.f;
+    cudaEventElapsedTime(&ms, a, b);
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return Napi::Number::New(env, ms / iters);
+  }
+
+  // dropGraphs(): forgets the captured decode graphs; the next decode step of each size captures
+  // again (after a change of the MOEFLASH_* launch settings, for measurements).
+  Napi::Value DropGraphs(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.dropGraphs"};
+    State& s = state(r);
+    check_cuda(info.Env(), cudaStreamSynchronize(s.stream), "cudaStreamSynchronize");
+    for (auto& g : s.graphs) cudaGraphExecDestroy(g.second);
+    s.graphs.clear();
+    return info.Env().Undefined();
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {

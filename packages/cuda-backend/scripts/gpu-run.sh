@@ -13,9 +13,16 @@ for step in ${STEPS:-tests parity bench}; do
     build) (cd packages/cuda-backend && node node_modules/node-gyp/bin/node-gyp.js rebuild -j 16) > "$O/build.log" 2>&1 || tail -30 "$O/build.log" ;;
     tests) timeout "${TESTS_S:-180}" vitest run packages/cuda-backend 2>&1 | tee "$O/tests.log" | grep -E "\[cuda\]|✓|×|FAIL|Tests |Error|expected" | grep -v "^\s*$" | head -80 ;;
     parity) timeout "${PARITY_S:-120}" node packages/cuda-backend/scripts/parity-report.mjs "$O/parity-h100.md" "${COMMIT:-unknown}" 2>&1 | tail -12 ;;
+    synth)
+      [ -f /tmp/gpt-oss-20b/config.json ] || timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b \
+        --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1
+      tail -2 "$O/synth.log" ;;
+    profile)
+      timeout "${PROFILE_S:-240}" node packages/cuda-backend/bench/step-profile.mjs /tmp/gpt-oss-20b "${BATCH:-1}" "${CONTEXT:-640}" \
+        "$O/step-profile-b${BATCH:-1}.json" 2>&1 | grep -v loading | tail -30 ;;
     bench)
-      timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1
-      tail -2 "$O/synth.log"
+      [ -f /tmp/gpt-oss-20b/config.json ] || timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b \
+        --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1
       timeout "${BENCH_S:-240}" node packages/core/dist/cli.js bench --model /tmp/gpt-oss-20b --backend cuda --batch "${BATCH:-1,8,32}" \
         --prompt "${PROMPT:-512}" --gen "${GEN:-256}" --out "$O/bench-gpt-oss-20b.json" 2>&1 | grep -v loading | tail -14 ;;
   esac

@@ -746,6 +746,23 @@ export class CudaModel implements LoadedModel {
     return { weights: i.weights, kvCache: i.kvCache, activations: i.activations, total: i.weights + i.kvCache + i.activations };
   }
 
+  /**
+   * Device milliseconds one replay of the decode graph captured for `batch` sequences takes (CUDA
+   * events around `iters` replays), without the host's share of a step. For benchmarks; a decode
+   * step of that batch size must have run first.
+   */
+  timeDecodeGraph(batch: number, iters = 100, sampling = false): number {
+    if (!this.native) throw new MoeflashError('CLOSED', 'timeDecodeGraph() on a disposed model');
+    let bucket = 1;
+    while (bucket < batch) bucket *= 2;
+    return this.native.timeGraphs(bucket, sampling, iters);
+  }
+
+  /** Forgets the captured decode graphs (the next decode step captures again); for benchmarks. */
+  dropGraphs(): void {
+    this.native?.dropGraphs();
+  }
+
   async dispose(): Promise<void> {
     this.native?.dispose();
     this.native = null;

@@ -246,6 +246,10 @@ export interface NativeModel {
     sample: Float64Array | null,
   ): { ids: Int32Array; logits: Float32Array | null; hidden: Float32Array | null; sampled: Int32Array | null; graph: boolean };
   info(): { weights: number; kvCache: number; activations: number; graphs: number };
+  /** Device milliseconds a replay of the captured decode graph of `bucket` rows (CUDA events). */
+  timeGraphs(bucket: number, sampling: boolean, iters: number): number;
+  /** Forgets the captured decode graphs; the next decode step of each size captures again. */
+  dropGraphs(): void;
   dispose(): void;
 }
 

@@ -1,0 +1,78 @@
+// Where a decode step's time goes, measured inside the captured CUDA graph: the step is timed as a
+// graph replay (CUDA events, no host share), then once more with each kernel class left out
+// (MOEFLASH_PROFILE_SKIP; the outputs are wrong then, the buffers keep finite values from the
+// last full step). A class's share is the time it takes away, its launch boundary included.
+// Also: the wall time of a step through CudaModel.step (host share included) and the same graph
+// with programmatic dependent launch (MOEFLASH_PDL=1).
+//
+//   node bench/step-profile.mjs MODEL_DIR [batch=1] [context=640] [out.json]
+import fs from 'node:fs';
+import { loadModelSpec, openWeights } from '@moeflash/core';
+import { createCudaBackend } from '../dist/index.js';
+
+const [dir, batchArg = '1', ctxArg = '640', out] = process.argv.slice(2);
+if (!dir) throw new Error('usage: node bench/step-profile.mjs MODEL_DIR [batch] [context] [out.json]');
+const batch = Number(batchArg), ctx = Number(ctxArg);
+const classes = (process.env.PROFILE_CLASSES ??
+  'qkv,prep,attn,attn_split,attn_combine,o,router,moe,moe_gu,moe_down,final,gather,lm,argmax').split(',');
+
+const spec = await loadModelSpec(dir);
+const weights = await openWeights(dir);
+const backend = createCudaBackend();
+const model = await backend.load(spec, weights, { maxSequences: batch, maxSequenceLength: ctx + 64 });
+await weights.close();
+
+const seqs = Array.from({ length: batch }, (_, i) => 100 + i);
+let state = 12345;
+const rand = () => ((state = (state * 1103515245 + 12345) >>> 0) % spec.vocabSize);
+const plan = (tokens) => ({ sequences: seqs.map((seq, i) => ({ seq, tokens: tokens[i], logits: 'last' })), copyLogits: false });
+let res = await model.step(plan(seqs.map(() => Array.from({ length: ctx }, rand))));
+const step = async () => {
+  res = await model.step(plan(res.sequences.map((s) => [s.argmax[s.argmax.length - 1]])));
+};
+const median = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
+
+// Wall time through the JS API: 40 steps after the capture.
+for (let i = 0; i < 4; i++) await step();
+const wall = [];
+for (let i = 0; i < 40; i++) {
+  const t = performance.now();
+  await step();
+  wall.push(performance.now() - t);
+}
+const graphMs = () => median([0, 1, 2].map(() => model.timeDecodeGraph(batch, 100)));
+const base = graphMs();
+const result = { dir, batch, context: ctx, device: backend.devices()[0]?.name, wallMs: median(wall), graphMs: base, skip: {}, env: {} };
+console.log(`batch ${batch}, context ~${ctx}: step ${result.wallMs.toFixed(3)} ms wall, ${base.toFixed(3)} ms graph replay`);
+
+async function variant(env) {
+  const saved = {};
+  for (const [k, v] of Object.entries(env)) {
+    saved[k] = process.env[k];
+    process.env[k] = v;
+  }
+  model.dropGraphs();
+  await step();
+  await step();
+  const ms = graphMs();
+  for (const [k, v] of Object.entries(saved)) {
+    if (v === undefined) delete process.env[k];
+    else process.env[k] = v;
+  }
+  model.dropGraphs();
+  await step();
+  return ms;
+}
+
+for (const cls of classes) {
+  const ms = await variant({ MOEFLASH_PROFILE_SKIP: cls });
+  result.skip[cls] = { ms, share: base - ms };
+  console.log(`without ${cls.padEnd(13)} ${ms.toFixed(3)} ms  (${((base - ms) * 1000).toFixed(1)} us a step)`);
+}
+for (const [name, env] of Object.entries({ pdl: { MOEFLASH_PDL: '1' } })) {
+  const ms = await variant(env);
+  result.env[name] = ms;
+  console.log(`${name}: ${ms.toFixed(3)} ms graph replay`);
+}
+await model.dispose();
+if (out) fs.writeFileSync(out, JSON.stringify(result, null, 2));
