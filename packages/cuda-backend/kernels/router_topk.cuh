@@ -40,6 +40,11 @@ __device__ __forceinline__ void topk_row(const float* __restrict__ row, int num_
       score[j] = lane + 32 * j < num_experts ? static_cast<float>(ex[j] / s) : -FLT_MAX;
   }
 
+  // A NaN logit (a broken checkpoint) loses to every number, so the picks stay valid expert ids.
+#pragma unroll
+  for (int j = 0; j < PER_LANE; ++j)
+    if (score[j] != score[j]) score[j] = -INFINITY;
+
   // k rounds of a warp arg-max; the winner's lane marks it taken.
   float chosen_score = 0.f;  // lane k keeps the k-th pick
   int chosen_id = 0;
