@@ -1,9 +1,11 @@
 // Where a decode step's time goes, measured inside the captured CUDA graph: the step is timed as a
-// graph replay (CUDA events, no host share), then once more with each kernel class left out
-// (MOEFLASH_PROFILE_SKIP; the outputs are wrong then, the buffers keep finite values from the
-// last full step). A class's share is the time it takes away, its launch boundary included.
-// Also: the wall time of a step through CudaModel.step (host share included) and the same graph
-// with programmatic dependent launch (MOEFLASH_PDL=1).
+// graph replay (CUDA events, no host share), then again with each kernel class launched twice
+// (MOEFLASH_PROFILE_TWICE: every class is idempotent) and, for the classes that only read weights
+// and activations, left out (MOEFLASH_PROFILE_SKIP; the outputs are wrong then). A class's share is
+// the time it adds or takes away, its launch boundary included; a second run of a class whose
+// weights fit the L2 cache reads part of them from there, so for those the skip is the better
+// measure. Also: the wall time of a step through CudaModel.step (host share included) and the
+// same graph with other launch settings (MOEFLASH_PDL=1, MOEFLASH_GEMV_STRIDE=1).
 //
 //   node bench/step-profile.mjs MODEL_DIR [batch=1] [context=640] [out.json]
 import fs from 'node:fs';
@@ -15,6 +17,7 @@ if (!dir) throw new Error('usage: node bench/step-profile.mjs MODEL_DIR [batch] 
 const batch = Number(batchArg), ctx = Number(ctxArg);
 const classes = (process.env.PROFILE_CLASSES ??
   'qkv,prep,attn,attn_split,attn_combine,o,router,moe,moe_gu,moe_down,final,gather,lm,argmax').split(',');
+const skippable = new Set((process.env.PROFILE_SKIPPABLE ?? 'qkv,o,router,moe,moe_gu,moe_down,lm').split(','));
 
 const spec = await loadModelSpec(dir);
 const weights = await openWeights(dir);
@@ -42,7 +45,7 @@ for (let i = 0; i < 40; i++) {
 }
 const graphMs = () => median([0, 1, 2].map(() => model.timeDecodeGraph(batch, 100)));
 const base = graphMs();
-const result = { dir, batch, context: ctx, device: backend.devices()[0]?.name, wallMs: median(wall), graphMs: base, skip: {}, env: {} };
+const result = { dir, batch, context: ctx, device: backend.devices()[0]?.name, wallMs: median(wall), graphMs: base, twice: {}, skip: {}, env: {} };
 console.log(`batch ${batch}, context ~${ctx}: step ${result.wallMs.toFixed(3)} ms wall, ${base.toFixed(3)} ms graph replay`);
 
 async function variant(env) {
@@ -65,11 +68,17 @@ async function variant(env) {
 }
 
 for (const cls of classes) {
-  const ms = await variant({ MOEFLASH_PROFILE_SKIP: cls });
-  result.skip[cls] = { ms, share: base - ms };
-  console.log(`without ${cls.padEnd(13)} ${ms.toFixed(3)} ms  (${((base - ms) * 1000).toFixed(1)} us a step)`);
+  const twice = await variant({ MOEFLASH_PROFILE_TWICE: cls });
+  result.twice[cls] = { ms: twice, share: twice - base };
+  let line = `${cls.padEnd(13)} twice ${twice.toFixed(3)} ms (+${((twice - base) * 1000).toFixed(1)} us)`;
+  if (skippable.has(cls)) {
+    const skip = await variant({ MOEFLASH_PROFILE_SKIP: cls });
+    result.skip[cls] = { ms: skip, share: base - skip };
+    line += `, left out ${skip.toFixed(3)} ms (-${((base - skip) * 1000).toFixed(1)} us)`;
+  }
+  console.log(line);
 }
-for (const [name, env] of Object.entries({ pdl: { MOEFLASH_PDL: '1' } })) {
+for (const [name, env] of Object.entries({ pdl: { MOEFLASH_PDL: '1' }, gemvStride: { MOEFLASH_GEMV_STRIDE: '1' } })) {
   const ms = await variant(env);
   result.env[name] = ms;
   console.log(`${name}: ${ms.toFixed(3)} ms graph replay`);

@@ -13,8 +13,9 @@ bool pdl_enabled() {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-bool profile_skip(const char* cls) {
-  const char* list = std::getenv("MOEFLASH_PROFILE_SKIP");
+namespace {
+bool listed(const char* var, const char* cls) {
+  const char* list = std::getenv(var);
   if (list == nullptr || *list == 0) return false;
   const size_t n = std::strlen(cls);
   for (const char* p = list; *p != 0;) {
@@ -25,6 +26,12 @@ bool profile_skip(const char* cls) {
     p = end + 1;
   }
   return false;
+}
+}  // namespace
+
+int profile_times(const char* cls) {
+  if (listed("MOEFLASH_PROFILE_SKIP", cls)) return 0;
+  return listed("MOEFLASH_PROFILE_TWICE", cls) ? 2 : 1;
 }
 
 int device_sm_count() {

@@ -326,9 +326,11 @@ inline int attention_prefill_make_tiles(const int32_t* seq_starts, int num_seqs,
 bool attention_prefill_supported(int num_heads, int num_kv_heads, int head_dim);
 cudaError_t attention_prefill(const AttentionPrefillArgs& a, cudaStream_t stream);
 
-// Whether MOEFLASH_PROFILE_SKIP (a comma-separated list of kernel classes) names `cls`: a
-// measurement leaves those launches out of the step to find their share of its time. The step's
-// results are wrong then; the variable is for benchmarks only (bench/step-profile.mjs).
-bool profile_skip(const char* cls);
+// How many times the step launches the kernels of class `cls`: 1, or 0 when MOEFLASH_PROFILE_SKIP
+// (a comma-separated list of classes) names it, 2 when MOEFLASH_PROFILE_TWICE does. A measurement
+// leaves a class out, or runs it twice (every class is idempotent), to find its share of the
+// step's time; the step's results are wrong when a class is left out. For benchmarks only
+// (bench/step-profile.mjs).
+int profile_times(const char* cls);
 
 }  // namespace moeflash

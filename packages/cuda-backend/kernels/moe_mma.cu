@@ -773,13 +773,13 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
         default: { cudaError_t err = allow_smem(k8, smem); return err != cudaSuccess ? err : launch_pdl(k8, grid, kThreads, smem, stream, a, groups); }
       }
     };
-    if (!profile_skip("moe_gu"))
+    for (int rep = profile_times("moe_gu"); rep > 0 && e == cudaSuccess; --rep)
       e = rows_launch(moe_mma_rows_kernel<false, 1>, moe_mma_rows_kernel<false, 2>, moe_mma_rows_kernel<false, 4>,
                       moe_mma_rows_kernel<false, 8>, gu_smem, 2 * a.inter / 16);
-    if (e != cudaSuccess) return e;
-    if (profile_skip("moe_down")) return cudaSuccess;
-    return rows_launch(moe_mma_rows_kernel<true, 1>, moe_mma_rows_kernel<true, 2>, moe_mma_rows_kernel<true, 4>,
-                       moe_mma_rows_kernel<true, 8>, dn_smem, a.hidden / 16);
+    for (int rep = profile_times("moe_down"); rep > 0 && e == cudaSuccess; --rep)
+      e = rows_launch(moe_mma_rows_kernel<true, 1>, moe_mma_rows_kernel<true, 2>, moe_mma_rows_kernel<true, 4>,
+                      moe_mma_rows_kernel<true, 8>, dn_smem, a.hidden / 16);
+    return e;
   }
   auto both = [&](auto gate_up, auto down) {
     const cudaError_t err = launch(gate_up, gu_smem, 2 * a.inter / 16);

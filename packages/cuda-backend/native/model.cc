@@ -300,7 +300,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   const Config& c = s.c;
   const int H = c.hidden;
   cudaStream_t st = s.stream;
-  if (!profile_skip("embed")) MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
+  for (int rep = profile_times("embed"); rep > 0; --rep) MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
   const bool tiled_attention = attention_decode_supported(c.heads, c.kv_heads, c.head_dim);
   size_t hidden_done = 0;
   // The residual stream. A norm fused into the projection after it (gemv_bf16_prenorm) writes the
@@ -320,12 +320,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
                             H, w.fp8_br, w.fp8_bc, s.normed, s.qkv, T, st),
              "gemv_fp8 (qkv)");
     } else if (fuse_norms) {
-      if (!profile_skip("qkv")) {
+      const int times = profile_times("qkv");
+      for (int rep = 0; rep < times; ++rep)
         MF_TRY(gemv_bf16_prenorm(w.qkv_w, w.qkv_b, xc, in_residual, w.in_norm, c.eps, xn, nullptr, s.qkv, c.qkv_dim(), H,
                                  T, st),
                "gemv_bf16 (input norm + qkv)");
-        std::swap(xc, xn);
-      }
+      if (times > 0) std::swap(xc, xn);
     } else {
       MF_TRY(rmsnorm_residual(xc, in_residual, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
       MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
@@ -347,7 +347,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     qa.num_heads = c.heads;
     qa.num_kv_heads = c.kv_heads;
     qa.head_dim = c.head_dim;
-    if (!profile_skip("prep")) MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
+    for (int rep = profile_times("prep"); rep > 0; --rep) MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
     AttentionDecodeArgs aa{};
     aa.q = s.q;
     aa.k_cache = s.k_cache(l);
@@ -373,15 +373,17 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       pa.num_tiles = s.prefill_tiles, pa.num_heads = c.heads, pa.num_kv_heads = c.kv_heads, pa.head_dim = c.head_dim;
       pa.page_size = c.page_size, pa.max_pages_per_seq = c.max_pages_per_seq, pa.window = w.window, pa.scale = c.scale;
       MF_TRY(attention_prefill(pa, st), "attention_prefill");
-    } else if (!profile_skip("attn")) {
-      MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
+    } else {
+      for (int rep = profile_times("attn"); rep > 0; --rep)
+        MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
     }
     if (w.o_scales != nullptr)
       MF_TRY(gemv_fp8(reinterpret_cast<const uint8_t*>(w.o_w), w.o_scales, w.fp8_br, w.fp8_bc, w.o_b, s.attn, s.proj, H,
                       c.q_dim(), T, st),
              "gemv_fp8 (o)");
-    else if (!profile_skip("o"))
-      MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
+    else
+      for (int rep = profile_times("o"); rep > 0; --rep)
+        MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
     const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
     const int K = dense ? 1 : c.top_k;
     const int32_t* ids = s.zero_ids;
@@ -391,12 +393,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     if (!dense) {
       if (fuse_norms) {
         // The router's launch does the norm too and leaves the normalized rows for the experts.
-        if (!profile_skip("router")) {
+        const int times = profile_times("router");
+        for (int rep = 0; rep < times; ++rep)
           MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
                                    w.experts, H, T, st),
                  "gemv_bf16 (post-attention norm + router)");
-          std::swap(xc, xn);
-        }
+        if (times > 0) std::swap(xc, xn);
       } else {
         MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
       }
@@ -446,7 +448,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.act = s.act;
       m.part = s.moe_part;
       m.y = s.mlp_out;
-      if (!profile_skip("moe")) MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
+      for (int rep = profile_times("moe"); rep > 0; --rep) MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
     } else if (w.mlp_kind == kMlpMxfp4Experts) {
       for (int t0 = 0; t0 < T; t0 += 8) {
         MoeDims d{std::min(8, T - t0), K, w.experts, H, w.inter};
@@ -490,12 +492,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       ++hidden_done;
     }
   }
-  if (!profile_skip("final")) MF_TRY(rmsnorm_residual(xc, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
+  for (int rep = profile_times("final"); rep > 0; --rep) MF_TRY(rmsnorm_residual(xc, s.mlp_out, s.final_norm, c.eps, T, H, s.normed, st), "rmsnorm (final)");
   if (n_logit > 0) {
-    if (!profile_skip("gather")) MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
-    if (!profile_skip("lm"))
+    for (int rep = profile_times("gather"); rep > 0; --rep) MF_TRY(gather_rows(s.normed, s.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows");
+    for (int rep = profile_times("lm"); rep > 0; --rep)
       MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (lm head)");
-    if (!profile_skip("argmax"))
+    for (int rep = profile_times("argmax"); rep > 0; --rep)
       MF_TRY(argmax_rows(s.logits, n_logit, c.vocab, s.argmax_ids, s.argmax_ws, st), "argmax_rows");
     if (s.sampling) {
       const SampleLayout sl(c.max_logit_rows, c.vocab);
