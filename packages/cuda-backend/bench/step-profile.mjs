@@ -5,7 +5,8 @@
 // the time it adds or takes away, its launch boundary included; a second run of a class whose
 // weights fit the L2 cache reads part of them from there, so for those the skip is the better
 // measure. Also: the wall time of a step through CudaModel.step (host share included) and the
-// same graph with other launch settings (MOEFLASH_PDL=1, MOEFLASH_GEMV_STRIDE=1).
+// same graph with other launch settings (MOEFLASH_PDL=1, MOEFLASH_GEMV_STRIDE=1,
+// MOEFLASH_ATTENTION_FUSED=0).
 //
 //   node bench/step-profile.mjs MODEL_DIR [batch=1] [context=640] [out.json]
 import fs from 'node:fs';
@@ -22,7 +23,7 @@ const skippable = new Set((process.env.PROFILE_SKIPPABLE ?? 'qkv,o,router,moe,mo
 const spec = await loadModelSpec(dir);
 const weights = await openWeights(dir);
 const backend = createCudaBackend();
-const model = await backend.load(spec, weights, { maxSequences: batch, maxSequenceLength: ctx + 64 });
+const model = await backend.load(spec, weights, { maxSequences: batch, maxSequenceLength: ctx + 512 });
 await weights.close();
 
 const seqs = Array.from({ length: batch }, (_, i) => 100 + i);
@@ -78,7 +79,7 @@ for (const cls of classes) {
   }
   console.log(line);
 }
-for (const [name, env] of Object.entries({ pdl: { MOEFLASH_PDL: '1' }, gemvStride: { MOEFLASH_GEMV_STRIDE: '1' } })) {
+for (const [name, env] of Object.entries({ pdl: { MOEFLASH_PDL: '1' }, gemvStride: { MOEFLASH_GEMV_STRIDE: '1' }, attentionUnfused: { MOEFLASH_ATTENTION_FUSED: '0' } })) {
   const ms = await variant(env);
   result.env[name] = ms;
   console.log(`${name}: ${ms.toFixed(3)} ms graph replay`);

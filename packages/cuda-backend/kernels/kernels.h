@@ -206,6 +206,14 @@ struct QkvPrepareArgs {
 size_t qkv_prepare_smem_bytes(int num_heads, int num_kv_heads, int head_dim, int rotary_dim);
 cudaError_t qkv_prepare(const QkvPrepareArgs& a, cudaStream_t stream);
 
+// ---------------------------------------------------------------- attention_fused.cu
+// Decode attention with qkv_prepare folded in (one launch instead of three): every row is its own
+// sequence whose new key and value are at positions[t]; `a.q` is not read (the query comes from
+// p.qkv) and `a.workspace` is the fused workspace, zeroed once (its counters reset themselves).
+size_t attention_fused_workspace_bytes(int num_seqs, int num_heads, int head_dim);
+bool attention_fused_supported(int num_heads, int num_kv_heads, int head_dim, int rotary_dim, int max_seq_len);
+cudaError_t attention_decode_fused(const QkvPrepareArgs& p, const AttentionDecodeArgs& a, cudaStream_t stream);
+
 // Whether attention_decode takes these shapes; attention_generic (same arguments, no workspace)
 // takes any.
 bool attention_decode_supported(int num_heads, int num_kv_heads, int head_dim);

@@ -8,6 +8,7 @@
 // is launched kernel by kernel.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -139,7 +140,7 @@ struct State {
   int32_t *route_ids, *argmax_ids, *zero_ids, *moe_plan, *moe_counters;
   float *ones, *moe_part;
   float* fp8_mlp = nullptr;  // FP8 dense MLP: gate | up outputs [T, 2 inter], then act [T, inter]
-  void *att_ws, *argmax_ws;
+  void *att_ws, *argmax_ws, *att_fused_ws;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
@@ -177,6 +178,7 @@ struct State {
     add(sizeof(int32_t) * T, 16);                         // zeros (dense MLP ids)
     add(sizeof(float) * T, 17);                           // ones (dense MLP weights)
     add(attention_decode_workspace_bytes(c.max_tokens, c.heads, c.head_dim, c.max_seq_len), 18);
+    add(attention_fused_workspace_bytes(c.max_tokens, c.heads, c.head_dim), 26);
     add(argmax_workspace_bytes(c.max_logit_rows, c.vocab), 19);
     add(sizeof(int32_t) * moe_plan_ints(static_cast<int>(T * K), std::max(c.num_experts, 1)), 20);
     add(sizeof(int32_t) * moe_counter_ints(c.hidden), 21);
@@ -233,6 +235,7 @@ struct State {
         case 23: fp8_mlp = static_cast<float*>(p); break;
         case 24: att_tiles = static_cast<int32_t*>(p); break;
         case 25: x_alt = static_cast<float*>(p); break;
+        case 26: att_fused_ws = p; break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -240,6 +243,9 @@ struct State {
     check_cuda(env, cudaMemset(zero_ids, 0, sizeof(int32_t) * c.max_tokens), "cudaMemset (zero ids)");
     // The MoE down kernel's per-row-tile counters start at zero and every launch leaves them so.
     check_cuda(env, cudaMemset(moe_counters, 0, sizeof(int32_t) * moe_counter_ints(c.hidden)), "cudaMemset (MoE counters)");
+    // The fused decode attention's merge counters, likewise.
+    check_cuda(env, cudaMemset(att_fused_ws, 0, attention_fused_workspace_bytes(c.max_tokens, c.heads, c.head_dim)),
+               "cudaMemset (attention counters)");
     check_cuda(env, cudaMemcpy(ones, one.data(), sizeof(float) * c.max_tokens, cudaMemcpyHostToDevice), "cudaMemcpy (ones)");
     // Unwritten cache rows are never read, but a NaN pattern would show it at once if they were.
     check_cuda(env, cudaMemset(kv.get(), 0xff, kv.bytes()), "cudaMemset (KV cache)");
@@ -302,6 +308,9 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   cudaStream_t st = s.stream;
   for (int rep = profile_times("embed"); rep > 0; --rep) MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
   const bool tiled_attention = attention_decode_supported(c.heads, c.kv_heads, c.head_dim);
+  // MOEFLASH_ATTENTION_FUSED=0 keeps the three-launch decode attention (for measurements).
+  const char* fused_env = std::getenv("MOEFLASH_ATTENTION_FUSED");
+  const bool fused_ok = fused_env == nullptr || fused_env[0] != '0';
   size_t hidden_done = 0;
   // The residual stream. A norm fused into the projection after it (gemv_bf16_prenorm) writes the
   // updated stream to the other buffer, since every block of that launch still reads this one.
@@ -347,7 +356,11 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     qa.num_heads = c.heads;
     qa.num_kv_heads = c.kv_heads;
     qa.head_dim = c.head_dim;
-    for (int rep = profile_times("prep"); rep > 0; --rep) MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
+    // Decode rows (each its own sequence) take one launch for the q/k/v epilogue and attention.
+    const bool fused_attention = s.prefill_tiles == 0 && fused_ok &&
+                                 attention_fused_supported(c.heads, c.kv_heads, c.head_dim, c.rotary_dim, max_len);
+    if (!fused_attention)
+      for (int rep = profile_times("prep"); rep > 0; --rep) MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
     AttentionDecodeArgs aa{};
     aa.q = s.q;
     aa.k_cache = s.k_cache(l);
@@ -373,6 +386,9 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       pa.num_tiles = s.prefill_tiles, pa.num_heads = c.heads, pa.num_kv_heads = c.kv_heads, pa.head_dim = c.head_dim;
       pa.page_size = c.page_size, pa.max_pages_per_seq = c.max_pages_per_seq, pa.window = w.window, pa.scale = c.scale;
       MF_TRY(attention_prefill(pa, st), "attention_prefill");
+    } else if (fused_attention) {
+      aa.workspace = s.att_fused_ws;
+      for (int rep = profile_times("attn"); rep > 0; --rep) MF_TRY(attention_decode_fused(qa, aa, st), "attention_decode_fused");
     } else {
       for (int rep = profile_times("attn"); rep > 0; --rep)
         MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
