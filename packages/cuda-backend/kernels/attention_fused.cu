@@ -33,6 +33,9 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 1024;  // visible positions per split
 constexpr int kMaxSplits = 8;  // so maximum lengths up to 8192 positions
+// V rows a thread has in flight in P V (n / (256 / (head_dim / 8)) rows each: 20 at 640 positions
+// and head_dim 64, so 3 round trips instead of 5 with 4).
+constexpr int kPvUnroll = 8;
 
 __device__ __forceinline__ bf16_bits to_bf16(float v) {
   const __nv_bfloat16 b = __float2bfloat16_rn(v);
@@ -107,6 +110,8 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
   __shared__ __align__(16) float q_s[D];
   __shared__ __align__(16) float k_s[D];
   __shared__ __align__(16) float v_s[D];
+  __shared__ __align__(16) bf16_bits k_row[D];  // the new key and value, rounded as the cache holds them
+  __shared__ __align__(16) bf16_bits v_row[D];
   __shared__ float cos_s[D / 2], sin_s[D / 2];
   __shared__ float sc[kChunk];        // scores, then probabilities
   __shared__ int64_t rowoff[kChunk];  // cache element offset of each position's row (-1: the new one)
@@ -149,65 +154,74 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
     prepare_head(q_s, D, p.q_norm, p.eps, cos_s, sin_s, half, lane);
   } else if (warp == 1) {
     prepare_head(k_s, D, p.k_norm, p.eps, cos_s, sin_s, half, lane);
-    // Scores use the key as the cache holds it (bf16).
+    // The new key and value as the cache holds them (bf16), for this block's own reads.
     const int64_t slot = p.slots[t];
     for (int i = lane; i < D; i += 32) {
       const bf16_bits b = to_bf16(k_s[i]);
       if (writer) p.k_cache[slot * kv_dim + kvh * D + i] = b;
-      k_s[i] = bf16_to_f32(b);
+      k_row[i] = b;
     }
   } else if (warp == 2) {
     const int64_t slot = p.slots[t];
     for (int i = lane; i < D; i += 32) {
       const bf16_bits b = to_bf16(v_s[i]);
       if (writer) p.v_cache[slot * kv_dim + kvh * D + i] = b;
-      v_s[i] = bf16_to_f32(b);
+      v_row[i] = b;
     }
+  }
+  // Each position's row: in the cache, or (the new position) in shared memory. Generic pointers,
+  // so one load path serves both.
+  const int32_t* table = a.block_table + static_cast<int64_t>(t) * a.max_pages_per_seq;
+  for (int i = tid; i < n; i += kThreads) {
+    const int ps = p0 + i;
+    rowoff[i] = ps == pos ? -1
+                          : ((static_cast<int64_t>(table[ps / a.page_size]) * a.page_size + ps % a.page_size) *
+                                 a.num_kv_heads + kvh) * D;
   }
   __syncthreads();
 
-  // Scores, a thread a position.
-  const int32_t* table = a.block_table + static_cast<int64_t>(t) * a.max_pages_per_seq;
-  float m_local = -INFINITY;
-  for (int i = tid; i < n; i += kThreads) {
-    const int ps = p0 + i;
-    const float4* qf = reinterpret_cast<const float4*>(q_s);
+  // Scores, a thread a position, two positions' loads in flight at once.
+  const float4* qf = reinterpret_cast<const float4*>(q_s);
+  auto dot = [&](const uint4 (&kv)[CH]) {
     float s = 0.f;
-    if (ps == pos) {
-      rowoff[i] = -1;
-      const float4* kf = reinterpret_cast<const float4*>(k_s);
 #pragma unroll
-      for (int c = 0; c < 2 * CH; ++c) {
-        const float4 q4 = qf[c], k4 = kf[c];
-        s = fmaf(q4.x, k4.x, s);
-        s = fmaf(q4.y, k4.y, s);
-        s = fmaf(q4.z, k4.z, s);
-        s = fmaf(q4.w, k4.w, s);
-      }
-    } else {
-      const int page = table[ps / a.page_size];
-      const int64_t off = ((static_cast<int64_t>(page) * a.page_size + ps % a.page_size) * a.num_kv_heads + kvh) * D;
-      rowoff[i] = off;
-      const uint4* kr = reinterpret_cast<const uint4*>(a.k_cache + off);
-      uint4 kv[CH];
-#pragma unroll
-      for (int c = 0; c < CH; ++c) kv[c] = __ldg(kr + c);
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const float4 q0 = qf[2 * c], q1 = qf[2 * c + 1];
-        s = fmaf(q0.x, bf16_lo(kv[c].x), s);
-        s = fmaf(q0.y, bf16_hi(kv[c].x), s);
-        s = fmaf(q0.z, bf16_lo(kv[c].y), s);
-        s = fmaf(q0.w, bf16_hi(kv[c].y), s);
-        s = fmaf(q1.x, bf16_lo(kv[c].z), s);
-        s = fmaf(q1.y, bf16_hi(kv[c].z), s);
-        s = fmaf(q1.z, bf16_lo(kv[c].w), s);
-        s = fmaf(q1.w, bf16_hi(kv[c].w), s);
-      }
+    for (int c = 0; c < CH; ++c) {
+      const float4 q0 = qf[2 * c], q1 = qf[2 * c + 1];
+      s = fmaf(q0.x, bf16_lo(kv[c].x), s);
+      s = fmaf(q0.y, bf16_hi(kv[c].x), s);
+      s = fmaf(q0.z, bf16_lo(kv[c].y), s);
+      s = fmaf(q0.w, bf16_hi(kv[c].y), s);
+      s = fmaf(q1.x, bf16_lo(kv[c].z), s);
+      s = fmaf(q1.y, bf16_hi(kv[c].z), s);
+      s = fmaf(q1.z, bf16_lo(kv[c].w), s);
+      s = fmaf(q1.w, bf16_hi(kv[c].w), s);
     }
-    s *= a.scale;
-    sc[i] = s;
-    m_local = fmaxf(m_local, s);
+    return s * a.scale;
+  };
+  auto k_ptr = [&](int i) {
+    const int64_t off = rowoff[i];
+    return off >= 0 ? reinterpret_cast<const uint4*>(a.k_cache + off) : reinterpret_cast<const uint4*>(k_row);
+  };
+  float m_local = -INFINITY;
+  for (int i = tid; i < n; i += 2 * kThreads) {
+    const int i2 = i + kThreads;
+    const bool two = i2 < n;
+    const uint4* ka = k_ptr(i);
+    const uint4* kb = two ? k_ptr(i2) : ka;
+    uint4 kva[CH], kvb[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      kva[c] = ka[c];
+      kvb[c] = kb[c];
+    }
+    const float sa = dot(kva);
+    sc[i] = sa;
+    m_local = fmaxf(m_local, sa);
+    if (two) {
+      const float sb = dot(kvb);
+      sc[i2] = sb;
+      m_local = fmaxf(m_local, sb);
+    }
   }
   const bool direct = splits == 1;
   const float sink = a.sinks != nullptr ? a.sinks[h] : -INFINITY;
@@ -219,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
     sc[i] = e;
     l_local += e;
   }
-  float l = block_sum(l_local, red);  // its barriers also publish sc and rowoff
+  float l = block_sum(l_local, red);  // its barriers also publish sc
   if (direct && a.sinks != nullptr) l += expf(sink - m);
 
   // P V: thread = (8-dim chunk dc, position group g).
@@ -227,29 +241,23 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-  for (int i0 = g; i0 < n; i0 += 4 * kGroups) {
-    uint4 vv[4];
-    float pr[4];
+  for (int i0 = g; i0 < n; i0 += kPvUnroll * kGroups) {
+    uint4 vv[kPvUnroll];
+    float pr[kPvUnroll];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kPvUnroll; ++u) {
       const int i = i0 + u * kGroups;
       pr[u] = 0.f;
       vv[u] = make_uint4(0, 0, 0, 0);
       if (i < n) {
         pr[u] = sc[i];
         const int64_t off = rowoff[i];
-        if (off >= 0) {
-          vv[u] = __ldg(reinterpret_cast<const uint4*>(a.v_cache + off) + dc);
-        } else {
-          const float* nv = v_s + dc * 8;
-          // Rebuild the bf16 words of the new value (exact: v_s holds bf16 values).
-          auto pack = [](float lo, float hi) { return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u); };
-          vv[u] = make_uint4(pack(nv[0], nv[1]), pack(nv[2], nv[3]), pack(nv[4], nv[5]), pack(nv[6], nv[7]));
-        }
+        const uint4* vr = off >= 0 ? reinterpret_cast<const uint4*>(a.v_cache + off) : reinterpret_cast<const uint4*>(v_row);
+        vv[u] = vr[dc];
       }
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kPvUnroll; ++u) {
       acc[0] = fmaf(pr[u], bf16_lo(vv[u].x), acc[0]);
       acc[1] = fmaf(pr[u], bf16_hi(vv[u].x), acc[1]);
       acc[2] = fmaf(pr[u], bf16_lo(vv[u].y), acc[2]);
