@@ -5,8 +5,7 @@
 // the time it adds or takes away, its launch boundary included; a second run of a class whose
 // weights fit the L2 cache reads part of them from there, so for those the skip is the better
 // measure. Also: the wall time of a step through CudaModel.step (host share included) and the
-// same graph with other launch settings (MOEFLASH_PDL=1, MOEFLASH_GEMV_STRIDE=1,
-// MOEFLASH_ATTENTION_FUSED=0, MOEFLASH_MOE_PIPE=3).
+// same graph with other launch settings (MOEFLASH_PDL=0, MOEFLASH_ATTENTION_FUSED=0).
 //
 //   node bench/step-profile.mjs MODEL_DIR [batch=1] [context=640] [out.json]
 import fs from 'node:fs';
@@ -79,7 +78,7 @@ for (const cls of classes) {
   }
   console.log(line);
 }
-for (const [name, env] of Object.entries({ pdl: { MOEFLASH_PDL: '1' }, gemvStride: { MOEFLASH_GEMV_STRIDE: '1' }, attentionUnfused: { MOEFLASH_ATTENTION_FUSED: '0' }, moePipe3: { MOEFLASH_MOE_PIPE: '3' }, pdlPipe3: { MOEFLASH_PDL: '1', MOEFLASH_MOE_PIPE: '3' } })) {
+for (const [name, env] of Object.entries({ pdlOff: { MOEFLASH_PDL: '0' }, attentionUnfused: { MOEFLASH_ATTENTION_FUSED: '0' } })) {
   const ms = await variant(env);
   result.env[name] = ms;
   console.log(`${name}: ${ms.toFixed(3)} ms graph replay`);

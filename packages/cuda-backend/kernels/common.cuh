@@ -59,7 +59,7 @@ __device__ __forceinline__ float e8m0_to_f32(uint32_t s) {
 }
 
 // ------------------------------------------------------------------ programmatic dependent launch
-// With MOEFLASH_PDL=1 the kernels of a step are launched with programmatic stream serialization
+// Unless MOEFLASH_PDL=0, the kernels of a step are launched with programmatic stream serialization
 // (launch_pdl): a kernel may be scheduled while the previous one drains, so its launch, block
 // scheduling and first weight loads overlap that kernel's tail. pdl_wait() returns once every
 // earlier kernel has finished and its writes are visible: before it a kernel may read only what no
@@ -133,7 +133,7 @@ constexpr int next_pow2(int n) { return n <= 1 ? 1 : 2 * next_pow2((n + 1) / 2);
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Whether launch_pdl asks for programmatic stream serialization (MOEFLASH_PDL=1; off by default).
+// Whether launch_pdl asks for programmatic stream serialization (on unless MOEFLASH_PDL=0).
 bool pdl_enabled();
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization; the

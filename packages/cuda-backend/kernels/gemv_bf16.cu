@@ -3,8 +3,8 @@
 // bytes: 16-byte streaming loads, coalesced across the warp, several rows and chunks in flight per
 // thread, and the next row group's loads issued before the current group's reduction.
 //
-// Work split: a thread block owns an even share of consecutive rows (grid sized to fill the device
-// once) and takes them R at a time. Inside a group the 256 threads split the columns in chunks of 8
+// Work split: a thread block owns groups of R consecutive rows (grid-stride over groups, grid
+// sized to fill the device once). Inside a group the 256 threads split the columns in chunks of 8
 // (16 bytes), thread i taking chunks i, i + 256, ...; every thread keeps R x T partial sums, which
 // are reduced across the warp (reduce-scatter butterfly) and then across the 8 warps in warp
 // order. x is staged once per block in shared memory as two planes of float4 per token (elements
@@ -12,7 +12,6 @@
 // banks. The chunk -> thread mapping and both reduction trees are the same for every T, so a
 // token's result is bit-identical whatever else shares its launch.
 #include <algorithm>
-#include <cstdlib>
 
 #include "common.cuh"
 
@@ -42,12 +41,12 @@ __device__ __forceinline__ void decode8(const uint4& w, float (&f)[8]) {
 }
 
 template <int R>
-__device__ __forceinline__ void load_batch(uint4 (&wv)[kUnroll][R], const bf16_bits* __restrict__ w, int row0,
-                                           int lim, int cols, int nchunk, int c0) {
+__device__ __forceinline__ void load_batch(uint4 (&wv)[kUnroll][R], const bf16_bits* __restrict__ w, int group,
+                                           int rows, int cols, int nchunk, int c0) {
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    // Rows past the block's last re-read that row (always valid memory); their sums are never stored.
-    const int row = min(row0 + r, lim - 1);
+    // Rows past the end re-read the last row (always valid memory); their sums are never stored.
+    const int row = min(group * R + r, rows - 1);
     const bf16_bits* wr = w + static_cast<int64_t>(row) * cols;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -72,8 +71,7 @@ template <int T, int R>
 __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __restrict__ w,
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
-                                                             float* __restrict__ y, int rows, int cols, PreNorm pn,
-                                                             int balanced) {
+                                                             float* __restrict__ y, int rows, int cols, PreNorm pn) {
   using Tile = GemvTile<T, R>;
   extern __shared__ float4 smem[];
   const int nchunk = cols / 8;
@@ -82,22 +80,12 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  // Rows of this block: an even share of a contiguous range (at most one row more than another
-  // block's), taken R at a time; or (balanced == 0) groups of R rows strided over the grid.
-  int row0, lim, stride;
-  if (balanced) {
-    row0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * rows / gridDim.x);
-    lim = static_cast<int>(static_cast<int64_t>(blockIdx.x + 1) * rows / gridDim.x);
-    stride = R;
-  } else {
-    row0 = blockIdx.x * R;
-    lim = rows;
-    stride = gridDim.x * R;
-  }
-  if (row0 >= lim) return;
+  const int ngroups = (rows + R - 1) / R;
+  int group = blockIdx.x;
+  if (group >= ngroups) return;
 
   uint4 wv[kUnroll][R];
-  load_batch<R>(wv, w, row0, lim, cols, nchunk, tid);
+  load_batch<R>(wv, w, group, rows, cols, nchunk, tid);
   pdl_prologue();  // the weights are no kernel's output: their first loads overlap the previous kernel
 
   const int n4 = cols / 4;
@@ -161,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
     __syncthreads();
   }
 
-  for (; row0 < lim; row0 += stride) {
+  for (; group < ngroups; group += gridDim.x) {
     float acc[R][T];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -198,12 +186,12 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
       }
       c0 += kUnroll * kThreads;
       if (c0 >= nchunk) break;
-      load_batch<R>(wv, w, row0, lim, cols, nchunk, c0);
+      load_batch<R>(wv, w, group, rows, cols, nchunk, c0);
     }
 
     // Next group's first loads go out before this group's reduction and barriers.
-    const int next = row0 + stride;
-    if (next < lim) load_batch<R>(wv, w, next, lim, cols, nchunk, tid);
+    const int next = group + gridDim.x;
+    if (next < ngroups) load_batch<R>(wv, w, next, rows, cols, nchunk, tid);
 
     float v[Tile::kPadded];
 #pragma unroll
@@ -219,11 +207,11 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
     if (tid < Tile::kValues) {
       const int r = tid / T;
       const int t = tid - r * T;
-      const int row = row0 + r;
+      const int row = group * R + r;
       float s = 0.f;
 #pragma unroll
       for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
-      if (row < lim) {
+      if (row < rows) {
         if (bias != nullptr) s += bf16_to_f32(bias[row]);
         y[static_cast<int64_t>(t) * rows + row] = s;
       }
@@ -232,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
   }
 }
 
-using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm, int);
+using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm);
 
 template <int T, int R>
 KernelFn kernel_for() {
@@ -282,11 +270,6 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
   // Row groups: large matrices take 4 rows a group (more loads in flight a thread), small ones
   // fewer so that the groups still spread over every multiprocessor.
   const int sms = device_sm_count();
-  // Each block takes an even share of the rows: with groups strided over a grid of resident blocks
-  // (MOEFLASH_GEMV_STRIDE=1, the earlier form, kept for measurements) some blocks did one group
-  // more than others, e.g. 2 against 1 for gpt-oss-20b's o projection on an H100.
-  const char* stride_env = std::getenv("MOEFLASH_GEMV_STRIDE");
-  const int balanced = stride_env != nullptr && stride_env[0] == '1' ? 0 : 1;
   const int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
   for (int t0 = 0; t0 < tokens; t0 += per_launch) {
     const int t = std::min(per_launch, tokens - t0);
@@ -300,7 +283,7 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
     if (p.x_out != nullptr) p.x_out += off;
     if (p.normed_out != nullptr) p.normed_out += off;
     const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + off,
-                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p, balanced);
+                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;

@@ -532,7 +532,7 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-template <bool DOWN, int SK, int PIPE = 2>
+template <bool DOWN, int SK>
 __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item) {
   pdl_prologue();
   extern __shared__ uint4 smem_xs[];
@@ -566,11 +566,8 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
   const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
 
-  Batch<kRowBatch> B0, B1, B2;
+  Batch<kRowBatch> B0, B1;
   if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
-  // PIPE 3: the second batch goes out before the staging too, and two batches stay in flight
-  // while one is consumed.
-  if (PIPE == 3 && k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
@@ -583,32 +580,14 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
-  if constexpr (PIPE == 3) {
-    for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
-      const int ahead = kb + 2 * kRowBatch;
-      const bool next = ahead < k1;
-      const int r = j % 3;
-      if (r == 0) {
-        if (next) load_batch(B2, tiles, scales, ahead, k1);
-        consume_batch<1, kRowBatch>(B0, kb, k1, st, cols, acc);
-      } else if (r == 1) {
-        if (next) load_batch(B0, tiles, scales, ahead, k1);
-        consume_batch<1, kRowBatch>(B1, kb, k1, st, cols, acc);
-      } else {
-        if (next) load_batch(B1, tiles, scales, ahead, k1);
-        consume_batch<1, kRowBatch>(B2, kb, k1, st, cols, acc);
-      }
-    }
-  } else {
-    for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
-      const bool next = kb + kRowBatch < k1;
-      if ((j & 1) == 0) {
-        if (next) load_batch(B1, tiles, scales, kb + kRowBatch, k1);
-        consume_batch<1, kRowBatch>(B0, kb, k1, st, cols, acc);
-      } else {
-        if (next) load_batch(B0, tiles, scales, kb + kRowBatch, k1);
-        consume_batch<1, kRowBatch>(B1, kb, k1, st, cols, acc);
-      }
+  for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
+    const bool next = kb + kRowBatch < k1;
+    if ((j & 1) == 0) {
+      if (next) load_batch(B1, tiles, scales, kb + kRowBatch, k1);
+      consume_batch<1, kRowBatch>(B0, kb, k1, st, cols, acc);
+    } else {
+      if (next) load_batch(B0, tiles, scales, kb + kRowBatch, k1);
+      consume_batch<1, kRowBatch>(B1, kb, k1, st, cols, acc);
     }
   }
   if constexpr (SK > 1) {
@@ -794,19 +773,12 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
         default: { cudaError_t err = allow_smem(k8, smem); return err != cudaSuccess ? err : launch_pdl(k8, grid, kThreads, smem, stream, a, groups); }
       }
     };
-    // MOEFLASH_MOE_PIPE=3: three register batches a warp instead of two (for measurements).
-    const char* pipe_env = std::getenv("MOEFLASH_MOE_PIPE");
-    const bool pipe3 = pipe_env != nullptr && pipe_env[0] == '3';
     for (int rep = profile_times("moe_gu"); rep > 0 && e == cudaSuccess; --rep)
-      e = pipe3 ? rows_launch(moe_mma_rows_kernel<false, 1, 3>, moe_mma_rows_kernel<false, 2, 3>,
-                              moe_mma_rows_kernel<false, 4, 3>, moe_mma_rows_kernel<false, 8, 3>, gu_smem, 2 * a.inter / 16)
-                : rows_launch(moe_mma_rows_kernel<false, 1>, moe_mma_rows_kernel<false, 2>, moe_mma_rows_kernel<false, 4>,
-                              moe_mma_rows_kernel<false, 8>, gu_smem, 2 * a.inter / 16);
+      e = rows_launch(moe_mma_rows_kernel<false, 1>, moe_mma_rows_kernel<false, 2>, moe_mma_rows_kernel<false, 4>,
+                      moe_mma_rows_kernel<false, 8>, gu_smem, 2 * a.inter / 16);
     for (int rep = profile_times("moe_down"); rep > 0 && e == cudaSuccess; --rep)
-      e = pipe3 ? rows_launch(moe_mma_rows_kernel<true, 1, 3>, moe_mma_rows_kernel<true, 2, 3>,
-                              moe_mma_rows_kernel<true, 4, 3>, moe_mma_rows_kernel<true, 8, 3>, dn_smem, a.hidden / 16)
-                : rows_launch(moe_mma_rows_kernel<true, 1>, moe_mma_rows_kernel<true, 2>, moe_mma_rows_kernel<true, 4>,
-                              moe_mma_rows_kernel<true, 8>, dn_smem, a.hidden / 16);
+      e = rows_launch(moe_mma_rows_kernel<true, 1>, moe_mma_rows_kernel<true, 2>, moe_mma_rows_kernel<true, 4>,
+                      moe_mma_rows_kernel<true, 8>, dn_smem, a.hidden / 16);
     return e;
   }
   auto both = [&](auto gate_up, auto down) {

@@ -757,11 +757,11 @@ class Model : public Napi::ObjectWrap<Model> {
       check_cuda(env, cudaMemcpyAsync(s.sample_buf.get(), h, sl.settings_bytes, cudaMemcpyHostToDevice, st),
                  "cudaMemcpyAsync (sampling settings)");
     }
-    check_cuda(env, cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * 5 * MT, cudaMemcpyHostToDevice, st), "cudaMemcpyAsync (inputs)");
+    // Inputs and block tables are one copy: the tables follow the 5 MT input rows on both sides.
     check_cuda(env,
-               cudaMemcpyAsync(s.in_tables, pin + 5 * MT, sizeof(int32_t) * static_cast<size_t>(rows) * c.max_pages_per_seq,
+               cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(rows) * c.max_pages_per_seq),
                                cudaMemcpyHostToDevice, st),
-               "cudaMemcpyAsync (block tables)");
+               "cudaMemcpyAsync (inputs)");
     // Several rows of one sequence in a step (a prefill chunk, a verify block) share their K/V
     // reads through attention_prefill. src/model.ts lays a sequence's rows out consecutively; a
     // row continues the previous row's sequence when it is the next position on the same pages.
