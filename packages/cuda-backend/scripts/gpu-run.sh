@@ -11,7 +11,7 @@ for step in ${STEPS:-tests parity bench}; do
   echo "== $step $(date +%T)"
   case "$step" in
     build) (cd packages/cuda-backend && node node_modules/node-gyp/bin/node-gyp.js rebuild -j 16) > "$O/build.log" 2>&1 || tail -30 "$O/build.log" ;;
-    tests) timeout "${TESTS_S:-180}" vitest run packages/cuda-backend 2>&1 | tee "$O/tests.log" | grep -E "\[cuda\]|✓|×|FAIL|Tests |Error|expected" | grep -v "^\s*$" | head -80 ;;
+    tests) timeout "${TESTS_S:-180}" vitest run packages/cuda-backend 2>&1 | tee "$O/tests.log" | grep -E "✓ |×|FAIL|Test Files|Tests |Error|expected" | tail -60 ;;
     parity) timeout "${PARITY_S:-120}" node packages/cuda-backend/scripts/parity-report.mjs "$O/parity-h100.md" "${COMMIT:-unknown}" 2>&1 | tail -12 ;;
     synth)
       [ -f /tmp/gpt-oss-20b/config.json ] || timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b \
@@ -20,6 +20,9 @@ for step in ${STEPS:-tests parity bench}; do
     profile)
       timeout "${PROFILE_S:-240}" node packages/cuda-backend/bench/step-profile.mjs /tmp/gpt-oss-20b "${BATCH:-1}" "${CONTEXT:-640}" \
         "$O/step-profile-b${BATCH:-1}.json" 2>&1 | grep -v loading | tail -30 ;;
+    hf)
+      timeout "${HF_S:-200}" python3 tools/bench/hf_eager_bench.py /tmp/gpt-oss-20b "$O/hf-eager-gpt-oss-20b.json" --batch 1,8 \
+        --prompt 512 --gen 32 2>&1 | tail -6 ;;
     bench)
       [ -f /tmp/gpt-oss-20b/config.json ] || timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b \
         --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1
