@@ -25,6 +25,7 @@
 #include <cfloat>
 
 #include "common.cuh"
+#include "qkv_epilogue.cuh"
 
 namespace moeflash {
 namespace {
@@ -56,27 +57,6 @@ __host__ __device__ inline FusedWorkspace carve_fused(void* base, int seqs, int 
   float* f = static_cast<float*>(base);
   const size_t n = fused_partials(seqs, heads);
   return FusedWorkspace{f, f + n * head_dim, reinterpret_cast<int*>(f + n * (head_dim + 2))};
-}
-
-// One head of the raw q | k | v row: Qwen3's per-head RMSNorm, then rotate-half RoPE. The same
-// operations in the same order as qkv_prepare_kernel (model.cu), by one warp.
-__device__ __forceinline__ void prepare_head(float* v, int D, const bf16_bits* nw, float eps, const float* cos_s,
-                                             const float* sin_s, int half, int lane) {
-  if (nw != nullptr) {
-    float ss = 0.f;
-    for (int i = lane; i < D; i += 32) ss = fmaf(v[i], v[i], ss);
-    ss = warp_sum(ss);
-    const float inv = rsqrtf(ss / static_cast<float>(D) + eps);
-    __syncwarp();
-    for (int i = lane; i < D; i += 32) v[i] = __fmul_rn(v[i], inv) * bf16_to_f32(nw[i]);
-    __syncwarp();
-  }
-  for (int i = lane; i < half; i += 32) {
-    const float x1 = v[i], x2 = v[i + half];
-    v[i] = fmaf(x1, cos_s[i], -x2 * sin_s[i]);
-    v[i + half] = fmaf(x2, cos_s[i], x1 * sin_s[i]);
-  }
-  __syncwarp();
 }
 
 __device__ __forceinline__ float block_max(float v, float* red) {
@@ -136,13 +116,7 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
   const int q_dim = a.num_heads * D, kv_dim = a.num_kv_heads * D;
   const float* src = p.qkv + static_cast<int64_t>(t) * (q_dim + 2 * kv_dim);
   const int half = p.rotary_dim / 2;
-  if (tid < half) {
-    const float angle = __fmul_rn(static_cast<float>(pos), p.inv_freq[tid]);
-    double s, c;
-    sincos(static_cast<double>(angle), &s, &c);
-    cos_s[tid] = static_cast<float>(c * p.attention_factor);
-    sin_s[tid] = static_cast<float>(s * p.attention_factor);
-  }
+  if (tid < half) rope_cos_sin(static_cast<float>(pos), p.inv_freq[tid], p.attention_factor, &cos_s[tid], &sin_s[tid]);
   for (int i = tid; i < D; i += kThreads) {
     q_s[i] = src[h * D + i];
     k_s[i] = src[q_dim + kvh * D + i];

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "qkv_epilogue.cuh"
 
 namespace moeflash {
 namespace {
@@ -39,36 +40,15 @@ __global__ void __launch_bounds__(kPrepThreads) qkv_prepare_kernel(QkvPrepareArg
   const float* src = a.qkv + static_cast<int64_t>(t) * width;
   for (int i = threadIdx.x; i < nh * D; i += kPrepThreads) row[i] = src[h0 * D + i];
   const float pos = static_cast<float>(a.positions[t]);
-  for (int i = threadIdx.x; i < half; i += kPrepThreads) {
-    // Same evaluation as rope.cu: float32 angle, double sincos, times the attention factor.
-    const float angle = __fmul_rn(pos, a.inv_freq[i]);
-    double s, c;
-    sincos(static_cast<double>(angle), &s, &c);
-    cos_s[i] = static_cast<float>(c * a.attention_factor);
-    sin_s[i] = static_cast<float>(s * a.attention_factor);
-  }
+  for (int i = threadIdx.x; i < half; i += kPrepThreads)
+    rope_cos_sin(pos, a.inv_freq[i], a.attention_factor, &cos_s[i], &sin_s[i]);
   __syncthreads();
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (warp < nh) {
     const int h = h0 + warp;
     float* v = row + warp * D;
-    const bf16_bits* nw = h < a.num_heads ? a.q_norm : a.k_norm;
-    if (nw != nullptr) {
-      float ss = 0.f;
-      for (int i = lane; i < D; i += 32) ss = fmaf(v[i], v[i], ss);
-      ss = warp_sum(ss);
-      const float inv = rsqrtf(ss / static_cast<float>(D) + a.eps);
-      __syncwarp();
-      for (int i = lane; i < D; i += 32) v[i] = __fmul_rn(v[i], inv) * bf16_to_f32(nw[i]);
-      __syncwarp();
-    }
-    for (int i = lane; i < half; i += 32) {
-      const float x1 = v[i], x2 = v[i + half];
-      v[i] = fmaf(x1, cos_s[i], -x2 * sin_s[i]);
-      v[i + half] = fmaf(x2, cos_s[i], x1 * sin_s[i]);
-    }
-    __syncwarp();
+    prepare_head(v, D, h < a.num_heads ? a.q_norm : a.k_norm, a.eps, cos_s, sin_s, half, lane);
     const int64_t slot = a.slots[t];
     if (h < a.num_heads) {
       float* q_out = a.q_out + static_cast<int64_t>(t) * q_dim + static_cast<int64_t>(h) * D;
