@@ -273,18 +273,15 @@ struct Batch {
   uint32_t sc[NB];
 };
 
-// kstride: tiles between consecutive k-tiles of a row tile (1 in the row-major tile order, the
-// expert's row-tile count in the k-major one).
 template <int kBatch>
 __device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __restrict__ tiles,
-                                           const uint8_t* __restrict__ scales, int kb, int k1, int kstride = 1) {
+                                           const uint8_t* __restrict__ scales, int kb, int k1) {
   const int lane = threadIdx.x & 31, g = lane >> 2;
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
     if (kb + u < k1) {
-      const int64_t t = static_cast<int64_t>(kb + u) * kstride;
-      B.a[u] = ld_stream_u4(tiles + t * 512 + lane * 16);
-      B.sc[u] = ld_nc_u32(scales + t * 32 + g * 4);
+      B.a[u] = ld_stream_u4(tiles + static_cast<int64_t>(kb + u) * 512 + lane * 16);
+      B.sc[u] = ld_nc_u32(scales + static_cast<int64_t>(kb + u) * 32 + g * 4);
     }
   }
 }
@@ -415,12 +412,11 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   const int per = (nkt + kSplitK - 1) / kSplitK;
   const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
   const int nbat = (k1 - k0 + kBatch - 1) / kBatch;  // batches a unit (0 for a warp with no k-tiles)
-  const int kstride = a.k_major ? rows / 16 : 1;
 
   // First tile of unit u for this block's warps.
   auto unit_tiles = [&](int u, const uint8_t*& t, const uint8_t*& sc) {
     const int item = u / row_tiles, rt = u - item * row_tiles;
-    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * (a.k_major ? 1 : nkt);
+    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * nkt;
     t = wblocks + tile0 * 512;
     sc = wscales + tile0 * 32;
   };
@@ -428,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   Batch<kBatch> B0, B1;
   const uint8_t *cur_t, *cur_s;
   unit_tiles(u0, cur_t, cur_s);
-  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1, kstride);
+  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1);
 
   const Staging st{smem_xs, nb * 4 + 4};
   int staged = -1;
@@ -472,10 +468,10 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
       }
       const int kb = k0 + j * kBatch;
       if ((g_batch & 1) == 0) {
-        if (has_next) load_batch(B1, nt, ns, nk, k1, kstride);
+        if (has_next) load_batch(B1, nt, ns, nk, k1);
         consume_batch<NT, kBatch>(B0, kb, k1, st, cols, acc);
       } else {
-        if (has_next) load_batch(B0, nt, ns, nk, k1, kstride);
+        if (has_next) load_batch(B0, nt, ns, nk, k1);
         consume_batch<NT, kBatch>(B1, kb, k1, st, cols, acc);
       }
       if (j + 1 == nbat) cur_t = nt, cur_s = ns;
@@ -566,15 +562,12 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   const bool active = rt < row_tiles;
   const int per = (nkt + SK - 1) / SK;
   const int k0 = min(nkt, sk * per), k1 = active ? min(nkt, k0 + per) : k0;
-  const int rt_c = active ? rt : 0;
-  const int kstride = a.k_major ? row_tiles : 1;
-  const int64_t tile0 = a.k_major ? static_cast<int64_t>(expert) * row_tiles * nkt + rt_c
-                                  : (static_cast<int64_t>(expert) * row_tiles + rt_c) * nkt;
+  const int64_t tile0 = (static_cast<int64_t>(expert) * row_tiles + (active ? rt : 0)) * nkt;
   const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
   const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
 
   Batch<kRowBatch> B0, B1;
-  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1, kstride);
+  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
@@ -590,10 +583,10 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
     const bool next = kb + kRowBatch < k1;
     if ((j & 1) == 0) {
-      if (next) load_batch(B1, tiles, scales, kb + kRowBatch, k1, kstride);
+      if (next) load_batch(B1, tiles, scales, kb + kRowBatch, k1);
       consume_batch<1, kRowBatch>(B0, kb, k1, st, cols, acc);
     } else {
-      if (next) load_batch(B0, tiles, scales, kb + kRowBatch, k1, kstride);
+      if (next) load_batch(B0, tiles, scales, kb + kRowBatch, k1);
       consume_batch<1, kRowBatch>(B1, kb, k1, st, cols, acc);
     }
   }
@@ -648,11 +641,10 @@ __device__ __forceinline__ int source_row(MoeRowMap map, int rows, int rt, int j
 
 __global__ void moe_repack_kernel(const uint8_t* __restrict__ src_blocks, const uint8_t* __restrict__ src_scales,
                                   uint8_t* __restrict__ dst_blocks, uint8_t* __restrict__ dst_scales, int rows, int nb,
-                                  MoeRowMap map, bool k_major) {
+                                  MoeRowMap map) {
   const int nkt = nb / 2;
-  const int src_tile = blockIdx.x;
-  const int rt = src_tile / nkt, kt = src_tile - rt * nkt;
-  const int tile = k_major ? kt * (rows / 16) + rt : src_tile;
+  const int tile = blockIdx.x;
+  const int rt = tile / nkt, kt = tile - rt * nkt;
   const int lane = threadIdx.x, g = lane >> 2, q = lane & 3;
   const int64_t r0 = source_row(map, rows, rt, g), r1 = source_row(map, rows, rt, g + 8);
   const uint32_t* w = reinterpret_cast<const uint32_t*>(src_blocks);
@@ -683,15 +675,6 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 }  // namespace
 
 namespace {
-// MOEFLASH_MOE_KMAJOR=1 orders each expert's tiles k-tile-major (tile (rt, kt) at kt * row_tiles + rt),
-// so the warps working on neighbouring row tiles read neighbouring 512-byte tiles at the same time.
-bool moe_k_major() {
-  static const bool k_major = [] {
-    const char* v = std::getenv("MOEFLASH_MOE_KMAJOR");
-    return v != nullptr && std::atoi(v) != 0;
-  }();
-  return k_major;
-}
 int moe_variant() {
   static const int variant = [] {
     const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
@@ -724,8 +707,7 @@ cudaError_t moe_repack_mxfp4(uint8_t* blocks, uint8_t* scales, int experts, int 
     cudaError_t err = cudaMemcpyAsync(tmp_blocks, b, blk_bytes, cudaMemcpyDeviceToDevice, stream);
     if (err == cudaSuccess) err = cudaMemcpyAsync(tmp_scales, s, sc_bytes, cudaMemcpyDeviceToDevice, stream);
     if (err != cudaSuccess) return err;
-    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map,
-                                                                   moe_k_major());
+    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -738,9 +720,7 @@ size_t moe_plan_ints(int slots, int num_experts) {
 
 int moe_counter_ints(int hidden) { return (hidden + 15) / 16; }
 
-cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
-  MoeMmaArgs a = args;
-  a.k_major = moe_k_major();
+cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
   if (a.tokens <= 0) return cudaSuccess;
   if (!moe_mma_supported(a.hidden, a.inter) || a.top_k <= 0 || a.num_experts <= 0 || a.num_experts > 1024)
     return cudaErrorInvalidValue;

@@ -65,7 +65,6 @@ struct MoeMmaArgs {
   float* act;         // [tokens * top_k, inter] scratch
   float* part;        // [tokens * top_k, hidden] scratch
   float* y;           // [tokens, hidden]: sum over k in slot order of weight * (down act + bias)
-  bool k_major;       // tile order of the repack; set by moe_mxfp4_mma
 };
 
 // Whether moe_mxfp4_mma takes router_logits for a step of `tokens` (else run router_topk first).
