@@ -1,7 +1,7 @@
 // Times the tensor-core MoE layer alone at gpt-oss-20b shapes (32 experts, top-4, hidden = inter =
 // 2880, MXFP4) for several token counts: device time a launch (plan, gate/up, down + combine), the
 // launches queued back to back. Prints a table and writes JSON to argv[2].
-//   node packages/cuda-backend/bench/moe-mma-bench.mjs out.json
+//   node packages/cuda-backend/bench/moe-mma-bench.mjs out.json   (MOE_TOKENS=1,8 picks the token counts)
 import { randomFillSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 
@@ -17,7 +17,8 @@ const gateUp = mx(2 * I, H), down = mx(H, I);
 const ops = cudaOps();
 const rows = [];
 const bytesPerExpert = (2 * I * H + H * I) * (17 / 32);
-for (const T of [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]) {
+const tokenList = process.env.MOE_TOKENS ? process.env.MOE_TOKENS.split(',').map(Number) : [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+for (const T of tokenList) {
   const x = new Float32Array(T * H).map(() => Math.random() * 2 - 1);
   const ids = new Int32Array(T * K);
   for (let t = 0; t < T; t++) {

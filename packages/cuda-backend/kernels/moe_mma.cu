@@ -4,7 +4,7 @@
 // 32 columns) is 512 bytes at ((rt * nkt) + kt) * 512. Lane l = 4g + q holds the uint4
 //   { row g word q of block 2kt, row g+8 word q of block 2kt, row g word q of block 2kt+1,
 //     row g+8 word q of block 2kt+1 }
-// (word q of a 16-byte block = its elements 8q..8q+7). The E8M0 scales of a tile are 32 bytes at
+// (word q of a 16-byte block = its elements 8q..8q+7, bits permuted by tile_word). The E8M0 scales of a tile are 32 bytes at
 // tile * 32: bytes 4g..4g+3 = scale of (row g, block 2kt), (g+8, 2kt), (g, 2kt+1), (g+8, 2kt+1).
 //
 // mma.m16n8k16 needs, from lane (g, q), A rows g and g+8 at k = 2q, 2q+1, 2q+8, 2q+9 and B column g
@@ -28,15 +28,40 @@ constexpr int kSplitK = 8;  // warps of a block: the row tile's reduction split 
 constexpr int kThreads = kSplitK * 32;
 constexpr int kMaxCols = 16;
 
-// Nibbles p and p + 4 of a word of E2M1 codes as an f16x2 equal to E2M1 * 2^-14 (low half: nibble
-// p). Same bit move as e2m1_pair_scaled in common.cuh, without the conversion to float32.
+// The repack permutes the bits of every 32-bit word of codes so that each nibble pair (p, p + 4)
+// becomes an f16x2 equal to E2M1 * 2^-14 (low half: nibble p; same bit move as e2m1_pair_scaled in
+// common.cuh) in 11 integer operations per word instead of 15: pair p keeps its low code's three
+// magnitude bits at kTileMag[p] (cyclically) and its sign bit at kTileSign[p], its high code's at
+// the same places + 16, chosen so that pairs 1 and 3 need one rotate and one AND and pair 2 no
+// rotate for its magnitude (no placement lets all four pairs take one rotate: an exhaustive search).
+// f16 wants the magnitude at bits 9..11 and the sign at bit 15 (25..27 and 31 for the high half).
+__host__ __device__ constexpr int tile_mag_pos(int p) { return p == 0 ? 0 : p == 1 ? 13 : p == 2 ? 9 : 6; }
+__host__ __device__ constexpr int tile_sign_pos(int p) { return p == 0 ? 4 : p == 1 ? 19 : p == 2 ? 5 : 12; }
+
+__device__ __forceinline__ uint32_t rotl32(uint32_t w, int n) { return __funnelshift_l(w, w, n); }
+
 template <int P>
 __device__ __forceinline__ uint32_t e2m1_h2(uint32_t w) {
-  constexpr int kMag = 9 - 4 * P;
-  constexpr int kSign = 12 - 4 * P;
-  const uint32_t mag = (kMag >= 0 ? (w << (kMag & 31)) : (w >> ((-kMag) & 31))) & 0x0e000e00u;
-  const uint32_t sgn = (w << kSign) & 0x80008000u;
-  return mag | sgn;
+  static_assert((tile_mag_pos(P) + 32 - 9) % 32 == (tile_sign_pos(P) + 32 - 15) % 32 || P == 0 || P == 2,
+                "pairs 1 and 3 move magnitude and sign with one rotate");
+  if constexpr (P == 0) return (rotl32(w, 9) & 0x0e000e00u) | (rotl32(w, 11) & 0x80008000u);
+  if constexpr (P == 1) return rotl32(w, 28) & 0x8e008e00u;
+  if constexpr (P == 2) return (w & 0x0e000e00u) | (rotl32(w, 10) & 0x80008000u);
+  return rotl32(w, 3) & 0x8e008e00u;
+}
+
+// The checkpoint's word (nibble n = element 8q + n) in the layout e2m1_h2 decodes.
+__device__ __forceinline__ uint32_t tile_word(uint32_t w) {
+  uint32_t r = 0;
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t nib = (w >> (4 * (p + 4 * h))) & 0xfu;
+      r |= rotl32(nib & 7u, (tile_mag_pos(p) + 16 * h) & 31);
+      r |= (nib >> 3) << ((tile_sign_pos(p) + 16 * h) & 31);
+    }
+  return r;
 }
 
 // Byte i of a word of E8M0 codes as the float 2^(s - 127) (code 0 gives 0 instead of 2^-127 and
@@ -145,7 +170,7 @@ __device__ __forceinline__ void route_in_block(const MoeMmaArgs& a, int* id_s, f
 }
 
 __device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s,
-                                    const MoeMmaArgs* route = nullptr) {
+                                    const MoeMmaArgs* route = nullptr, bool publish = true) {
   __shared__ int id_s[kInlineSlots], head_s[kInlineSlots], rank_s[kInlineSlots];
   __shared__ float w_s[kInlineSlots];
   const int t = threadIdx.x;
@@ -156,7 +181,7 @@ __device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, 
     else if (per_lane <= 4) route_in_block<4>(*route, id_s, w_s);
     else route_in_block<8>(*route, id_s, w_s);
     __syncthreads();
-    if (blockIdx.x == 0 && t < slots) {
+    if (publish && blockIdx.x == 0 && t < slots) {
       route->route_ids[t] = id_s[t];
       route->route_weights[t] = w_s[t];
     }
@@ -277,21 +302,29 @@ template <int kBatch>
 __device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __restrict__ tiles,
                                            const uint8_t* __restrict__ scales, int kb, int k1) {
   const int lane = threadIdx.x & 31, g = lane >> 2;
+  // One base address a batch; the k-tiles are immediate offsets from it.
+  const uint8_t* pt = tiles + static_cast<int64_t>(kb) * 512 + lane * 16;
+  const uint8_t* ps = scales + static_cast<int64_t>(kb) * 32 + g * 4;
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
     if (kb + u < k1) {
-      B.a[u] = ld_stream_u4(tiles + static_cast<int64_t>(kb + u) * 512 + lane * 16);
-      B.sc[u] = ld_nc_u32(scales + static_cast<int64_t>(kb + u) * 32 + g * 4);
+      B.a[u] = ld_stream_u4(pt + u * 512);
+      B.sc[u] = ld_nc_u32(ps + u * 32);
     }
   }
 }
 
 // acc[n][i] (n-tile n, fragment element i: rows g / g+8, columns 2q / 2q+1) += the batch's
-// k-tiles, in k order.
-template <int NT, int kBatch>
+// k-tiles, in k order. Lanes whose B column is past `cols` read the last column again: the sums
+// of those columns are never read, and no predicate or zero fill is needed. ONE: the item has one
+// column (a one-token step), so only column 0 (elements 0 and 2) is accumulated.
+template <int NT, int kBatch, bool ONE = false>
 __device__ __forceinline__ void consume_batch(const Batch<kBatch>& B, int kb, int k1, const Staging& st, int cols,
                                               float (&acc)[NT][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  int boff[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) boff[n] = (ONE ? 0 : min(n * 8 + g, cols - 1)) * st.stride + q;
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
     if (kb + u < k1) {
@@ -307,15 +340,14 @@ __device__ __forceinline__ void consume_batch(const Batch<kBatch>& B, int kb, in
         const int b = 2 * kt + half;
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const int col = n * 8 + g;
-          const uint4 bv = col < cols ? st.xs[col * st.stride + b * 4 + q] : make_uint4(0, 0, 0, 0);
+          const uint4 bv = st.xs[boff[n] + b * 4];
           float c[4] = {0.f, 0.f, 0.f, 0.f};
           mma16816(c, a0, a1, a2, a3, bv.x, bv.y);
           mma16816(c, a4, a5, a6, a7, bv.z, bv.w);
           acc[n][0] = fmaf(c[0], sg, acc[n][0]);
-          acc[n][1] = fmaf(c[1], sg, acc[n][1]);
+          if (!ONE) acc[n][1] = fmaf(c[1], sg, acc[n][1]);
           acc[n][2] = fmaf(c[2], sg8, acc[n][2]);
-          acc[n][3] = fmaf(c[3], sg8, acc[n][3]);
+          if (!ONE) acc[n][3] = fmaf(c[3], sg8, acc[n][3]);
         }
       }
     }
@@ -523,8 +555,8 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
 
 // ------------------------------------------------------------------ row form (decode)
 // Decode steps (<= 8 tokens, plan built in the block): block = (item, RT = 8 / SK row tiles), warp
-// = (row tile, k-split). A warp streams its whole k-range in batches of kRowBatch with the next
-// batch always in flight and meets no block barrier after staging: at SK > 1 the SK warps of a row
+// = (row tile, k-split). A warp streams its whole k-range in batches of kRowBatch with the next two
+// batches always in flight and meets no block barrier after staging: at SK > 1 the SK warps of a row
 // tile add their sums through shared memory behind a named barrier of those warps only.
 constexpr int kRowBatch = 4;
 
@@ -532,9 +564,14 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-template <bool DOWN, int SK>
+// The down kernel reads only weights and the routing before its wait for the gate/up kernel: it
+// takes the top-k from the router logits itself (or reads the ids), which the kernel before gate/up
+// wrote, and gate/up's blocks launched it only after that kernel had finished (pdl_prologue). So
+// its blocks, scheduled as gate/up's retire, have their first two weight batches in flight while
+// the gate/up tail runs.
+template <bool DOWN, int SK, bool ONE>
 __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item) {
-  pdl_prologue();
+  if constexpr (!DOWN) pdl_prologue();
   extern __shared__ uint4 smem_xs[];
   constexpr int RT = kSplitK / SK;
   __shared__ float red[SK > 1 ? RT : 1][SK][4][32];
@@ -542,10 +579,13 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   __shared__ float col_unscale[kMaxCols];
   __shared__ int plan_s[1 + 4 * kInlineSlots];
   const int slots = a.tokens * a.top_k;
-  build_plan_in_block(a.expert_ids, slots, plan_s, !DOWN && a.router_logits != nullptr ? &a : nullptr);
+  build_plan_in_block(a.expert_ids, slots, plan_s, a.router_logits != nullptr ? &a : nullptr, !DOWN);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
-  if (item >= n_items) return;
+  if (item >= n_items) {
+    if constexpr (DOWN) pdl_prologue();
+    return;
+  }
   const int group = blockIdx.x - item * groups_per_item;
   const int* items = plan_s + 1;
   const int* slot_s = items + 3 * kInlineSlots + items[3 * item + 2];
@@ -568,6 +608,8 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
 
   Batch<kRowBatch> B0, B1;
   if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
+  if (k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
+  if constexpr (DOWN) pdl_prologue();  // the activations are gate/up's output
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
@@ -580,14 +622,15 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
+  // Two batches stay in flight: a buffer is refilled (batch j + 2) as soon as it is consumed.
   for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
-    const bool next = kb + kRowBatch < k1;
+    const int kn = kb + 2 * kRowBatch;
     if ((j & 1) == 0) {
-      if (next) load_batch(B1, tiles, scales, kb + kRowBatch, k1);
-      consume_batch<1, kRowBatch>(B0, kb, k1, st, cols, acc);
+      consume_batch<1, kRowBatch, ONE>(B0, kb, k1, st, cols, acc);
+      if (kn < k1) load_batch(B0, tiles, scales, kn, k1);
     } else {
-      if (next) load_batch(B0, tiles, scales, kb + kRowBatch, k1);
-      consume_batch<1, kRowBatch>(B1, kb, k1, st, cols, acc);
+      consume_batch<1, kRowBatch, ONE>(B1, kb, k1, st, cols, acc);
+      if (kn < k1) load_batch(B1, tiles, scales, kn, k1);
     }
   }
   if constexpr (SK > 1) {
@@ -649,10 +692,10 @@ __global__ void moe_repack_kernel(const uint8_t* __restrict__ src_blocks, const 
   const int64_t r0 = source_row(map, rows, rt, g), r1 = source_row(map, rows, rt, g + 8);
   const uint32_t* w = reinterpret_cast<const uint32_t*>(src_blocks);
   uint4 v;
-  v.x = w[(r0 * nb + 2 * kt) * 4 + q];
-  v.y = w[(r1 * nb + 2 * kt) * 4 + q];
-  v.z = w[(r0 * nb + 2 * kt + 1) * 4 + q];
-  v.w = w[(r1 * nb + 2 * kt + 1) * 4 + q];
+  v.x = tile_word(w[(r0 * nb + 2 * kt) * 4 + q]);
+  v.y = tile_word(w[(r1 * nb + 2 * kt) * 4 + q]);
+  v.z = tile_word(w[(r0 * nb + 2 * kt + 1) * 4 + q]);
+  v.w = tile_word(w[(r1 * nb + 2 * kt + 1) * 4 + q]);
   reinterpret_cast<uint4*>(dst_blocks)[static_cast<int64_t>(tile) * 32 + lane] = v;
   if (q == 0) {
     uint8_t* d = dst_scales + static_cast<int64_t>(tile) * 32 + g * 4;
@@ -766,19 +809,32 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
       const int rt_per_block = kSplitK / sk;
       const int groups = (row_tiles + rt_per_block - 1) / rt_per_block;
       const dim3 grid(items * groups);
+      auto go = [&](auto kernel) {
+        const cudaError_t err = allow_smem(kernel, smem);
+        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups);
+      };
       switch (sk) {
-        case 1: { cudaError_t err = allow_smem(k1, smem); return err != cudaSuccess ? err : launch_pdl(k1, grid, kThreads, smem, stream, a, groups); }
-        case 2: { cudaError_t err = allow_smem(k2, smem); return err != cudaSuccess ? err : launch_pdl(k2, grid, kThreads, smem, stream, a, groups); }
-        case 4: { cudaError_t err = allow_smem(k4, smem); return err != cudaSuccess ? err : launch_pdl(k4, grid, kThreads, smem, stream, a, groups); }
-        default: { cudaError_t err = allow_smem(k8, smem); return err != cudaSuccess ? err : launch_pdl(k8, grid, kThreads, smem, stream, a, groups); }
+        case 1: return go(k1);
+        case 2: return go(k2);
+        case 4: return go(k4);
+        default: return go(k8);
       }
     };
+    // One token: every item has one column (a token's experts are distinct).
+    const bool one = a.tokens == 1;
     for (int rep = profile_times("moe_gu"); rep > 0 && e == cudaSuccess; --rep)
-      e = rows_launch(moe_mma_rows_kernel<false, 1>, moe_mma_rows_kernel<false, 2>, moe_mma_rows_kernel<false, 4>,
-                      moe_mma_rows_kernel<false, 8>, gu_smem, 2 * a.inter / 16);
+      e = one ? rows_launch(moe_mma_rows_kernel<false, 1, true>, moe_mma_rows_kernel<false, 2, true>,
+                            moe_mma_rows_kernel<false, 4, true>, moe_mma_rows_kernel<false, 8, true>, gu_smem,
+                            2 * a.inter / 16)
+              : rows_launch(moe_mma_rows_kernel<false, 1, false>, moe_mma_rows_kernel<false, 2, false>,
+                            moe_mma_rows_kernel<false, 4, false>, moe_mma_rows_kernel<false, 8, false>, gu_smem,
+                            2 * a.inter / 16);
     for (int rep = profile_times("moe_down"); rep > 0 && e == cudaSuccess; --rep)
-      e = rows_launch(moe_mma_rows_kernel<true, 1>, moe_mma_rows_kernel<true, 2>, moe_mma_rows_kernel<true, 4>,
-                      moe_mma_rows_kernel<true, 8>, dn_smem, a.hidden / 16);
+      e = one ? rows_launch(moe_mma_rows_kernel<true, 1, true>, moe_mma_rows_kernel<true, 2, true>,
+                            moe_mma_rows_kernel<true, 4, true>, moe_mma_rows_kernel<true, 8, true>, dn_smem, a.hidden / 16)
+              : rows_launch(moe_mma_rows_kernel<true, 1, false>, moe_mma_rows_kernel<true, 2, false>,
+                            moe_mma_rows_kernel<true, 4, false>, moe_mma_rows_kernel<true, 8, false>, dn_smem,
+                            a.hidden / 16);
     return e;
   }
   auto both = [&](auto gate_up, auto down) {
