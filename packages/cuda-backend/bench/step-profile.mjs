@@ -78,10 +78,22 @@ for (const cls of classes) {
   }
   console.log(line);
 }
-for (const [name, env] of Object.entries({ pdlOff: { MOEFLASH_PDL: '0' }, attentionUnfused: { MOEFLASH_ATTENTION_FUSED: '0' } })) {
+// PROFILE_ENV="name:K=V,K=V;name2:K=V" replaces the default settings compared; each is measured
+// between two replays of the default graph, so that drift over the run shows.
+const envVariants = process.env.PROFILE_ENV
+  ? Object.fromEntries(
+      process.env.PROFILE_ENV.split(';').filter(Boolean).map((v) => {
+        const [name, kv = ''] = v.split(':');
+        return [name, Object.fromEntries(kv.split(',').filter(Boolean).map((p) => p.split('=')))];
+      }),
+    )
+  : { pdlOff: { MOEFLASH_PDL: '0' }, attentionUnfused: { MOEFLASH_ATTENTION_FUSED: '0' } };
+for (const [name, env] of Object.entries(envVariants)) {
+  const before = await variant({});
   const ms = await variant(env);
-  result.env[name] = ms;
-  console.log(`${name}: ${ms.toFixed(3)} ms graph replay`);
+  const after = await variant({});
+  result.env[name] = { ms, defaultBefore: before, defaultAfter: after, settings: env };
+  console.log(`${name}: ${ms.toFixed(3)} ms graph replay (default ${before.toFixed(3)} before, ${after.toFixed(3)} after)`);
 }
 await model.dispose();
 if (out) fs.writeFileSync(out, JSON.stringify(result, null, 2));

@@ -569,9 +569,12 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // wrote, and gate/up's blocks launched it only after that kernel had finished (pdl_prologue). So
 // its blocks, scheduled as gate/up's retire, have their first two weight batches in flight while
 // the gate/up tail runs.
+// early (MOEFLASH_MOE_EARLY, for measurements): 2 = as above, and both kernels issue their second
+// batch before staging too; 1 = the down kernel issues its first batch only before the wait; 0 =
+// the down kernel waits first and reads the routing gate/up published.
 template <bool DOWN, int SK, bool ONE>
-__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item) {
-  if constexpr (!DOWN) pdl_prologue();
+__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item, int early) {
+  if (!DOWN || early == 0) pdl_prologue();
   extern __shared__ uint4 smem_xs[];
   constexpr int RT = kSplitK / SK;
   __shared__ float red[SK > 1 ? RT : 1][SK][4][32];
@@ -579,11 +582,12 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   __shared__ float col_unscale[kMaxCols];
   __shared__ int plan_s[1 + 4 * kInlineSlots];
   const int slots = a.tokens * a.top_k;
-  build_plan_in_block(a.expert_ids, slots, plan_s, a.router_logits != nullptr ? &a : nullptr, !DOWN);
+  build_plan_in_block(a.expert_ids, slots, plan_s,
+                      a.router_logits != nullptr && (!DOWN || early > 0) ? &a : nullptr, !DOWN);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
   if (item >= n_items) {
-    if constexpr (DOWN) pdl_prologue();
+    if (DOWN && early > 0) pdl_prologue();
     return;
   }
   const int group = blockIdx.x - item * groups_per_item;
@@ -608,8 +612,8 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
 
   Batch<kRowBatch> B0, B1;
   if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
-  if (k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
-  if constexpr (DOWN) pdl_prologue();  // the activations are gate/up's output
+  if (early == 2 && k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
+  if (DOWN && early > 0) pdl_prologue();  // the activations are gate/up's output
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
@@ -619,6 +623,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
                   col_unscale, amax_part);
   }
   if (!active) return;  // no block barrier follows
+  if (early != 2 && k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
@@ -718,6 +723,10 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 }  // namespace
 
 namespace {
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
+}
 int moe_variant() {
   static const int variant = [] {
     const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
@@ -802,6 +811,10 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
     // Enough warps to keep the device's loads in flight: the k-split SK is the smallest that gets
     // items * row tiles * SK to the target (measured on an H100: 36 us a gpt-oss-20b layer at one
     // token against 43 us for the streaming form).
+    // One token: every item has one column (a token's experts are distinct).
+    // Read at every launch (graph captures) so that a benchmark can compare settings in one process.
+    const bool one_ok = env_int("MOEFLASH_MOE_ONE", 1) != 0;
+    const int early = std::max(0, std::min(2, env_int("MOEFLASH_MOE_EARLY", 2)));
     auto rows_launch = [&](auto k1, auto k2, auto k4, auto k8, size_t smem, int row_tiles) {
       const int units = items * row_tiles;
       const int tw = target_warps;
@@ -811,7 +824,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
       const dim3 grid(items * groups);
       auto go = [&](auto kernel) {
         const cudaError_t err = allow_smem(kernel, smem);
-        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups);
+        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups, early);
       };
       switch (sk) {
         case 1: return go(k1);
@@ -820,8 +833,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
         default: return go(k8);
       }
     };
-    // One token: every item has one column (a token's experts are distinct).
-    const bool one = a.tokens == 1;
+    const bool one = one_ok && a.tokens == 1;
     for (int rep = profile_times("moe_gu"); rep > 0 && e == cudaSuccess; --rep)
       e = one ? rows_launch(moe_mma_rows_kernel<false, 1, true>, moe_mma_rows_kernel<false, 2, true>,
                             moe_mma_rows_kernel<false, 4, true>, moe_mma_rows_kernel<false, 8, true>, gu_smem,
