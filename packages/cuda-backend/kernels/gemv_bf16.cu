@@ -12,6 +12,7 @@
 // banks. The chunk -> thread mapping and both reduction trees are the same for every T, so a
 // token's result is bit-identical whatever else shares its launch.
 #include <algorithm>
+#include <cstdlib>
 
 #include "common.cuh"
 
@@ -241,10 +242,38 @@ KernelFn pick_tokens(int t) {
   }
 }
 
+// R * T values must fit one reduce-scatter (32): 3 and 5 rows a group serve 1-4 tokens only.
+KernelFn pick(int r, int t) {
+  switch (r) {
+    case 1: return pick_tokens<1>(t);
+    case 2: return pick_tokens<2>(t);
+    case 3:
+      switch (t) {
+        case 1: return kernel_for<1, 3>();
+        case 2: return kernel_for<2, 3>();
+        case 3: return kernel_for<3, 3>();
+        default: return kernel_for<4, 3>();
+      }
+    case 5:
+      switch (t) {
+        case 1: return kernel_for<1, 5>();
+        case 2: return kernel_for<2, 5>();
+        case 3: return kernel_for<3, 5>();
+        default: return kernel_for<4, 5>();
+      }
+    default: return pick_tokens<4>(t);
+  }
+}
+
 size_t smem_bytes(int tokens, int cols) {
   return static_cast<size_t>(tokens) * cols * sizeof(float) + kWarps * 32 * sizeof(float);
 }
 static_assert(kWarps * 8 <= kWarps * 32, "the norm's partial sums fit the reduction area");
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
+}
 
 size_t max_smem() {
   int dev = 0, optin = 0;
@@ -268,15 +297,22 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
   while (per_launch > 1 && smem_bytes(per_launch, cols) > limit) --per_launch;
   if (smem_bytes(per_launch, cols) > limit) return cudaErrorInvalidValue;
   // Row groups: large matrices take 4 rows a group (more loads in flight a thread), small ones
-  // fewer so that the groups still spread over every multiprocessor.
+  // fewer so that the groups still spread over every multiprocessor. For measurements,
+  // MOEFLASH_GEMV_MID_R sets the rows a group of the mid-size matrices (the 2-row case: 1, 2, 3, 4,
+  // or 5 up to 4 tokens), and MOEFLASH_GEMV_FULL_GRID=1 launches one block a group instead of a
+  // resident grid striding over the groups.
   const int sms = device_sm_count();
-  const int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
+  const int mid_r = env_int("MOEFLASH_GEMV_MID_R", 2);
+  const bool full_grid = env_int("MOEFLASH_GEMV_FULL_GRID", 0) != 0;
   for (int t0 = 0; t0 < tokens; t0 += per_launch) {
     const int t = std::min(per_launch, tokens - t0);
-    const KernelFn fn = r == 4 ? pick_tokens<4>(t) : r == 2 ? pick_tokens<2>(t) : pick_tokens<1>(t);
     const size_t smem = smem_bytes(t, cols);
+    int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
+    if (r == 2 && mid_r >= 1 && mid_r <= 5 && !((mid_r == 3 || mid_r == 5) && t > 4)) r = mid_r;
+    const KernelFn fn = pick(r, t);
     const int groups = ceil_div(rows, r);
-    const int grid = std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
+    const int grid =
+        full_grid ? groups : std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
     const int64_t off = static_cast<int64_t>(t0) * cols;
     PreNorm p = pn;
     if (p.residual != nullptr) p.residual += off;

@@ -572,8 +572,9 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // early (MOEFLASH_MOE_EARLY, for measurements): 2 = as above, and both kernels issue their second
 // batch before staging too; 1 = the down kernel issues its first batch only before the wait; 0 =
 // the down kernel waits first and reads the routing gate/up published.
-template <bool DOWN, int SK, bool ONE>
-__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item, int early) {
+template <bool DOWN, int SK, bool ONE, int RB = kRowBatch>
+__global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item,
+                                                                                int early) {
   if (!DOWN || early == 0) pdl_prologue();
   extern __shared__ uint4 smem_xs[];
   constexpr int RT = kSplitK / SK;
@@ -610,9 +611,9 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
   const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
 
-  Batch<kRowBatch> B0, B1;
+  Batch<RB> B0, B1;
   if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
-  if (early == 2 && k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
+  if (early == 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1);
   if (DOWN && early > 0) pdl_prologue();  // the activations are gate/up's output
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
@@ -623,18 +624,18 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
                   col_unscale, amax_part);
   }
   if (!active) return;  // no block barrier follows
-  if (early != 2 && k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
+  if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
   // Two batches stay in flight: a buffer is refilled (batch j + 2) as soon as it is consumed.
-  for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
-    const int kn = kb + 2 * kRowBatch;
+  for (int kb = k0; kb < k1; kb += RB, ++j) {
+    const int kn = kb + 2 * RB;
     if ((j & 1) == 0) {
-      consume_batch<1, kRowBatch, ONE>(B0, kb, k1, st, cols, acc);
+      consume_batch<1, RB, ONE>(B0, kb, k1, st, cols, acc);
       if (kn < k1) load_batch(B0, tiles, scales, kn, k1);
     } else {
-      consume_batch<1, kRowBatch, ONE>(B1, kb, k1, st, cols, acc);
+      consume_batch<1, RB, ONE>(B1, kb, k1, st, cols, acc);
       if (kn < k1) load_batch(B1, tiles, scales, kn, k1);
     }
   }
@@ -801,10 +802,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
   // instead (0: batches of 6 k-tiles, 2 blocks a multiprocessor; 1: 4 k-tiles, 3 blocks; 2: 3
   // k-tiles, 4 blocks), and MOEFLASH_MOE_WARPS sets the row form's warp target.
   const int variant = moe_variant();
-  static const int target_warps = [] {
-    const char* v = std::getenv("MOEFLASH_MOE_WARPS");
-    return v != nullptr && std::atoi(v) > 0 ? std::atoi(v) : 2500;
-  }();
+  const int target_warps = std::max(1, env_int("MOEFLASH_MOE_WARPS", 2500));
   if (a.router_logits != nullptr && !moe_mma_routes(a.tokens, a.top_k, a.num_experts))
     return cudaErrorInvalidValue;  // the caller routes first (router_topk) for these steps
   if (variant == 3 && inline_plan) {
@@ -834,19 +832,18 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
       }
     };
     const bool one = one_ok && a.tokens == 1;
+    const bool rb2 = env_int("MOEFLASH_MOE_BATCH", 4) == 2;
+#define MOEFLASH_ROWS(DOWN, ONE, RB)                                                                      \
+  rows_launch(moe_mma_rows_kernel<DOWN, 1, ONE, RB>, moe_mma_rows_kernel<DOWN, 2, ONE, RB>,              \
+              moe_mma_rows_kernel<DOWN, 4, ONE, RB>, moe_mma_rows_kernel<DOWN, 8, ONE, RB>, DOWN ? dn_smem : gu_smem, \
+              DOWN ? a.hidden / 16 : 2 * a.inter / 16)
     for (int rep = profile_times("moe_gu"); rep > 0 && e == cudaSuccess; --rep)
-      e = one ? rows_launch(moe_mma_rows_kernel<false, 1, true>, moe_mma_rows_kernel<false, 2, true>,
-                            moe_mma_rows_kernel<false, 4, true>, moe_mma_rows_kernel<false, 8, true>, gu_smem,
-                            2 * a.inter / 16)
-              : rows_launch(moe_mma_rows_kernel<false, 1, false>, moe_mma_rows_kernel<false, 2, false>,
-                            moe_mma_rows_kernel<false, 4, false>, moe_mma_rows_kernel<false, 8, false>, gu_smem,
-                            2 * a.inter / 16);
+      e = one ? (rb2 ? MOEFLASH_ROWS(false, true, 2) : MOEFLASH_ROWS(false, true, 4))
+              : (rb2 ? MOEFLASH_ROWS(false, false, 2) : MOEFLASH_ROWS(false, false, 4));
     for (int rep = profile_times("moe_down"); rep > 0 && e == cudaSuccess; --rep)
-      e = one ? rows_launch(moe_mma_rows_kernel<true, 1, true>, moe_mma_rows_kernel<true, 2, true>,
-                            moe_mma_rows_kernel<true, 4, true>, moe_mma_rows_kernel<true, 8, true>, dn_smem, a.hidden / 16)
-              : rows_launch(moe_mma_rows_kernel<true, 1, false>, moe_mma_rows_kernel<true, 2, false>,
-                            moe_mma_rows_kernel<true, 4, false>, moe_mma_rows_kernel<true, 8, false>, dn_smem,
-                            a.hidden / 16);
+      e = one ? (rb2 ? MOEFLASH_ROWS(true, true, 2) : MOEFLASH_ROWS(true, true, 4))
+              : (rb2 ? MOEFLASH_ROWS(true, false, 2) : MOEFLASH_ROWS(true, false, 4));
+#undef MOEFLASH_ROWS
     return e;
   }
   auto both = [&](auto gate_up, auto down) {
