@@ -142,6 +142,10 @@ struct AttentionDecodeArgs {
   int max_seq_len;  // upper bound of seq_lens (sizes the split grid)
   int window;
   float scale;
+  // attention_decode_fused only: weights to prefetch into L2 while the attention runs (the o
+  // projection's), or null.
+  const void* prefetch;
+  size_t prefetch_bytes;
 };
 size_t attention_decode_workspace_bytes(int num_seqs, int num_heads, int head_dim, int max_seq_len);
 cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream);

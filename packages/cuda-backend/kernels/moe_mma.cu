@@ -300,7 +300,7 @@ struct Batch {
 
 template <int kBatch>
 __device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __restrict__ tiles,
-                                           const uint8_t* __restrict__ scales, int kb, int k1) {
+                                           const uint8_t* __restrict__ scales, int kb, int k1, uint64_t pol = 0) {
   const int lane = threadIdx.x & 31, g = lane >> 2;
   // One base address a batch; the k-tiles are immediate offsets from it.
   const uint8_t* pt = tiles + static_cast<int64_t>(kb) * 512 + lane * 16;
@@ -308,7 +308,7 @@ __device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __re
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
     if (kb + u < k1) {
-      B.a[u] = ld_stream_u4(pt + u * 512);
+      B.a[u] = pol != 0 ? ld_stream_u4_ef(pt + u * 512, pol) : ld_stream_u4(pt + u * 512);
       B.sc[u] = ld_nc_u32(ps + u * 32);
     }
   }
@@ -611,9 +611,20 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
   const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
 
+  const uint64_t pol = a.evict_first ? l2_evict_first_policy() : 0;
   Batch<RB> B0, B1;
-  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
-  if (early == 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1);
+  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol);
+  if (early == 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol);
+  if (warp == 0) {
+    if (!DOWN && (a.prefetch_flags & 1)) {
+      // This block's share of its expert's down projection, for the down kernel to read from L2.
+      const size_t blk = static_cast<size_t>(H) * I / 2, sc = static_cast<size_t>(H) * I / 32;
+      l2_prefetch_share(a.down_blocks + expert * blk, blk, group, groups_per_item, lane);
+      l2_prefetch_share(a.down_scales + expert * sc, sc, group, groups_per_item, lane);
+    }
+    if (DOWN && (a.prefetch_flags & 2))
+      l2_prefetch_share(a.prefetch_next, a.prefetch_next_bytes, blockIdx.x, gridDim.x, lane);
+  }
   if (DOWN && early > 0) pdl_prologue();  // the activations are gate/up's output
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
@@ -624,7 +635,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
                   col_unscale, amax_part);
   }
   if (!active) return;  // no block barrier follows
-  if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1);
+  if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
@@ -633,10 +644,10 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     const int kn = kb + 2 * RB;
     if ((j & 1) == 0) {
       consume_batch<1, RB, ONE>(B0, kb, k1, st, cols, acc);
-      if (kn < k1) load_batch(B0, tiles, scales, kn, k1);
+      if (kn < k1) load_batch(B0, tiles, scales, kn, k1, pol);
     } else {
       consume_batch<1, RB, ONE>(B1, kb, k1, st, cols, acc);
-      if (kn < k1) load_batch(B1, tiles, scales, kn, k1);
+      if (kn < k1) load_batch(B1, tiles, scales, kn, k1, pol);
     }
   }
   if constexpr (SK > 1) {
@@ -773,7 +784,10 @@ size_t moe_plan_ints(int slots, int num_experts) {
 
 int moe_counter_ints(int hidden) { return (hidden + 15) / 16; }
 
-cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
+cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
+  MoeMmaArgs a = args;
+  a.prefetch_flags = env_int("MOEFLASH_PREFETCH", 0) >> 1;  // bit 0 of the variable is the attention's
+  a.evict_first = env_int("MOEFLASH_MOE_EVICT_FIRST", 0) != 0;
   if (a.tokens <= 0) return cudaSuccess;
   if (!moe_mma_supported(a.hidden, a.inter) || a.top_k <= 0 || a.num_experts <= 0 || a.num_experts > 1024)
     return cudaErrorInvalidValue;

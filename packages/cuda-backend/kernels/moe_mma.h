@@ -65,6 +65,15 @@ struct MoeMmaArgs {
   float* act;         // [tokens * top_k, inter] scratch
   float* part;        // [tokens * top_k, hidden] scratch
   float* y;           // [tokens, hidden]: sum over k in slot order of weight * (down act + bias)
+  // Decode steps: weights the down kernel prefetches into L2 for the kernels after it (the next
+  // layer's q/k/v projection), or null.
+  const void* prefetch_next;
+  size_t prefetch_next_bytes;
+  // Set by moe_mxfp4_mma (MOEFLASH_PREFETCH, MOEFLASH_MOE_EVICT_FIRST): bit 1 = gate/up prefetches
+  // the down weights of its experts, bit 2 = down prefetches prefetch_next; evict_first = expert
+  // weights are streamed with L2 priority evict_first.
+  int prefetch_flags;
+  bool evict_first;
 };
 
 // Whether moe_mxfp4_mma takes router_logits for a step of `tokens` (else run router_topk first).

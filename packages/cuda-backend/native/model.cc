@@ -320,6 +320,12 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   // tokens are few (H100, gpt-oss-20b: batch 1 2.71 -> 2.61 ms a step; batch 8 6.06 -> 6.45 ms,
   // batch 32 15.1 -> 17.4 ms when fused).
   const bool fuse_norms = T <= 2;
+  // Decode steps prefetch weights into L2 from the latency-bound kernels (common.cuh,
+  // l2_prefetch_share): MOEFLASH_PREFETCH bit 0 = the attention pulls in the o projection, bit 1 =
+  // the MoE gate/up kernel its experts' down projections, bit 2 = the MoE down kernel the next
+  // layer's q/k/v projection.
+  const char* prefetch_env = std::getenv("MOEFLASH_PREFETCH");
+  const int prefetch = T <= 8 ? (prefetch_env != nullptr && *prefetch_env != 0 ? std::atoi(prefetch_env) : 0) : 0;
   for (int l = 0; l < c.layers; ++l) {
     const LayerPtrs& w = s.layers[l];
     const float* in_residual = l == 0 ? nullptr : s.mlp_out;
@@ -379,6 +385,10 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     aa.max_seq_len = max_len;
     aa.window = w.window;
     aa.scale = c.scale;
+    if ((prefetch & 1) && w.o_scales == nullptr) {
+      aa.prefetch = w.o_w;
+      aa.prefetch_bytes = static_cast<size_t>(H) * c.q_dim() * sizeof(bf16_bits);
+    }
     if (s.prefill_tiles > 0) {
       AttentionPrefillArgs pa{};
       pa.q = aa.q, pa.k_cache = aa.k_cache, pa.v_cache = aa.v_cache, pa.block_table = aa.block_table;
@@ -464,6 +474,10 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.act = s.act;
       m.part = s.moe_part;
       m.y = s.mlp_out;
+      if ((prefetch & 4) && l + 1 < c.layers && s.layers[l + 1].qkv_scales == nullptr) {
+        m.prefetch_next = s.layers[l + 1].qkv_w;
+        m.prefetch_next_bytes = static_cast<size_t>(c.qkv_dim()) * H * sizeof(bf16_bits);
+      }
       for (int rep = profile_times("moe"); rep > 0; --rep) MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
     } else if (w.mlp_kind == kMlpMxfp4Experts) {
       for (int t0 = 0; t0 < T; t0 += 8) {
