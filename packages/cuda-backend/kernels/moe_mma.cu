@@ -298,18 +298,22 @@ struct Batch {
   uint32_t sc[NB];
 };
 
+// kstride: tiles from one k-tile of a row tile to the next (1, or the row-tile count in the
+// k-major order of MOEFLASH_MOE_KMAJOR).
 template <int kBatch>
 __device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __restrict__ tiles,
-                                           const uint8_t* __restrict__ scales, int kb, int k1, uint64_t pol = 0) {
+                                           const uint8_t* __restrict__ scales, int kb, int k1, uint64_t pol = 0,
+                                           int kstride = 1) {
   const int lane = threadIdx.x & 31, g = lane >> 2;
-  // One base address a batch; the k-tiles are immediate offsets from it.
-  const uint8_t* pt = tiles + static_cast<int64_t>(kb) * 512 + lane * 16;
-  const uint8_t* ps = scales + static_cast<int64_t>(kb) * 32 + g * 4;
+  // One base address a batch; the k-tiles are offsets from it.
+  const uint8_t* pt = tiles + static_cast<int64_t>(kb) * kstride * 512 + lane * 16;
+  const uint8_t* ps = scales + static_cast<int64_t>(kb) * kstride * 32 + g * 4;
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
     if (kb + u < k1) {
-      B.a[u] = pol != 0 ? ld_stream_u4_ef(pt + u * 512, pol) : ld_stream_u4(pt + u * 512);
-      B.sc[u] = ld_nc_u32(ps + u * 32);
+      const int64_t o = static_cast<int64_t>(u) * kstride;
+      B.a[u] = pol != 0 ? ld_stream_u4_ef(pt + o * 512, pol) : ld_stream_u4(pt + o * 512);
+      B.sc[u] = ld_nc_u32(ps + o * 32);
     }
   }
 }
@@ -444,11 +448,12 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   const int per = (nkt + kSplitK - 1) / kSplitK;
   const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
   const int nbat = (k1 - k0 + kBatch - 1) / kBatch;  // batches a unit (0 for a warp with no k-tiles)
+  const int kstride = a.k_major ? rows / 16 : 1;
 
   // First tile of unit u for this block's warps.
   auto unit_tiles = [&](int u, const uint8_t*& t, const uint8_t*& sc) {
     const int item = u / row_tiles, rt = u - item * row_tiles;
-    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * nkt;
+    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * (a.k_major ? 1 : nkt);
     t = wblocks + tile0 * 512;
     sc = wscales + tile0 * 32;
   };
@@ -456,7 +461,7 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   Batch<kBatch> B0, B1;
   const uint8_t *cur_t, *cur_s;
   unit_tiles(u0, cur_t, cur_s);
-  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1);
+  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1, 0, kstride);
 
   const Staging st{smem_xs, nb * 4 + 4};
   int staged = -1;
@@ -500,10 +505,10 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
       }
       const int kb = k0 + j * kBatch;
       if ((g_batch & 1) == 0) {
-        if (has_next) load_batch(B1, nt, ns, nk, k1);
+        if (has_next) load_batch(B1, nt, ns, nk, k1, 0, kstride);
         consume_batch<NT, kBatch>(B0, kb, k1, st, cols, acc);
       } else {
-        if (has_next) load_batch(B0, nt, ns, nk, k1);
+        if (has_next) load_batch(B0, nt, ns, nk, k1, 0, kstride);
         consume_batch<NT, kBatch>(B1, kb, k1, st, cols, acc);
       }
       if (j + 1 == nbat) cur_t = nt, cur_s = ns;
@@ -607,14 +612,16 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   const bool active = rt < row_tiles;
   const int per = (nkt + SK - 1) / SK;
   const int k0 = min(nkt, sk * per), k1 = active ? min(nkt, k0 + per) : k0;
-  const int64_t tile0 = (static_cast<int64_t>(expert) * row_tiles + (active ? rt : 0)) * nkt;
+  const int kstride = a.k_major ? row_tiles : 1;
+  const int64_t tile0 = a.k_major ? static_cast<int64_t>(expert) * row_tiles * nkt + (active ? rt : 0)
+                                  : (static_cast<int64_t>(expert) * row_tiles + (active ? rt : 0)) * nkt;
   const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
   const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
 
   const uint64_t pol = a.evict_first ? l2_evict_first_policy() : 0;
   Batch<RB> B0, B1;
-  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol);
-  if (early == 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol);
+  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
+  if (early == 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
   if (warp == 0) {
     if (!DOWN && (a.prefetch_flags & 1)) {
       // This block's share of its expert's down projection, for the down kernel to read from L2.
@@ -635,7 +642,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
                   col_unscale, amax_part);
   }
   if (!active) return;  // no block barrier follows
-  if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol);
+  if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
@@ -644,10 +651,10 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     const int kn = kb + 2 * RB;
     if ((j & 1) == 0) {
       consume_batch<1, RB, ONE>(B0, kb, k1, st, cols, acc);
-      if (kn < k1) load_batch(B0, tiles, scales, kn, k1, pol);
+      if (kn < k1) load_batch(B0, tiles, scales, kn, k1, pol, kstride);
     } else {
       consume_batch<1, RB, ONE>(B1, kb, k1, st, cols, acc);
-      if (kn < k1) load_batch(B1, tiles, scales, kn, k1, pol);
+      if (kn < k1) load_batch(B1, tiles, scales, kn, k1, pol, kstride);
     }
   }
   if constexpr (SK > 1) {
@@ -701,10 +708,11 @@ __device__ __forceinline__ int source_row(MoeRowMap map, int rows, int rt, int j
 
 __global__ void moe_repack_kernel(const uint8_t* __restrict__ src_blocks, const uint8_t* __restrict__ src_scales,
                                   uint8_t* __restrict__ dst_blocks, uint8_t* __restrict__ dst_scales, int rows, int nb,
-                                  MoeRowMap map) {
+                                  MoeRowMap map, bool k_major) {
   const int nkt = nb / 2;
-  const int tile = blockIdx.x;
-  const int rt = tile / nkt, kt = tile - rt * nkt;
+  const int src_tile = blockIdx.x;
+  const int rt = src_tile / nkt, kt = src_tile - rt * nkt;
+  const int tile = k_major ? kt * (rows / 16) + rt : src_tile;
   const int lane = threadIdx.x, g = lane >> 2, q = lane & 3;
   const int64_t r0 = source_row(map, rows, rt, g), r1 = source_row(map, rows, rt, g + 8);
   const uint32_t* w = reinterpret_cast<const uint32_t*>(src_blocks);
@@ -735,6 +743,16 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 }  // namespace
 
 namespace {
+// MOEFLASH_MOE_KMAJOR=1 (read once, at the first repack) orders each expert's tiles k-tile-major
+// (tile (rt, kt) at kt * row_tiles + rt): the warps of neighbouring row tiles then read
+// neighbouring 512-byte tiles at the same time. For measuring DRAM locality.
+bool moe_k_major() {
+  static const bool k_major = [] {
+    const char* v = std::getenv("MOEFLASH_MOE_KMAJOR");
+    return v != nullptr && std::atoi(v) != 0;
+  }();
+  return k_major;
+}
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
@@ -771,7 +789,8 @@ cudaError_t moe_repack_mxfp4(uint8_t* blocks, uint8_t* scales, int experts, int 
     cudaError_t err = cudaMemcpyAsync(tmp_blocks, b, blk_bytes, cudaMemcpyDeviceToDevice, stream);
     if (err == cudaSuccess) err = cudaMemcpyAsync(tmp_scales, s, sc_bytes, cudaMemcpyDeviceToDevice, stream);
     if (err != cudaSuccess) return err;
-    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map);
+    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map,
+                                                                   moe_k_major());
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -788,6 +807,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
   MoeMmaArgs a = args;
   a.prefetch_flags = env_int("MOEFLASH_PREFETCH", 0) >> 1;  // bit 0 of the variable is the attention's
   a.evict_first = env_int("MOEFLASH_MOE_EVICT_FIRST", 0) != 0;
+  a.k_major = moe_k_major();
   if (a.tokens <= 0) return cudaSuccess;
   if (!moe_mma_supported(a.hidden, a.inter) || a.top_k <= 0 || a.num_experts <= 0 || a.num_experts > 1024)
     return cudaErrorInvalidValue;

@@ -74,6 +74,7 @@ struct MoeMmaArgs {
   // weights are streamed with L2 priority evict_first.
   int prefetch_flags;
   bool evict_first;
+  bool k_major;  // tile order of the repack (MOEFLASH_MOE_KMAJOR); set by moe_mxfp4_mma
 };
 
 // Whether moe_mxfp4_mma takes router_logits for a step of `tokens` (else run router_topk first).
