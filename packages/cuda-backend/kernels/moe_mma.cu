@@ -565,6 +565,17 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
 // tile add their sums through shared memory behind a named barrier of those warps only.
 constexpr int kRowBatch = 4;
 
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+template <bool DOWN>
+__device__ __forceinline__ void trace_point(const MoeMmaArgs& a, int point) {
+  if (a.trace != nullptr && threadIdx.x == 0 && blockIdx.x < 1024)
+    a.trace[((DOWN ? 1 : 0) * 1024 + blockIdx.x) * 8 + point] = global_ns();
+}
+
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
@@ -580,7 +591,9 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 template <bool DOWN, int SK, bool ONE, int RB = kRowBatch>
 __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item,
                                                                                 int early) {
+  trace_point<DOWN>(a, 0);
   if (!DOWN || early == 0) pdl_prologue();
+  if (!DOWN || early == 0) trace_point<DOWN>(a, 1);
   extern __shared__ uint4 smem_xs[];
   constexpr int RT = kSplitK / SK;
   __shared__ float red[SK > 1 ? RT : 1][SK][4][32];
@@ -592,6 +605,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
                       a.router_logits != nullptr && (!DOWN || early > 0) ? &a : nullptr, !DOWN);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
+  trace_point<DOWN>(a, 2);
   if (item >= n_items) {
     if (DOWN && early > 0) pdl_prologue();
     return;
@@ -633,6 +647,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
       l2_prefetch_share(a.prefetch_next, a.prefetch_next_bytes, blockIdx.x, gridDim.x, lane);
   }
   if (DOWN && early > 0) pdl_prologue();  // the activations are gate/up's output
+  if (DOWN && early > 0) trace_point<DOWN>(a, 1);
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
@@ -641,6 +656,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
                   col_unscale, amax_part);
   }
+  trace_point<DOWN>(a, 3);
   if (!active) return;  // no block barrier follows
   if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
 
@@ -657,6 +673,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
       if (kn < k1) load_batch(B1, tiles, scales, kn, k1, pol, kstride);
     }
   }
+  trace_point<DOWN>(a, 4);
   if constexpr (SK > 1) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[r][sk][i][lane] = acc[0][i];
@@ -678,6 +695,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
       if (col >= cols) continue;
       store_activation(a, expert, rt * 8 + g, slot_s[col], acc[0][c] * col_unscale[col], acc[0][2 + c] * col_unscale[col]);
     }
+    trace_point<DOWN>(a, 5);
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -690,10 +708,12 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     int last = 0;
     if (lane == 0) last = atomicAdd(&a.counters[rt], 1) == n_items - 1;
     last = __shfl_sync(kFullMask, last, 0);
+    trace_point<DOWN>(a, 5);
     if (!last) return;
     __threadfence();
     combine_row_tile(a, rt, lane, 32);
     if (lane == 0) a.counters[rt] = 0;
+    trace_point<DOWN>(a, 6);
   }
 }
 

@@ -75,6 +75,10 @@ struct MoeMmaArgs {
   int prefetch_flags;
   bool evict_first;
   bool k_major;  // tile order of the repack (MOEFLASH_MOE_KMAJOR); set by moe_mxfp4_mma
+  // Measurements only: when set, thread 0 of every block of the decode kernels writes %globaltimer
+  // at 6 points (entry, wait passed, plan built, staged, stream done, exit) to
+  // trace[((down ? 1 : 0) * 1024 + block) * 8 + point].
+  unsigned long long* trace;
 };
 
 // Whether moe_mxfp4_mma takes router_logits for a step of `tokens` (else run router_topk first).

@@ -6,6 +6,10 @@
 #include "addon.h"
 #include "moe_mma.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
 namespace moeflash {
 namespace {
 
@@ -64,8 +68,12 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   const auto ids = r.i32(7, "expertIds");
   const auto wts = r.f32(8, "expertWeights");
   r.length(x.ElementLength(), static_cast<size_t>(T) * H, "x", "tokens * hidden");
-  r.length(ids.ElementLength(), static_cast<size_t>(T) * K, "expertIds", "tokens * topK");
+  if (ids.ElementLength() % (static_cast<size_t>(T) * K) != 0 || ids.ElementLength() == 0)
+    r.fail("expertIds must hold tokens * topK ids (or a multiple: sets cycled through by repeat)");
   r.length(wts.ElementLength(), static_cast<size_t>(T) * K, "expertWeights", "tokens * topK");
+  // expertIds may hold several sets of tokens * topK ids: launch i takes set i % sets, so that a
+  // repeated benchmark reads different experts from launch to launch instead of L2-resident ones.
+  const size_t sets = std::max<size_t>(1, ids.ElementLength() / (static_cast<size_t>(T) * K));
   for (size_t i = 0; i < ids.ElementLength(); ++i)
     if (ids[i] < 0 || ids[i] >= E) r.fail("expertIds holds " + std::to_string(ids[i]) + ", outside [0, numExperts)");
   DeviceBuffer d_x = upload_bytes(env, x.Data(), x.ByteLength(), "x");
@@ -116,12 +124,24 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   check_cuda(env, cudaDeviceSynchronize(), "moe_mxfp4_mma");
   // Launches after the first are timed back to back (a benchmark's view of one layer).
   float elapsed_ms = 0.f;
+  DeviceBuffer trace_buf;
   if (repeat > 1) {
     cudaEvent_t e0, e1;
     check_cuda(env, cudaEventCreate(&e0), "cudaEventCreate");
     check_cuda(env, cudaEventCreate(&e1), "cudaEventCreate");
     check_cuda(env, cudaEventRecord(e0, nullptr), "cudaEventRecord");
-    for (int i = 1; i < repeat; ++i) check_cuda(env, moe_mxfp4_mma(a, nullptr), "moe_mxfp4_mma");
+    const char* trace_env = std::getenv("MOEFLASH_MOE_TRACE");
+    if (trace_env != nullptr && *trace_env == '1' && trace_buf.get() == nullptr) {
+      trace_buf = DeviceBuffer(env, sizeof(unsigned long long) * 2 * 1024 * 8, "trace");
+      check_cuda(env, cudaMemset(trace_buf.get(), 0, trace_buf.bytes()), "cudaMemset (trace)");
+    }
+    for (int i = 1; i < repeat; ++i) {
+      a.expert_ids = d_ids.get<int32_t>() + (i % sets) * static_cast<size_t>(slots);
+      a.trace = i == repeat - 1 ? trace_buf.get<unsigned long long>() : nullptr;
+      check_cuda(env, moe_mxfp4_mma(a, nullptr), "moe_mxfp4_mma");
+    }
+    a.expert_ids = d_ids.get<int32_t>();
+    a.trace = nullptr;
     check_cuda(env, cudaEventRecord(e1, nullptr), "cudaEventRecord");
     check_cuda(env, cudaEventSynchronize(e1), "moe_mxfp4_mma (repeated)");
     cudaEventElapsedTime(&elapsed_ms, e0, e1);
@@ -135,6 +155,17 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(T) * H);
   d_y.download(env, out.Data(), out.ByteLength(), "y");
   if (repeat > 1) out.Set("msPerLaunch", static_cast<double>(elapsed_ms) / (repeat - 1));
+  if (trace_buf.get() != nullptr) {
+    // Nanoseconds from the earliest recorded point of the last launch; -1 where nothing was written.
+    std::vector<unsigned long long> t(2 * 1024 * 8);
+    trace_buf.download(env, t.data(), t.size() * sizeof(unsigned long long), "trace");
+    unsigned long long t0 = ~0ull;
+    for (auto v : t)
+      if (v != 0) t0 = std::min(t0, v);
+    Napi::Float64Array tr = Napi::Float64Array::New(env, t.size());
+    for (size_t i = 0; i < t.size(); ++i) tr[i] = t[i] != 0 ? static_cast<double>(t[i] - t0) : -1.0;
+    out.Set("trace", tr);
+  }
   return out;
 }
 

@@ -107,7 +107,11 @@ export interface CudaOps {
    * combine) for any number of tokens: y [tokens, hidden]. Weights in the checkpoint layout;
    * gpt-oss activations take interleaved gate/up rows. `repeat` runs it that many times on the
    * same buffers (checks that the launch leaves its counters ready for the next one) and then
-   * reports `msPerLaunch`, the device time of one launch when they run back to back.
+   * reports `msPerLaunch`, the device time of one launch when they run back to back. `expertIds`
+   * may hold several sets of tokens * topK ids, which the repeated launches cycle through (so that
+   * they do not read L2-resident experts); the result is that of the first set. With
+   * MOEFLASH_MOE_TRACE=1 in the environment the decode kernels' per-block timestamps of the last
+   * launch come back as `trace` (bench/moe-trace.mjs).
    */
   moeMma(
     a: MoeShape & {
@@ -119,7 +123,7 @@ export interface CudaOps {
       activation: ExpertActivation;
       repeat?: number;
     },
-  ): Float32Array & { msPerLaunch?: number };
+  ): Float32Array & { msPerLaunch?: number; trace?: Float64Array };
   moeDown(
     a: MoeWeights & MoeShape & { act: Float32Array; expertIds: Int32Array; expertWeights: Float32Array },
   ): Float32Array;
