@@ -290,6 +290,51 @@ __device__ void stage_columns(const Staging& st, int cols, int kd, SrcFn src, fl
   __syncthreads();
 }
 
+// stage_columns for one column already in registers: thread i holds units i and i + kThreads
+// (8 consecutive elements each, as two float4) of the vector; same scale choice and rounding.
+__device__ void stage_registers(const Staging& st, int units, const float4 (&xr)[2][2], float* col_unscale,
+                                float (*amax_part)[kMaxCols]) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float m = 0.f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+    if (tid + i * kThreads < units)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(xr[i][h].x), fabsf(xr[i][h].y)), fmaxf(fabsf(xr[i][h].z), fabsf(xr[i][h].w))));
+  m = warp_max(m);
+  if (lane == 0) amax_part[warp][0] = m;
+  __syncthreads();
+  m = 0.f;
+#pragma unroll
+  for (int w = 0; w < kSplitK; ++w) m = fmaxf(m, amax_part[w][0]);
+  int shift = 0;
+  if (m > 0.f && m <= 3.402823466e38f) {
+    const int e = static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127;
+    shift = min(126, max(-126, 14 - e));
+  }
+  const float s = ldexpf(1.0f, shift);
+  if (tid == 0) col_unscale[0] = ldexpf(1.0f, 14 - shift);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int u = tid + i * kThreads;
+    if (u < units) {
+      const float4 lo = xr[i][0], hi = xr[i][1];
+      const __half2 h0 = __floats2half2_rn(lo.x * s, hi.x * s);
+      const __half2 h1 = __floats2half2_rn(lo.y * s, hi.y * s);
+      const __half2 h2 = __floats2half2_rn(lo.z * s, hi.z * s);
+      const __half2 h3 = __floats2half2_rn(lo.w * s, hi.w * s);
+      uint4 h;
+      h.x = *reinterpret_cast<const uint32_t*>(&h0);
+      h.y = *reinterpret_cast<const uint32_t*>(&h1);
+      h.z = *reinterpret_cast<const uint32_t*>(&h2);
+      h.w = *reinterpret_cast<const uint32_t*>(&h3);
+      st.xs[u] = h;
+    }
+  }
+  __syncthreads();
+}
+
 // The warp's share of one row tile, kBatch k-tiles at a time: the weights of a batch are loaded
 // together (one 16-byte load and one 4-byte scale load a lane per k-tile), then consumed.
 template <int NB>
@@ -590,7 +635,7 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // the down kernel waits first and reads the routing gate/up published.
 template <bool DOWN, int SK, bool ONE, int RB = kRowBatch>
 __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item,
-                                                                                int early) {
+                                                                                int early, bool reg_stage_on) {
   trace_point<DOWN>(a, 0);
   if (!DOWN || early == 0) pdl_prologue();
   if (!DOWN || early == 0) trace_point<DOWN>(a, 1);
@@ -601,6 +646,23 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   __shared__ float col_unscale[kMaxCols];
   __shared__ int plan_s[1 + 4 * kInlineSlots];
   const int slots = a.tokens * a.top_k;
+  // One-token gate/up: the one column every item stages is the token's x, known before the
+  // routing. Its loads go out first, ahead of the weight batches: issued after them, they would
+  // queue behind ~100 KB of weights a multiprocessor and hold the whole block ~5 us at staging
+  // while the memory system idles (measured with bench/moe-trace.mjs: staging 5.8 -> 1 us).
+  const int x_units = a.hidden / 8;
+  const bool reg_stage = ONE && !DOWN && x_units <= 2 * kThreads && reg_stage_on;
+  float4 xr[2][2];
+  if (reg_stage) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int u = threadIdx.x + i * kThreads;
+      if (u < x_units) {
+        xr[i][0] = ld_f4(a.x + 8 * u);
+        xr[i][1] = ld_f4(a.x + 8 * u + 4);
+      }
+    }
+  }
   build_plan_in_block(a.expert_ids, slots, plan_s,
                       a.router_logits != nullptr && (!DOWN || early > 0) ? &a : nullptr, !DOWN);
   const int n_items = plan_s[0];
@@ -635,7 +697,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   const uint64_t pol = a.evict_first ? l2_evict_first_policy() : 0;
   Batch<RB> B0, B1;
   if (k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
-  if (early == 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
+  if (early == 2 && !reg_stage && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
   if (warp == 0) {
     if (!DOWN && (a.prefetch_flags & 1)) {
       // This block's share of its expert's down projection, for the down kernel to read from L2.
@@ -653,12 +715,15 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
                   amax_part);
   } else {
-    stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
-                  col_unscale, amax_part);
+    if (reg_stage)
+      stage_registers(st, x_units, xr, col_unscale, amax_part);
+    else
+      stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
+                    col_unscale, amax_part);
   }
   trace_point<DOWN>(a, 3);
   if (!active) return;  // no block barrier follows
-  if (early != 2 && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
+  if ((early != 2 || reg_stage) && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
@@ -867,6 +932,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
     // Read at every launch (graph captures) so that a benchmark can compare settings in one process.
     const bool one_ok = env_int("MOEFLASH_MOE_ONE", 1) != 0;
     const int early = std::max(0, std::min(2, env_int("MOEFLASH_MOE_EARLY", 2)));
+    const bool reg_stage_on = env_int("MOEFLASH_MOE_REG_STAGE", 1) != 0;
     auto rows_launch = [&](auto k1, auto k2, auto k4, auto k8, size_t smem, int row_tiles) {
       const int units = items * row_tiles;
       const int tw = target_warps;
@@ -876,7 +942,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
       const dim3 grid(items * groups);
       auto go = [&](auto kernel) {
         const cudaError_t err = allow_smem(kernel, smem);
-        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups, early);
+        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups, early, reg_stage_on);
       };
       switch (sk) {
         case 1: return go(k1);
