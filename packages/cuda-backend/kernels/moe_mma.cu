@@ -637,8 +637,8 @@ template <bool DOWN, int SK, bool ONE, int RB = kRowBatch>
 __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item,
                                                                                 int early, bool reg_stage_on) {
   trace_point<DOWN>(a, 0);
-  if (!DOWN || early == 0) pdl_prologue();
-  if (!DOWN || early == 0) trace_point<DOWN>(a, 1);
+  if (!DOWN || early <= 0) pdl_prologue();
+  if (!DOWN || early <= 0) trace_point<DOWN>(a, 1);
   extern __shared__ uint4 smem_xs[];
   constexpr int RT = kSplitK / SK;
   __shared__ float red[SK > 1 ? RT : 1][SK][4][32];
@@ -696,7 +696,9 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
 
   const uint64_t pol = a.evict_first ? l2_evict_first_policy() : 0;
   Batch<RB> B0, B1;
-  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
+  // early < 0 (measurements): gate/up issues no weight load before its staging is done.
+  const bool late = !DOWN && early < 0;
+  if (!late && k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
   if (early == 2 && !reg_stage && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
   if (warp == 0) {
     if (!DOWN && (a.prefetch_flags & 1)) {
@@ -723,6 +725,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   }
   trace_point<DOWN>(a, 3);
   if (!active) return;  // no block barrier follows
+  if (late && k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
   if ((early != 2 || reg_stage) && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
@@ -931,7 +934,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
     // One token: every item has one column (a token's experts are distinct).
     // Read at every launch (graph captures) so that a benchmark can compare settings in one process.
     const bool one_ok = env_int("MOEFLASH_MOE_ONE", 1) != 0;
-    const int early = std::max(0, std::min(2, env_int("MOEFLASH_MOE_EARLY", 2)));
+    const int early = std::max(-1, std::min(2, env_int("MOEFLASH_MOE_EARLY", 2)));
     const bool reg_stage_on = env_int("MOEFLASH_MOE_REG_STAGE", 1) != 0;
     auto rows_launch = [&](auto k1, auto k2, auto k4, auto k8, size_t smem, int row_tiles) {
       const int units = items * row_tiles;
