@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include <cuda_fp16.h>
+
 #include "common.cuh"
 
 namespace moeflash {
@@ -66,6 +68,10 @@ struct PreNorm {
   float eps;
   float* x_out;
   float* normed_out;
+  // One token only: block 0 also writes the normalized row as the MXFP4 MoE kernels stage it
+  // (moe_mma.cu stage_columns: f16 pairs of 8-element units times a power of two, the unscale
+  // after them), so that they copy it instead of each block converting it again.
+  uint4* staged_out;
 };
 
 template <int T, int R>
@@ -148,6 +154,42 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
       }
     }
     __syncthreads();
+    if (T == 1 && writer && pn.staged_out != nullptr) {
+      // Same scale choice and rounding as stage_columns: largest |x| * 2^shift < 2^15.
+      float m = 0.f;
+      for (int e = tid; e < n4; e += kThreads) {
+        const float4 v = xs[(e & 1) * nchunk + (e >> 1)];
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+      }
+      m = warp_max(m);
+      float* part = red + kWarps * 8;  // past the norm's partial sums, before the first reduction
+      if (lane == 0) part[warp] = m;
+      __syncthreads();
+      m = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) m = fmaxf(m, part[i]);
+      int shift = 0;
+      if (m > 0.f && m <= 3.402823466e38f) {
+        const int ex = static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127;
+        shift = min(126, max(-126, 14 - ex));
+      }
+      const float sc = ldexpf(1.0f, shift);
+      for (int u = tid; u < nchunk; u += kThreads) {
+        const float4 lo = xs[u], hi = xs[nchunk + u];
+        const __half2 h0 = __floats2half2_rn(lo.x * sc, hi.x * sc);
+        const __half2 h1 = __floats2half2_rn(lo.y * sc, hi.y * sc);
+        const __half2 h2 = __floats2half2_rn(lo.z * sc, hi.z * sc);
+        const __half2 h3 = __floats2half2_rn(lo.w * sc, hi.w * sc);
+        uint4 h;
+        h.x = *reinterpret_cast<const uint32_t*>(&h0);
+        h.y = *reinterpret_cast<const uint32_t*>(&h1);
+        h.z = *reinterpret_cast<const uint32_t*>(&h2);
+        h.w = *reinterpret_cast<const uint32_t*>(&h3);
+        pn.staged_out[u] = h;
+      }
+      if (tid == 0) reinterpret_cast<float*>(pn.staged_out + nchunk)[0] = ldexpf(1.0f, 14 - shift);
+      __syncthreads();
+    }
   }
 
   for (; group < ngroups; group += gridDim.x) {
@@ -268,7 +310,7 @@ KernelFn pick(int r, int t) {
 size_t smem_bytes(int tokens, int cols) {
   return static_cast<size_t>(tokens) * cols * sizeof(float) + kWarps * 32 * sizeof(float);
 }
-static_assert(kWarps * 8 <= kWarps * 32, "the norm's partial sums fit the reduction area");
+static_assert(kWarps * 8 + kWarps <= kWarps * 32, "the norm's partial sums and the staging maximum fit the reduction area");
 
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
@@ -334,9 +376,11 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 
 cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
                               const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
-                              int rows, int cols, int tokens, cudaStream_t stream) {
+                              int rows, int cols, int tokens, cudaStream_t stream, void* staged_out) {
   if (norm_weight == nullptr || cols % 4 != 0) return cudaErrorInvalidValue;
-  return gemv_launch(w, bias, x, y, rows, cols, tokens, PreNorm{residual, norm_weight, eps, x_out, normed_out}, stream);
+  if (staged_out != nullptr && (tokens != 1 || cols % 8 != 0)) return cudaErrorInvalidValue;
+  return gemv_launch(w, bias, x, y, rows, cols, tokens,
+                     PreNorm{residual, norm_weight, eps, x_out, normed_out, static_cast<uint4*>(staged_out)}, stream);
 }
 
 }  // namespace moeflash

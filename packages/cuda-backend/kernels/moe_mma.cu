@@ -651,7 +651,19 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   // queue behind ~100 KB of weights a multiprocessor and hold the whole block ~5 us at staging
   // while the memory system idles (measured with bench/moe-trace.mjs: staging 5.8 -> 1 us).
   const int x_units = a.hidden / 8;
-  const bool reg_stage = ONE && !DOWN && x_units <= 2 * kThreads && reg_stage_on;
+  // Pre-staged by the router's launch: two 16-byte loads a thread instead of a staging pass.
+  const bool copy_stage = ONE && !DOWN && a.x_staged != nullptr && x_units <= 2 * kThreads;
+  uint4 xs16[2];
+  float x_unscale = 0.f;
+  if (copy_stage) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int u = threadIdx.x + i * kThreads;
+      if (u < x_units) xs16[i] = a.x_staged[u];
+    }
+    if (threadIdx.x == 0) x_unscale = reinterpret_cast<const float*>(a.x_staged + x_units)[0];
+  }
+  const bool reg_stage = ONE && !DOWN && !copy_stage && x_units <= 2 * kThreads && reg_stage_on;
   float4 xr[2][2];
   if (reg_stage) {
 #pragma unroll
@@ -717,7 +729,15 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
                   amax_part);
   } else {
-    if (reg_stage)
+    if (copy_stage) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int u = threadIdx.x + i * kThreads;
+        if (u < x_units) st.xs[u] = xs16[i];
+      }
+      if (threadIdx.x == 0) col_unscale[0] = x_unscale;
+      __syncthreads();
+    } else if (reg_stage)
       stage_registers(st, x_units, xr, col_unscale, amax_part);
     else
       stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },

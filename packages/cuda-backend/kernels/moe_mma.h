@@ -48,6 +48,8 @@ struct MoeMmaArgs {
   float limit, alpha;
 
   const float* x;               // [tokens, hidden]
+  // One-token steps: x already staged by the router's launch (gemv_bf16_prenorm staged_out), or null.
+  const uint4* x_staged;
   const int32_t* expert_ids;    // [tokens, top_k], distinct within a token
   const float* expert_weights;  // [tokens, top_k]
   // Routing inside the MoE launch (decode steps, <= 256 experts): when router_logits is set, the

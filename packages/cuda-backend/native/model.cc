@@ -140,7 +140,7 @@ struct State {
   int32_t *route_ids, *argmax_ids, *zero_ids, *moe_plan, *moe_counters;
   float *ones, *moe_part;
   float* fp8_mlp = nullptr;  // FP8 dense MLP: gate | up outputs [T, 2 inter], then act [T, inter]
-  void *att_ws, *argmax_ws, *att_fused_ws;
+  void *att_ws, *argmax_ws, *att_fused_ws, *moe_x_staged;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
@@ -186,6 +186,7 @@ struct State {
     add(sizeof(float) * T * 3 * c.fp8_inter, 23);  // FP8 dense MLP scratch
     add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
     add(sizeof(float) * T * H, 25);      // residual stream, second buffer
+    add(sizeof(uint16_t) * H + 16, 27);  // one-token x staged for the tensor-core MoE
     return off;
   }
 
@@ -236,6 +237,7 @@ struct State {
         case 24: att_tiles = static_cast<int32_t*>(p); break;
         case 25: x_alt = static_cast<float*>(p); break;
         case 26: att_fused_ws = p; break;
+        case 27: moe_x_staged = p; break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -416,13 +418,17 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     const float* rw = s.ones;
     if (dense || !fuse_norms)
       MF_TRY(rmsnorm_residual(xc, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
+    // One-token steps on the tensor-core MoE path: the router's launch also stages x for it.
+    const char* stage_env = std::getenv("MOEFLASH_MOE_PRESTAGE");
+    const bool stage_x = T == 1 && w.mlp_kind == kMlpMxfp4Experts && w.mma && H % 8 == 0 &&
+                         (stage_env == nullptr || *stage_env != '0');
     if (!dense) {
       if (fuse_norms) {
         // The router's launch does the norm too and leaves the normalized rows for the experts.
         const int times = profile_times("router");
         for (int rep = 0; rep < times; ++rep)
           MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
-                                   w.experts, H, T, st),
+                                   w.experts, H, T, st, stage_x ? s.moe_x_staged : nullptr),
                  "gemv_bf16 (post-attention norm + router)");
         if (times > 0) std::swap(xc, xn);
       } else {
@@ -459,6 +465,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.limit = c.limit;
       m.alpha = c.alpha;
       m.x = s.normed;
+      m.x_staged = stage_x && fuse_norms ? static_cast<const uint4*>(s.moe_x_staged) : nullptr;
       m.expert_ids = ids;
       m.expert_weights = rw;
       if (moe_mma_routes(T, K, w.experts)) {
@@ -498,6 +505,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.down = reinterpret_cast<const bf16_bits*>(w.down);
       m.down_bias = w.down_bias;
       m.x = s.normed;
+      m.x_staged = stage_x && fuse_norms ? static_cast<const uint4*>(s.moe_x_staged) : nullptr;
       m.expert_ids = ids;
       m.expert_weights = rw;
       m.act = s.act;
