@@ -505,7 +505,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.down = reinterpret_cast<const bf16_bits*>(w.down);
       m.down_bias = w.down_bias;
       m.x = s.normed;
-      m.x_staged = stage_x && fuse_norms ? static_cast<const uint4*>(s.moe_x_staged) : nullptr;
       m.expert_ids = ids;
       m.expert_weights = rw;
       m.act = s.act;
