@@ -99,11 +99,6 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
   __shared__ float red[kWarps];
   __shared__ int last_s;
 
-  if (threadIdx.x < 32) {
-    const int parts = gridDim.x * gridDim.y * gridDim.z;
-    const int part = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    l2_prefetch_share(a.prefetch, a.prefetch_bytes, part, parts, threadIdx.x);
-  }
   pdl_prologue();
   const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

@@ -1,8 +1,6 @@
 // Helpers shared by the kernel files: bf16 and E2M1 decoding, streaming loads, warp reductions.
 #pragma once
 
-#include <algorithm>
-
 #include <cstdint>
 
 #include <cuda_fp16.h>
@@ -30,43 +28,6 @@ __device__ __forceinline__ uint4 ld_stream_u4(const void* p) {
       : "l"(p));
   return r;
 }
-// The same with the L2 eviction priority evict_first: a stream read once must not push out lines
-// that another kernel prefetched into L2 for later (l2_prefetch_share).
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t pol;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  return pol;
-}
-__device__ __forceinline__ uint4 ld_stream_u4_ef(const void* p, uint64_t pol) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p), "l"(pol));
-  return r;
-}
-
-// Weight prefetch into L2. A latency-bound kernel leaves the memory system mostly idle; it can
-// pull in the weights a later kernel of the step will stream (they are no kernel's output, so this
-// is safe before pdl_wait), and that kernel then reads them at L2 speed. Part `part` of `parts`
-// of [base, base + bytes) is issued as bulk prefetches of up to 16 KiB by the lanes of the
-// calling warp; base and bytes must be multiples of 16.
-__device__ __forceinline__ void l2_prefetch_bulk(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void l2_prefetch_share(const void* base, size_t bytes, int part, int parts, int lane) {
-  if (base == nullptr || bytes == 0 || parts <= 0) return;
-  const uintptr_t misalign = reinterpret_cast<uintptr_t>(base) & 15;
-  base = static_cast<const char*>(base) - misalign;
-  const size_t units = (bytes + misalign + 15) / 16;
-  const size_t u0 = units * part / parts, u1 = units * (part + 1) / parts;
-  constexpr size_t kPiece = 16384 / 16;
-  const char* b = static_cast<const char*>(base);
-  for (size_t u = u0 + static_cast<size_t>(lane) * kPiece; u < u1; u += 32 * kPiece)
-    l2_prefetch_bulk(b + u * 16, static_cast<uint32_t>((u1 - u < kPiece ? u1 - u : kPiece) * 16));
-}
-
 __device__ __forceinline__ uint32_t ld_stream_u8(const uint8_t* p) {
   uint16_t r;
   asm("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=h"(r) : "l"(p));

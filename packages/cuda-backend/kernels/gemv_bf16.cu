@@ -12,9 +12,6 @@
 // banks. The chunk -> thread mapping and both reduction trees are the same for every T, so a
 // token's result is bit-identical whatever else shares its launch.
 #include <algorithm>
-#include <cstdlib>
-
-#include <cuda_fp16.h>
 
 #include "common.cuh"
 
@@ -68,10 +65,6 @@ struct PreNorm {
   float eps;
   float* x_out;
   float* normed_out;
-  // One token only: block 0 also writes the normalized row as the MXFP4 MoE kernels stage it
-  // (moe_mma.cu stage_columns: f16 pairs of 8-element units times a power of two, the unscale
-  // after them), so that they copy it instead of each block converting it again.
-  uint4* staged_out;
 };
 
 template <int T, int R>
@@ -154,42 +147,6 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
       }
     }
     __syncthreads();
-    if (T == 1 && writer && pn.staged_out != nullptr) {
-      // Same scale choice and rounding as stage_columns: largest |x| * 2^shift < 2^15.
-      float m = 0.f;
-      for (int e = tid; e < n4; e += kThreads) {
-        const float4 v = xs[(e & 1) * nchunk + (e >> 1)];
-        m = fmaxf(m, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
-      }
-      m = warp_max(m);
-      float* part = red + kWarps * 8;  // past the norm's partial sums, before the first reduction
-      if (lane == 0) part[warp] = m;
-      __syncthreads();
-      m = 0.f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) m = fmaxf(m, part[i]);
-      int shift = 0;
-      if (m > 0.f && m <= 3.402823466e38f) {
-        const int ex = static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127;
-        shift = min(126, max(-126, 14 - ex));
-      }
-      const float sc = ldexpf(1.0f, shift);
-      for (int u = tid; u < nchunk; u += kThreads) {
-        const float4 lo = xs[u], hi = xs[nchunk + u];
-        const __half2 h0 = __floats2half2_rn(lo.x * sc, hi.x * sc);
-        const __half2 h1 = __floats2half2_rn(lo.y * sc, hi.y * sc);
-        const __half2 h2 = __floats2half2_rn(lo.z * sc, hi.z * sc);
-        const __half2 h3 = __floats2half2_rn(lo.w * sc, hi.w * sc);
-        uint4 h;
-        h.x = *reinterpret_cast<const uint32_t*>(&h0);
-        h.y = *reinterpret_cast<const uint32_t*>(&h1);
-        h.z = *reinterpret_cast<const uint32_t*>(&h2);
-        h.w = *reinterpret_cast<const uint32_t*>(&h3);
-        pn.staged_out[u] = h;
-      }
-      if (tid == 0) reinterpret_cast<float*>(pn.staged_out + nchunk)[0] = ldexpf(1.0f, 14 - shift);
-      __syncthreads();
-    }
   }
 
   for (; group < ngroups; group += gridDim.x) {
@@ -284,38 +241,10 @@ KernelFn pick_tokens(int t) {
   }
 }
 
-// R * T values must fit one reduce-scatter (32): 3 and 5 rows a group serve 1-4 tokens only.
-KernelFn pick(int r, int t) {
-  switch (r) {
-    case 1: return pick_tokens<1>(t);
-    case 2: return pick_tokens<2>(t);
-    case 3:
-      switch (t) {
-        case 1: return kernel_for<1, 3>();
-        case 2: return kernel_for<2, 3>();
-        case 3: return kernel_for<3, 3>();
-        default: return kernel_for<4, 3>();
-      }
-    case 5:
-      switch (t) {
-        case 1: return kernel_for<1, 5>();
-        case 2: return kernel_for<2, 5>();
-        case 3: return kernel_for<3, 5>();
-        default: return kernel_for<4, 5>();
-      }
-    default: return pick_tokens<4>(t);
-  }
-}
-
 size_t smem_bytes(int tokens, int cols) {
   return static_cast<size_t>(tokens) * cols * sizeof(float) + kWarps * 32 * sizeof(float);
 }
-static_assert(kWarps * 8 + kWarps <= kWarps * 32, "the norm's partial sums and the staging maximum fit the reduction area");
-
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
-}
+static_assert(kWarps * 8 <= kWarps * 32, "the norm's partial sums fit the reduction area");
 
 size_t max_smem() {
   int dev = 0, optin = 0;
@@ -339,22 +268,15 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
   while (per_launch > 1 && smem_bytes(per_launch, cols) > limit) --per_launch;
   if (smem_bytes(per_launch, cols) > limit) return cudaErrorInvalidValue;
   // Row groups: large matrices take 4 rows a group (more loads in flight a thread), small ones
-  // fewer so that the groups still spread over every multiprocessor. For measurements,
-  // MOEFLASH_GEMV_MID_R sets the rows a group of the mid-size matrices (the 2-row case: 1, 2, 3, 4,
-  // or 5 up to 4 tokens), and MOEFLASH_GEMV_FULL_GRID=1 launches one block a group instead of a
-  // resident grid striding over the groups.
+  // fewer so that the groups still spread over every multiprocessor.
   const int sms = device_sm_count();
-  const int mid_r = env_int("MOEFLASH_GEMV_MID_R", 2);
-  const bool full_grid = env_int("MOEFLASH_GEMV_FULL_GRID", 0) != 0;
+  const int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
   for (int t0 = 0; t0 < tokens; t0 += per_launch) {
     const int t = std::min(per_launch, tokens - t0);
+    const KernelFn fn = r == 4 ? pick_tokens<4>(t) : r == 2 ? pick_tokens<2>(t) : pick_tokens<1>(t);
     const size_t smem = smem_bytes(t, cols);
-    int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
-    if (r == 2 && mid_r >= 1 && mid_r <= 5 && !((mid_r == 3 || mid_r == 5) && t > 4)) r = mid_r;
-    const KernelFn fn = pick(r, t);
     const int groups = ceil_div(rows, r);
-    const int grid =
-        full_grid ? groups : std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
+    const int grid = std::min(groups, resident_blocks(reinterpret_cast<const void*>(fn), kThreads, smem) * sms);
     const int64_t off = static_cast<int64_t>(t0) * cols;
     PreNorm p = pn;
     if (p.residual != nullptr) p.residual += off;
@@ -376,11 +298,9 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 
 cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
                               const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
-                              int rows, int cols, int tokens, cudaStream_t stream, void* staged_out) {
+                              int rows, int cols, int tokens, cudaStream_t stream) {
   if (norm_weight == nullptr || cols % 4 != 0) return cudaErrorInvalidValue;
-  if (staged_out != nullptr && (tokens != 1 || cols % 8 != 0)) return cudaErrorInvalidValue;
-  return gemv_launch(w, bias, x, y, rows, cols, tokens,
-                     PreNorm{residual, norm_weight, eps, x_out, normed_out, static_cast<uint4*>(staged_out)}, stream);
+  return gemv_launch(w, bias, x, y, rows, cols, tokens, PreNorm{residual, norm_weight, eps, x_out, normed_out}, stream);
 }
 
 }  // namespace moeflash

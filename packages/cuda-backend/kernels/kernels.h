@@ -50,12 +50,9 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 // be null), y[t] = W (v[t] * rsqrt(mean(v[t]^2) + eps) * norm_weight) (+ bias). Every block
 // normalizes for itself; block 0 writes v to x_out (the next residual stream; it must not alias x
 // or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
-// staged_out (one token only): the normalized row as the tensor-core MoE stages it, cols / 8 uint4
-// then a float (MoeMmaArgs.x_staged).
 cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
                               const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
-                              int rows, int cols, int tokens, cudaStream_t stream,
-                              void* staged_out = nullptr);
+                              int rows, int cols, int tokens, cudaStream_t stream);
 
 // ---------------------------------------------------------------- experts_mxfp4.cu
 enum class ExpertActivation : int {
@@ -145,10 +142,6 @@ struct AttentionDecodeArgs {
   int max_seq_len;  // upper bound of seq_lens (sizes the split grid)
   int window;
   float scale;
-  // attention_decode_fused only: weights to prefetch into L2 while the attention runs (the o
-  // projection's), or null.
-  const void* prefetch;
-  size_t prefetch_bytes;
 };
 size_t attention_decode_workspace_bytes(int num_seqs, int num_heads, int head_dim, int max_seq_len);
 cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream);

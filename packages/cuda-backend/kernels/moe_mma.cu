@@ -158,6 +158,9 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
 // Items are ordered by their first pair instead of by expert id; nothing depends on the order.
 // Saves the plan kernel's launch, which is on the critical path of every layer.
 constexpr int kInlineSlots = 64;
+// Counters: one a row tile of the output (the down kernel's combine), then the per-item ones of
+// the decode row form (moe_mma_rows_kernel, spin).
+__host__ __device__ inline int moe_row_tile_counters(int hidden) { return (hidden + 15) / 16; }
 
 // With `route`, the block first takes each token's top-k from the router logits (warp t, token t)
 // and block 0 publishes them for the down kernel.
@@ -169,11 +172,17 @@ __device__ __forceinline__ void route_in_block(const MoeMmaArgs& a, int* id_s, f
                        a.renormalize, lane, id_s + warp * a.top_k, w_s + warp * a.top_k);
 }
 
+// With `route`, *route_w (when given) points at the block's copy of the routing weights.
 __device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s,
-                                    const MoeMmaArgs* route = nullptr, bool publish = true) {
+                                    const MoeMmaArgs* route = nullptr, bool publish = true,
+                                    const int** route_ids = nullptr, const float** route_w = nullptr) {
   __shared__ int id_s[kInlineSlots], head_s[kInlineSlots], rank_s[kInlineSlots];
   __shared__ float w_s[kInlineSlots];
   const int t = threadIdx.x;
+  if (route != nullptr && route_ids != nullptr) {
+    *route_ids = id_s;
+    *route_w = w_s;
+  }
   if (route != nullptr) {
     const int per_lane = (route->num_experts + 31) / 32;
     if (per_lane <= 1) route_in_block<1>(*route, id_s, w_s);
@@ -290,51 +299,6 @@ __device__ void stage_columns(const Staging& st, int cols, int kd, SrcFn src, fl
   __syncthreads();
 }
 
-// stage_columns for one column already in registers: thread i holds units i and i + kThreads
-// (8 consecutive elements each, as two float4) of the vector; same scale choice and rounding.
-__device__ void stage_registers(const Staging& st, int units, const float4 (&xr)[2][2], float* col_unscale,
-                                float (*amax_part)[kMaxCols]) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float m = 0.f;
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-    if (tid + i * kThreads < units)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        m = fmaxf(m, fmaxf(fmaxf(fabsf(xr[i][h].x), fabsf(xr[i][h].y)), fmaxf(fabsf(xr[i][h].z), fabsf(xr[i][h].w))));
-  m = warp_max(m);
-  if (lane == 0) amax_part[warp][0] = m;
-  __syncthreads();
-  m = 0.f;
-#pragma unroll
-  for (int w = 0; w < kSplitK; ++w) m = fmaxf(m, amax_part[w][0]);
-  int shift = 0;
-  if (m > 0.f && m <= 3.402823466e38f) {
-    const int e = static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127;
-    shift = min(126, max(-126, 14 - e));
-  }
-  const float s = ldexpf(1.0f, shift);
-  if (tid == 0) col_unscale[0] = ldexpf(1.0f, 14 - shift);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int u = tid + i * kThreads;
-    if (u < units) {
-      const float4 lo = xr[i][0], hi = xr[i][1];
-      const __half2 h0 = __floats2half2_rn(lo.x * s, hi.x * s);
-      const __half2 h1 = __floats2half2_rn(lo.y * s, hi.y * s);
-      const __half2 h2 = __floats2half2_rn(lo.z * s, hi.z * s);
-      const __half2 h3 = __floats2half2_rn(lo.w * s, hi.w * s);
-      uint4 h;
-      h.x = *reinterpret_cast<const uint32_t*>(&h0);
-      h.y = *reinterpret_cast<const uint32_t*>(&h1);
-      h.z = *reinterpret_cast<const uint32_t*>(&h2);
-      h.w = *reinterpret_cast<const uint32_t*>(&h3);
-      st.xs[u] = h;
-    }
-  }
-  __syncthreads();
-}
-
 // The warp's share of one row tile, kBatch k-tiles at a time: the weights of a batch are loaded
 // together (one 16-byte load and one 4-byte scale load a lane per k-tile), then consumed.
 template <int NB>
@@ -343,22 +307,18 @@ struct Batch {
   uint32_t sc[NB];
 };
 
-// kstride: tiles from one k-tile of a row tile to the next (1, or the row-tile count in the
-// k-major order of MOEFLASH_MOE_KMAJOR).
 template <int kBatch>
 __device__ __forceinline__ void load_batch(Batch<kBatch>& B, const uint8_t* __restrict__ tiles,
-                                           const uint8_t* __restrict__ scales, int kb, int k1, uint64_t pol = 0,
-                                           int kstride = 1) {
+                                           const uint8_t* __restrict__ scales, int kb, int k1) {
   const int lane = threadIdx.x & 31, g = lane >> 2;
-  // One base address a batch; the k-tiles are offsets from it.
-  const uint8_t* pt = tiles + static_cast<int64_t>(kb) * kstride * 512 + lane * 16;
-  const uint8_t* ps = scales + static_cast<int64_t>(kb) * kstride * 32 + g * 4;
+  // One base address a batch; the k-tiles are immediate offsets from it.
+  const uint8_t* pt = tiles + static_cast<int64_t>(kb) * 512 + lane * 16;
+  const uint8_t* ps = scales + static_cast<int64_t>(kb) * 32 + g * 4;
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
     if (kb + u < k1) {
-      const int64_t o = static_cast<int64_t>(u) * kstride;
-      B.a[u] = pol != 0 ? ld_stream_u4_ef(pt + o * 512, pol) : ld_stream_u4(pt + o * 512);
-      B.sc[u] = ld_nc_u32(ps + o * 32);
+      B.a[u] = ld_stream_u4(pt + u * 512);
+      B.sc[u] = ld_nc_u32(ps + u * 32);
     }
   }
 }
@@ -430,16 +390,19 @@ __device__ __forceinline__ void store_activation(const MoeMmaArgs& a, int expert
 // y[t, rows of row tile rt] = sum over k in slot order of weight * (part + bias), the product
 // rounded before the sum as the CPU backend does it; threads first, first + stride, ... share the
 // rows. Run by the last writer of the row tile's parts (part is read from L2: other blocks wrote it).
-__device__ __forceinline__ void combine_row_tile(const MoeMmaArgs& a, int rt, int first, int stride) {
+__device__ __forceinline__ void combine_row_tile(const MoeMmaArgs& a, int rt, int first, int stride,
+                                                 const int* ids = nullptr, const float* wts = nullptr) {
   const int H = a.hidden, K = a.top_k;
+  if (ids == nullptr) ids = a.expert_ids;
+  if (wts == nullptr) wts = a.expert_weights;
   for (int v = first; v < a.tokens * 16; v += stride) {
     const int t = v >> 4, row = rt * 16 + (v & 15);
     float sum = 0.f;
     for (int k = 0; k < K; ++k) {
       const int slot = t * K + k;
       float x = __ldcg(a.part + static_cast<int64_t>(slot) * H + row);
-      if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(a.expert_ids[slot]) * H + row]);
-      sum = __fadd_rn(sum, __fmul_rn(a.expert_weights[slot], x));
+      if (a.down_bias != nullptr) x += bf16_to_f32(a.down_bias[static_cast<int64_t>(ids[slot]) * H + row]);
+      sum = __fadd_rn(sum, __fmul_rn(wts[slot], x));
     }
     a.y[static_cast<int64_t>(t) * H + row] = sum;
   }
@@ -493,12 +456,11 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   const int per = (nkt + kSplitK - 1) / kSplitK;
   const int k0 = min(nkt, warp * per), k1 = min(nkt, k0 + per);
   const int nbat = (k1 - k0 + kBatch - 1) / kBatch;  // batches a unit (0 for a warp with no k-tiles)
-  const int kstride = a.k_major ? rows / 16 : 1;
 
   // First tile of unit u for this block's warps.
   auto unit_tiles = [&](int u, const uint8_t*& t, const uint8_t*& sc) {
     const int item = u / row_tiles, rt = u - item * row_tiles;
-    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * (a.k_major ? 1 : nkt);
+    const int64_t tile0 = items[3 * item] * expert_tiles + static_cast<int64_t>(rt) * nkt;
     t = wblocks + tile0 * 512;
     sc = wscales + tile0 * 32;
   };
@@ -506,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
   Batch<kBatch> B0, B1;
   const uint8_t *cur_t, *cur_s;
   unit_tiles(u0, cur_t, cur_s);
-  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1, 0, kstride);
+  if (nbat > 0) load_batch(B0, cur_t, cur_s, k0, k1);
 
   const Staging st{smem_xs, nb * 4 + 4};
   int staged = -1;
@@ -550,10 +512,10 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
       }
       const int kb = k0 + j * kBatch;
       if ((g_batch & 1) == 0) {
-        if (has_next) load_batch(B1, nt, ns, nk, k1, 0, kstride);
+        if (has_next) load_batch(B1, nt, ns, nk, k1);
         consume_batch<NT, kBatch>(B0, kb, k1, st, cols, acc);
       } else {
-        if (has_next) load_batch(B0, nt, ns, nk, k1, 0, kstride);
+        if (has_next) load_batch(B0, nt, ns, nk, k1);
         consume_batch<NT, kBatch>(B1, kb, k1, st, cols, acc);
       }
       if (j + 1 == nbat) cur_t = nt, cur_s = ns;
@@ -629,16 +591,22 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // takes the top-k from the router logits itself (or reads the ids), which the kernel before gate/up
 // wrote, and gate/up's blocks launched it only after that kernel had finished (pdl_prologue). So
 // its blocks, scheduled as gate/up's retire, have their first two weight batches in flight while
-// the gate/up tail runs.
-// early (MOEFLASH_MOE_EARLY, for measurements): 2 = as above, and both kernels issue their second
-// batch before staging too; 1 = the down kernel issues its first batch only before the wait; 0 =
-// the down kernel waits first and reads the routing gate/up published.
-template <bool DOWN, int SK, bool ONE, int RB = kRowBatch>
-__global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item,
-                                                                                int early, bool reg_stage_on) {
+// the gate/up tail runs (H100, gpt-oss-20b batch 1: 40-47 us a step less than waiting first).
+// ONE: a one-token step (every item has one column).
+//
+// spin: instead of waiting for the whole gate/up grid (griddepcontrol.wait returns ~1.5 us after
+// its last block exits), a down block waits for its own expert: every gate/up warp that stores
+// activations counts itself in done[item] after a fence, and the down block's thread 0 reads that
+// count until all the item's row tiles are in. The item's last down block to pass resets both
+// counters for the next layer. Safe because the down grid launches only once every gate/up block
+// is resident, and it reads nothing else of gate/up's (the routing it takes itself).
+template <bool DOWN, int SK, bool ONE>
+__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item, bool spin) {
   trace_point<DOWN>(a, 0);
-  if (!DOWN || early <= 0) pdl_prologue();
-  if (!DOWN || early <= 0) trace_point<DOWN>(a, 1);
+  if constexpr (!DOWN) {
+    pdl_prologue();
+    trace_point<DOWN>(a, 1);
+  }
   extern __shared__ uint4 smem_xs[];
   constexpr int RT = kSplitK / SK;
   __shared__ float red[SK > 1 ? RT : 1][SK][4][32];
@@ -646,42 +614,17 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   __shared__ float col_unscale[kMaxCols];
   __shared__ int plan_s[1 + 4 * kInlineSlots];
   const int slots = a.tokens * a.top_k;
-  // One-token gate/up: the one column every item stages is the token's x, known before the
-  // routing. Its loads go out first, ahead of the weight batches: issued after them, they would
-  // queue behind ~100 KB of weights a multiprocessor and hold the whole block ~5 us at staging
-  // while the memory system idles (measured with bench/moe-trace.mjs: staging 5.8 -> 1 us).
-  const int x_units = a.hidden / 8;
-  // Pre-staged by the router's launch: two 16-byte loads a thread instead of a staging pass.
-  const bool copy_stage = ONE && !DOWN && a.x_staged != nullptr && x_units <= 2 * kThreads;
-  uint4 xs16[2];
-  float x_unscale = 0.f;
-  if (copy_stage) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int u = threadIdx.x + i * kThreads;
-      if (u < x_units) xs16[i] = a.x_staged[u];
-    }
-    if (threadIdx.x == 0) x_unscale = reinterpret_cast<const float*>(a.x_staged + x_units)[0];
-  }
-  const bool reg_stage = ONE && !DOWN && !copy_stage && x_units <= 2 * kThreads && reg_stage_on;
-  float4 xr[2][2];
-  if (reg_stage) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int u = threadIdx.x + i * kThreads;
-      if (u < x_units) {
-        xr[i][0] = ld_f4(a.x + 8 * u);
-        xr[i][1] = ld_f4(a.x + 8 * u + 4);
-      }
-    }
-  }
-  build_plan_in_block(a.expert_ids, slots, plan_s,
-                      a.router_logits != nullptr && (!DOWN || early > 0) ? &a : nullptr, !DOWN);
+  const int* route_ids = nullptr;
+  const float* route_w = nullptr;
+  build_plan_in_block(a.expert_ids, slots, plan_s, a.router_logits != nullptr ? &a : nullptr, !DOWN, &route_ids,
+                      &route_w);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
   trace_point<DOWN>(a, 2);
   if (item >= n_items) {
-    if (DOWN && early > 0) pdl_prologue();
+    if constexpr (DOWN) {
+      if (!spin) pdl_prologue();
+    }
     return;
   }
   const int group = blockIdx.x - item * groups_per_item;
@@ -700,65 +643,56 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
   const bool active = rt < row_tiles;
   const int per = (nkt + SK - 1) / SK;
   const int k0 = min(nkt, sk * per), k1 = active ? min(nkt, k0 + per) : k0;
-  const int kstride = a.k_major ? row_tiles : 1;
-  const int64_t tile0 = a.k_major ? static_cast<int64_t>(expert) * row_tiles * nkt + (active ? rt : 0)
-                                  : (static_cast<int64_t>(expert) * row_tiles + (active ? rt : 0)) * nkt;
+  const int64_t tile0 = (static_cast<int64_t>(expert) * row_tiles + (active ? rt : 0)) * nkt;
   const uint8_t* tiles = (DOWN ? a.down_blocks : a.gate_up_blocks) + tile0 * 512;
   const uint8_t* scales = (DOWN ? a.down_scales : a.gate_up_scales) + tile0 * 32;
 
-  const uint64_t pol = a.evict_first ? l2_evict_first_policy() : 0;
-  Batch<RB> B0, B1;
-  // early < 0 (measurements): gate/up issues no weight load before its staging is done.
-  const bool late = !DOWN && early < 0;
-  if (!late && k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
-  if (early == 2 && !reg_stage && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
-  if (warp == 0) {
-    if (!DOWN && (a.prefetch_flags & 1)) {
-      // This block's share of its expert's down projection, for the down kernel to read from L2.
-      const size_t blk = static_cast<size_t>(H) * I / 2, sc = static_cast<size_t>(H) * I / 32;
-      l2_prefetch_share(a.down_blocks + expert * blk, blk, group, groups_per_item, lane);
-      l2_prefetch_share(a.down_scales + expert * sc, sc, group, groups_per_item, lane);
+  Batch<kRowBatch> B0, B1;
+  if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
+  if (k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
+  if constexpr (DOWN) {
+    // The activations are gate/up's output.
+    if (spin) {
+      pdl_trigger();
+      if (threadIdx.x == 0) {
+        int* done = a.counters + moe_row_tile_counters(H);  // [kInlineSlots] gate/up row tiles stored
+        int* passed = done + kInlineSlots;                  // [kInlineSlots] down blocks past the wait
+        const int target = 2 * I / 16;                      // gate/up row tiles of an item
+        while (atomicAdd(done + item, 0) < target) __nanosleep(32);
+        __threadfence();
+        if (atomicAdd(passed + item, 1) == groups_per_item - 1) {
+          done[item] = 0;
+          passed[item] = 0;
+        }
+      }
+      // stage_columns begins with a block barrier: no thread reads act before thread 0 is through.
+    } else {
+      pdl_prologue();
     }
-    if (DOWN && (a.prefetch_flags & 2))
-      l2_prefetch_share(a.prefetch_next, a.prefetch_next_bytes, blockIdx.x, gridDim.x, lane);
+    trace_point<DOWN>(a, 1);
   }
-  if (DOWN && early > 0) pdl_prologue();  // the activations are gate/up's output
-  if (DOWN && early > 0) trace_point<DOWN>(a, 1);
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
     stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
                   amax_part);
   } else {
-    if (copy_stage) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int u = threadIdx.x + i * kThreads;
-        if (u < x_units) st.xs[u] = xs16[i];
-      }
-      if (threadIdx.x == 0) col_unscale[0] = x_unscale;
-      __syncthreads();
-    } else if (reg_stage)
-      stage_registers(st, x_units, xr, col_unscale, amax_part);
-    else
-      stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
-                    col_unscale, amax_part);
+    stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
+                  col_unscale, amax_part);
   }
   trace_point<DOWN>(a, 3);
   if (!active) return;  // no block barrier follows
-  if (late && k0 < k1) load_batch(B0, tiles, scales, k0, k1, pol, kstride);
-  if ((early != 2 || reg_stage) && k0 + RB < k1) load_batch(B1, tiles, scales, k0 + RB, k1, pol, kstride);
 
   float acc[1][4] = {{0.f, 0.f, 0.f, 0.f}};
   int j = 0;
   // Two batches stay in flight: a buffer is refilled (batch j + 2) as soon as it is consumed.
-  for (int kb = k0; kb < k1; kb += RB, ++j) {
-    const int kn = kb + 2 * RB;
+  for (int kb = k0; kb < k1; kb += kRowBatch, ++j) {
+    const int kn = kb + 2 * kRowBatch;
     if ((j & 1) == 0) {
-      consume_batch<1, RB, ONE>(B0, kb, k1, st, cols, acc);
-      if (kn < k1) load_batch(B0, tiles, scales, kn, k1, pol, kstride);
+      consume_batch<1, kRowBatch, ONE>(B0, kb, k1, st, cols, acc);
+      if (kn < k1) load_batch(B0, tiles, scales, kn, k1);
     } else {
-      consume_batch<1, RB, ONE>(B1, kb, k1, st, cols, acc);
-      if (kn < k1) load_batch(B1, tiles, scales, kn, k1, pol, kstride);
+      consume_batch<1, kRowBatch, ONE>(B1, kb, k1, st, cols, acc);
+      if (kn < k1) load_batch(B1, tiles, scales, kn, k1);
     }
   }
   trace_point<DOWN>(a, 4);
@@ -783,6 +717,11 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
       if (col >= cols) continue;
       store_activation(a, expert, rt * 8 + g, slot_s[col], acc[0][c] * col_unscale[col], acc[0][2 + c] * col_unscale[col]);
     }
+    if (spin) {
+      __threadfence();
+      __syncwarp();
+      if (lane == 0) atomicAdd(a.counters + moe_row_tile_counters(H) + item, 1);
+    }
     trace_point<DOWN>(a, 5);
   } else {
 #pragma unroll
@@ -799,7 +738,7 @@ __global__ void __launch_bounds__(kThreads, RB <= 2 ? 4 : 3) moe_mma_rows_kernel
     trace_point<DOWN>(a, 5);
     if (!last) return;
     __threadfence();
-    combine_row_tile(a, rt, lane, 32);
+    combine_row_tile(a, rt, lane, 32, route_ids, route_w);
     if (lane == 0) a.counters[rt] = 0;
     trace_point<DOWN>(a, 6);
   }
@@ -816,11 +755,10 @@ __device__ __forceinline__ int source_row(MoeRowMap map, int rows, int rt, int j
 
 __global__ void moe_repack_kernel(const uint8_t* __restrict__ src_blocks, const uint8_t* __restrict__ src_scales,
                                   uint8_t* __restrict__ dst_blocks, uint8_t* __restrict__ dst_scales, int rows, int nb,
-                                  MoeRowMap map, bool k_major) {
+                                  MoeRowMap map) {
   const int nkt = nb / 2;
-  const int src_tile = blockIdx.x;
-  const int rt = src_tile / nkt, kt = src_tile - rt * nkt;
-  const int tile = k_major ? kt * (rows / 16) + rt : src_tile;
+  const int tile = blockIdx.x;
+  const int rt = tile / nkt, kt = tile - rt * nkt;
   const int lane = threadIdx.x, g = lane >> 2, q = lane & 3;
   const int64_t r0 = source_row(map, rows, rt, g), r1 = source_row(map, rows, rt, g + 8);
   const uint32_t* w = reinterpret_cast<const uint32_t*>(src_blocks);
@@ -851,16 +789,6 @@ cudaError_t allow_smem(K kernel, size_t smem) {
 }  // namespace
 
 namespace {
-// MOEFLASH_MOE_KMAJOR=1 (read once, at the first repack) orders each expert's tiles k-tile-major
-// (tile (rt, kt) at kt * row_tiles + rt): the warps of neighbouring row tiles then read
-// neighbouring 512-byte tiles at the same time. For measuring DRAM locality.
-bool moe_k_major() {
-  static const bool k_major = [] {
-    const char* v = std::getenv("MOEFLASH_MOE_KMAJOR");
-    return v != nullptr && std::atoi(v) != 0;
-  }();
-  return k_major;
-}
 int env_int(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
@@ -897,8 +825,7 @@ cudaError_t moe_repack_mxfp4(uint8_t* blocks, uint8_t* scales, int experts, int 
     cudaError_t err = cudaMemcpyAsync(tmp_blocks, b, blk_bytes, cudaMemcpyDeviceToDevice, stream);
     if (err == cudaSuccess) err = cudaMemcpyAsync(tmp_scales, s, sc_bytes, cudaMemcpyDeviceToDevice, stream);
     if (err != cudaSuccess) return err;
-    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map,
-                                                                   moe_k_major());
+    moe_repack_kernel<<<(rows / 16) * (nb / 2), 32, 0, stream>>>(tmp_blocks, tmp_scales, b, s, rows, nb, map);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -909,13 +836,10 @@ size_t moe_plan_ints(int slots, int num_experts) {
   return 1 + 3 * static_cast<size_t>(max_items(slots, num_experts, 8)) + slots;
 }
 
-int moe_counter_ints(int hidden) { return (hidden + 15) / 16; }
+int moe_counter_ints(int hidden) { return moe_row_tile_counters(hidden) + 2 * kInlineSlots; }
 
 cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
   MoeMmaArgs a = args;
-  a.prefetch_flags = env_int("MOEFLASH_PREFETCH", 0) >> 1;  // bit 0 of the variable is the attention's
-  a.evict_first = env_int("MOEFLASH_MOE_EVICT_FIRST", 0) != 0;
-  a.k_major = moe_k_major();
   if (a.tokens <= 0) return cudaSuccess;
   if (!moe_mma_supported(a.hidden, a.inter) || a.top_k <= 0 || a.num_experts <= 0 || a.num_experts > 1024)
     return cudaErrorInvalidValue;
@@ -951,11 +875,8 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
     // Enough warps to keep the device's loads in flight: the k-split SK is the smallest that gets
     // items * row tiles * SK to the target (measured on an H100: 36 us a gpt-oss-20b layer at one
     // token against 43 us for the streaming form).
-    // One token: every item has one column (a token's experts are distinct).
-    // Read at every launch (graph captures) so that a benchmark can compare settings in one process.
-    const bool one_ok = env_int("MOEFLASH_MOE_ONE", 1) != 0;
-    const int early = std::max(-1, std::min(2, env_int("MOEFLASH_MOE_EARLY", 2)));
-    const bool reg_stage_on = env_int("MOEFLASH_MOE_REG_STAGE", 1) != 0;
+    // MOEFLASH_MOE_SPIN=0: the down kernel waits for the whole gate/up grid (for measurements).
+    const bool spin = env_int("MOEFLASH_MOE_SPIN", 1) != 0;
     auto rows_launch = [&](auto k1, auto k2, auto k4, auto k8, size_t smem, int row_tiles) {
       const int units = items * row_tiles;
       const int tw = target_warps;
@@ -965,7 +886,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
       const dim3 grid(items * groups);
       auto go = [&](auto kernel) {
         const cudaError_t err = allow_smem(kernel, smem);
-        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups, early, reg_stage_on);
+        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups, spin);
       };
       switch (sk) {
         case 1: return go(k1);
@@ -974,18 +895,15 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
         default: return go(k8);
       }
     };
-    const bool one = one_ok && a.tokens == 1;
-    const bool rb2 = env_int("MOEFLASH_MOE_BATCH", 4) == 2;
-#define MOEFLASH_ROWS(DOWN, ONE, RB)                                                                      \
-  rows_launch(moe_mma_rows_kernel<DOWN, 1, ONE, RB>, moe_mma_rows_kernel<DOWN, 2, ONE, RB>,              \
-              moe_mma_rows_kernel<DOWN, 4, ONE, RB>, moe_mma_rows_kernel<DOWN, 8, ONE, RB>, DOWN ? dn_smem : gu_smem, \
-              DOWN ? a.hidden / 16 : 2 * a.inter / 16)
+    // One token: every item has one column (a token's experts are distinct).
+    const bool one = a.tokens == 1;
+#define MOEFLASH_ROWS(DOWN, ONE)                                                                             \
+  rows_launch(moe_mma_rows_kernel<DOWN, 1, ONE>, moe_mma_rows_kernel<DOWN, 2, ONE>, moe_mma_rows_kernel<DOWN, 4, ONE>, \
+              moe_mma_rows_kernel<DOWN, 8, ONE>, DOWN ? dn_smem : gu_smem, DOWN ? a.hidden / 16 : 2 * a.inter / 16)
     for (int rep = profile_times("moe_gu"); rep > 0 && e == cudaSuccess; --rep)
-      e = one ? (rb2 ? MOEFLASH_ROWS(false, true, 2) : MOEFLASH_ROWS(false, true, 4))
-              : (rb2 ? MOEFLASH_ROWS(false, false, 2) : MOEFLASH_ROWS(false, false, 4));
+      e = one ? MOEFLASH_ROWS(false, true) : MOEFLASH_ROWS(false, false);
     for (int rep = profile_times("moe_down"); rep > 0 && e == cudaSuccess; --rep)
-      e = one ? (rb2 ? MOEFLASH_ROWS(true, true, 2) : MOEFLASH_ROWS(true, true, 4))
-              : (rb2 ? MOEFLASH_ROWS(true, false, 2) : MOEFLASH_ROWS(true, false, 4));
+      e = one ? MOEFLASH_ROWS(true, true) : MOEFLASH_ROWS(true, false);
 #undef MOEFLASH_ROWS
     return e;
   }

@@ -48,8 +48,6 @@ struct MoeMmaArgs {
   float limit, alpha;
 
   const float* x;               // [tokens, hidden]
-  // One-token steps: x already staged by the router's launch (gemv_bf16_prenorm staged_out), or null.
-  const uint4* x_staged;
   const int32_t* expert_ids;    // [tokens, top_k], distinct within a token
   const float* expert_weights;  // [tokens, top_k]
   // Routing inside the MoE launch (decode steps, <= 256 experts): when router_logits is set, the
@@ -67,16 +65,6 @@ struct MoeMmaArgs {
   float* act;         // [tokens * top_k, inter] scratch
   float* part;        // [tokens * top_k, hidden] scratch
   float* y;           // [tokens, hidden]: sum over k in slot order of weight * (down act + bias)
-  // Decode steps: weights the down kernel prefetches into L2 for the kernels after it (the next
-  // layer's q/k/v projection), or null.
-  const void* prefetch_next;
-  size_t prefetch_next_bytes;
-  // Set by moe_mxfp4_mma (MOEFLASH_PREFETCH, MOEFLASH_MOE_EVICT_FIRST): bit 1 = gate/up prefetches
-  // the down weights of its experts, bit 2 = down prefetches prefetch_next; evict_first = expert
-  // weights are streamed with L2 priority evict_first.
-  int prefetch_flags;
-  bool evict_first;
-  bool k_major;  // tile order of the repack (MOEFLASH_MOE_KMAJOR); set by moe_mxfp4_mma
   // Measurements only: when set, thread 0 of every block of the decode kernels writes %globaltimer
   // at 6 points (entry, wait passed, plan built, staged, stream done, exit) to
   // trace[((down ? 1 : 0) * 1024 + block) * 8 + point].

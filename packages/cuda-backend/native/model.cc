@@ -140,7 +140,7 @@ struct State {
   int32_t *route_ids, *argmax_ids, *zero_ids, *moe_plan, *moe_counters;
   float *ones, *moe_part;
   float* fp8_mlp = nullptr;  // FP8 dense MLP: gate | up outputs [T, 2 inter], then act [T, inter]
-  void *att_ws, *argmax_ws, *att_fused_ws, *moe_x_staged;
+  void *att_ws, *argmax_ws, *att_fused_ws;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
@@ -186,7 +186,6 @@ struct State {
     add(sizeof(float) * T * 3 * c.fp8_inter, 23);  // FP8 dense MLP scratch
     add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
     add(sizeof(float) * T * H, 25);      // residual stream, second buffer
-    add(sizeof(uint16_t) * H + 16, 27);  // one-token x staged for the tensor-core MoE
     return off;
   }
 
@@ -237,7 +236,6 @@ struct State {
         case 24: att_tiles = static_cast<int32_t*>(p); break;
         case 25: x_alt = static_cast<float*>(p); break;
         case 26: att_fused_ws = p; break;
-        case 27: moe_x_staged = p; break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -322,12 +320,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   // tokens are few (H100, gpt-oss-20b: batch 1 2.71 -> 2.61 ms a step; batch 8 6.06 -> 6.45 ms,
   // batch 32 15.1 -> 17.4 ms when fused).
   const bool fuse_norms = T <= 2;
-  // Decode steps prefetch weights into L2 from the latency-bound kernels (common.cuh,
-  // l2_prefetch_share): MOEFLASH_PREFETCH bit 0 = the attention pulls in the o projection, bit 1 =
-  // the MoE gate/up kernel its experts' down projections, bit 2 = the MoE down kernel the next
-  // layer's q/k/v projection.
-  const char* prefetch_env = std::getenv("MOEFLASH_PREFETCH");
-  const int prefetch = T <= 8 ? (prefetch_env != nullptr && *prefetch_env != 0 ? std::atoi(prefetch_env) : 0) : 0;
   for (int l = 0; l < c.layers; ++l) {
     const LayerPtrs& w = s.layers[l];
     const float* in_residual = l == 0 ? nullptr : s.mlp_out;
@@ -387,10 +379,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     aa.max_seq_len = max_len;
     aa.window = w.window;
     aa.scale = c.scale;
-    if ((prefetch & 1) && w.o_scales == nullptr) {
-      aa.prefetch = w.o_w;
-      aa.prefetch_bytes = static_cast<size_t>(H) * c.q_dim() * sizeof(bf16_bits);
-    }
     if (s.prefill_tiles > 0) {
       AttentionPrefillArgs pa{};
       pa.q = aa.q, pa.k_cache = aa.k_cache, pa.v_cache = aa.v_cache, pa.block_table = aa.block_table;
@@ -418,17 +406,13 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     const float* rw = s.ones;
     if (dense || !fuse_norms)
       MF_TRY(rmsnorm_residual(xc, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
-    // One-token steps on the tensor-core MoE path: the router's launch also stages x for it.
-    const char* stage_env = std::getenv("MOEFLASH_MOE_PRESTAGE");
-    const bool stage_x = T == 1 && w.mlp_kind == kMlpMxfp4Experts && w.mma && H % 8 == 0 &&
-                         (stage_env == nullptr || *stage_env != '0');
     if (!dense) {
       if (fuse_norms) {
         // The router's launch does the norm too and leaves the normalized rows for the experts.
         const int times = profile_times("router");
         for (int rep = 0; rep < times; ++rep)
           MF_TRY(gemv_bf16_prenorm(w.router_w, w.router_b, xc, s.proj, w.post_norm, c.eps, xn, s.normed, s.router_logits,
-                                   w.experts, H, T, st, stage_x ? s.moe_x_staged : nullptr),
+                                   w.experts, H, T, st),
                  "gemv_bf16 (post-attention norm + router)");
         if (times > 0) std::swap(xc, xn);
       } else {
@@ -465,7 +449,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.limit = c.limit;
       m.alpha = c.alpha;
       m.x = s.normed;
-      m.x_staged = stage_x && fuse_norms ? static_cast<const uint4*>(s.moe_x_staged) : nullptr;
       m.expert_ids = ids;
       m.expert_weights = rw;
       if (moe_mma_routes(T, K, w.experts)) {
@@ -481,10 +464,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.act = s.act;
       m.part = s.moe_part;
       m.y = s.mlp_out;
-      if ((prefetch & 4) && l + 1 < c.layers && s.layers[l + 1].qkv_scales == nullptr) {
-        m.prefetch_next = s.layers[l + 1].qkv_w;
-        m.prefetch_next_bytes = static_cast<size_t>(c.qkv_dim()) * H * sizeof(bf16_bits);
-      }
       for (int rep = profile_times("moe"); rep > 0; --rep) MF_TRY(moe_mxfp4_mma(m, st), "moe_mxfp4_mma");
     } else if (w.mlp_kind == kMlpMxfp4Experts) {
       for (int t0 = 0; t0 < T; t0 += 8) {
