@@ -158,8 +158,7 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
 // Items are ordered by their first pair instead of by expert id; nothing depends on the order.
 // Saves the plan kernel's launch, which is on the critical path of every layer.
 constexpr int kInlineSlots = 64;
-// Counters: one a row tile of the output (the down kernel's combine), then the per-item ones of
-// the decode row form (moe_mma_rows_kernel, spin).
+// Counters: one a row tile of the output (the down kernel's combine).
 __host__ __device__ inline int moe_row_tile_counters(int hidden) { return (hidden + 15) / 16; }
 
 // With `route`, the block first takes each token's top-k from the router logits (warp t, token t)
@@ -593,15 +592,8 @@ __device__ __forceinline__ void named_barrier(int id, int threads) {
 // its blocks, scheduled as gate/up's retire, have their first two weight batches in flight while
 // the gate/up tail runs (H100, gpt-oss-20b batch 1: 40-47 us a step less than waiting first).
 // ONE: a one-token step (every item has one column).
-//
-// spin: instead of waiting for the whole gate/up grid (griddepcontrol.wait returns ~1.5 us after
-// its last block exits), a down block waits for its own expert: every gate/up warp that stores
-// activations counts itself in done[item] after a fence, and the down block's thread 0 reads that
-// count until all the item's row tiles are in. The item's last down block to pass resets both
-// counters for the next layer. Safe because the down grid launches only once every gate/up block
-// is resident, and it reads nothing else of gate/up's (the routing it takes itself).
 template <bool DOWN, int SK, bool ONE>
-__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item, bool spin) {
+__global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a, int groups_per_item) {
   trace_point<DOWN>(a, 0);
   if constexpr (!DOWN) {
     pdl_prologue();
@@ -622,9 +614,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   const int item = blockIdx.x / groups_per_item;
   trace_point<DOWN>(a, 2);
   if (item >= n_items) {
-    if constexpr (DOWN) {
-      if (!spin) pdl_prologue();
-    }
+    if constexpr (DOWN) pdl_prologue();
     return;
   }
   const int group = blockIdx.x - item * groups_per_item;
@@ -651,24 +641,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   if (k0 < k1) load_batch(B0, tiles, scales, k0, k1);
   if (k0 + kRowBatch < k1) load_batch(B1, tiles, scales, k0 + kRowBatch, k1);
   if constexpr (DOWN) {
-    // The activations are gate/up's output.
-    if (spin) {
-      pdl_trigger();
-      if (threadIdx.x == 0) {
-        int* done = a.counters + moe_row_tile_counters(H);  // [kInlineSlots] gate/up row tiles stored
-        int* passed = done + kInlineSlots;                  // [kInlineSlots] down blocks past the wait
-        const int target = 2 * I / 16;                      // gate/up row tiles of an item
-        while (atomicAdd(done + item, 0) < target) __nanosleep(32);
-        __threadfence();
-        if (atomicAdd(passed + item, 1) == groups_per_item - 1) {
-          done[item] = 0;
-          passed[item] = 0;
-        }
-      }
-      // stage_columns begins with a block barrier: no thread reads act before thread 0 is through.
-    } else {
-      pdl_prologue();
-    }
+    pdl_prologue();  // the activations are gate/up's output
     trace_point<DOWN>(a, 1);
   }
   const Staging st{smem_xs, nb * 4 + 4};
@@ -716,11 +689,6 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
       const int col = 2 * q + c;
       if (col >= cols) continue;
       store_activation(a, expert, rt * 8 + g, slot_s[col], acc[0][c] * col_unscale[col], acc[0][2 + c] * col_unscale[col]);
-    }
-    if (spin) {
-      __threadfence();
-      __syncwarp();
-      if (lane == 0) atomicAdd(a.counters + moe_row_tile_counters(H) + item, 1);
     }
     trace_point<DOWN>(a, 5);
   } else {
@@ -836,7 +804,7 @@ size_t moe_plan_ints(int slots, int num_experts) {
   return 1 + 3 * static_cast<size_t>(max_items(slots, num_experts, 8)) + slots;
 }
 
-int moe_counter_ints(int hidden) { return moe_row_tile_counters(hidden) + 2 * kInlineSlots; }
+int moe_counter_ints(int hidden) { return moe_row_tile_counters(hidden); }
 
 cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
   MoeMmaArgs a = args;
@@ -875,8 +843,6 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
     // Enough warps to keep the device's loads in flight: the k-split SK is the smallest that gets
     // items * row tiles * SK to the target (measured on an H100: 36 us a gpt-oss-20b layer at one
     // token against 43 us for the streaming form).
-    // MOEFLASH_MOE_SPIN=0: the down kernel waits for the whole gate/up grid (for measurements).
-    const bool spin = env_int("MOEFLASH_MOE_SPIN", 1) != 0;
     auto rows_launch = [&](auto k1, auto k2, auto k4, auto k8, size_t smem, int row_tiles) {
       const int units = items * row_tiles;
       const int tw = target_warps;
@@ -886,7 +852,7 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
       const dim3 grid(items * groups);
       auto go = [&](auto kernel) {
         const cudaError_t err = allow_smem(kernel, smem);
-        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups, spin);
+        return err != cudaSuccess ? err : launch_pdl(kernel, grid, kThreads, smem, stream, a, groups);
       };
       switch (sk) {
         case 1: return go(k1);
