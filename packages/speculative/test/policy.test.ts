@@ -88,12 +88,14 @@ describe('adaptive block size through the engine', () => {
     const r = await adaptive.generate(prompt, { maxTokens: 40, temperature: 0, ignoreEos: true }).result;
     expect(r.tokens).toEqual(want);
     const s = r.speculation as SpeculativeStats;
-    // The random drafter is never right. Whether the policy then falls back to plain steps depends
-    // on wall-clock costs: for this tiny model a CPU verify of 6 rows costs about one plain step
-    // (each weight row is read once for all rows), so on a loaded machine either choice can win by
-    // noise. The choice given the costs is tested above with set timings; here, losslessness and
-    // the bookkeeping: every round is counted under the block size it used.
-    expect(s.acceptedTokens).toBe(0);
+    // The random drafter is rarely right (a lucky match in the tiny vocabulary happens, and which
+    // rounds exist depends on the policy's choices). Whether the policy falls back to plain steps
+    // depends on wall-clock costs: for this tiny model a CPU verify of 6 rows costs about one plain
+    // step (each weight row is read once for all rows), so on a loaded machine either choice can
+    // win by noise. The choice given the costs is tested above with set timings; here, losslessness
+    // and the bookkeeping: every round is counted under the block size it used, and no more tokens
+    // are accepted than drafted.
+    expect(s.acceptedTokens).toBeLessThanOrEqual(s.draftedTokens);
     expect(Object.values(s.roundsByBlockSize).reduce((x, y) => x + y, 0)).toBe(s.rounds);
     expect(s.meanDraftMs).toBeGreaterThan(0);
     await plain.close();
