@@ -18,7 +18,7 @@ for step in ${STEPS:-tests parity bench}; do
         --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1
       tail -2 "$O/synth.log" ;;
     profile)
-      timeout "${PROFILE_S:-240}" node packages/cuda-backend/bench/step-profile.mjs /tmp/gpt-oss-20b "${BATCH:-1}" "${CONTEXT:-640}" \
+      timeout "${PROFILE_S:-480}" node packages/cuda-backend/bench/step-profile.mjs /tmp/gpt-oss-20b "${BATCH:-1}" "${CONTEXT:-640}" \
         "$O/step-profile-b${BATCH:-1}.json" 2>&1 | grep -v loading | tail -30 ;;
     hf)
       timeout "${HF_S:-200}" python3 tools/bench/hf_eager_bench.py /tmp/gpt-oss-20b "$O/hf-eager-gpt-oss-20b.json" --batch 1,8 \
