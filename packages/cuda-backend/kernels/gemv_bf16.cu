@@ -12,7 +12,6 @@
 // banks. The chunk -> thread mapping and both reduction trees are the same for every T, so a
 // token's result is bit-identical whatever else shares its launch.
 #include <algorithm>
-#include <cstdlib>
 
 #include "common.cuh"
 
@@ -22,7 +21,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 2;  // chunks per thread per batch: cols <= 4096 is one batch
-constexpr int kNormPre = 3;  // norm weights a thread loads ahead: cols <= 3072
 
 template <int T, int R>
 struct GemvTile {
@@ -73,8 +71,7 @@ template <int T, int R>
 __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __restrict__ w,
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
-                                                             float* __restrict__ y, int rows, int cols, PreNorm pn,
-                                                             bool norm_preload_on) {
+                                                             float* __restrict__ y, int rows, int cols, PreNorm pn) {
   using Tile = GemvTile<T, R>;
   extern __shared__ float4 smem[];
   const int nchunk = cols / 8;
@@ -89,20 +86,9 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
 
   uint4 wv[kUnroll][R];
   load_batch<R>(wv, w, group, rows, cols, nchunk, tid);
-  // The norm weights too: read after the sum of squares they would add a round trip to the chain
-  // every block waits through before its first product.
-  const int n4 = cols / 4;
-  const bool norm_pre = pn.weight != nullptr && n4 <= kNormPre * kThreads && norm_preload_on;
-  uint2 gpre[kNormPre];
-  if (norm_pre) {
-#pragma unroll
-    for (int i = 0; i < kNormPre; ++i) {
-      const int e = tid + i * kThreads;
-      if (e < n4) gpre[i] = *reinterpret_cast<const uint2*>(pn.weight + 4 * e);
-    }
-  }
   pdl_prologue();  // the weights are no kernel's output: their first loads overlap the previous kernel
 
+  const int n4 = cols / 4;
   if (pn.weight == nullptr) {
     for (int j = tid; j < T * n4; j += kThreads) {
       const int t = j / n4;
@@ -151,19 +137,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
     }
 #pragma unroll
     for (int t = 0; t < T; ++t) {
-#pragma unroll
-      for (int i = 0; i < kNormPre; ++i) {
-        if (!norm_pre) break;
-        const int e = tid + i * kThreads;
-        if (e >= n4) break;
-        float4& v = xs[(2 * t + (e & 1)) * nchunk + (e >> 1)];
-        const uint2 g2 = gpre[i];
-        v = make_float4((v.x * inv[t]) * bf16_lo(g2.x), (v.y * inv[t]) * bf16_hi(g2.x), (v.z * inv[t]) * bf16_lo(g2.y),
-                        (v.w * inv[t]) * bf16_hi(g2.y));
-        if (writer && pn.normed_out != nullptr)
-          reinterpret_cast<float4*>(pn.normed_out + static_cast<int64_t>(t) * cols)[e] = v;
-      }
-      for (int e = norm_pre ? n4 : tid; e < n4; e += kThreads) {
+      for (int e = tid; e < n4; e += kThreads) {
         float4& v = xs[(2 * t + (e & 1)) * nchunk + (e >> 1)];
         const uint2 g2 = *reinterpret_cast<const uint2*>(pn.weight + 4 * e);
         v = make_float4((v.x * inv[t]) * bf16_lo(g2.x), (v.y * inv[t]) * bf16_hi(g2.x), (v.z * inv[t]) * bf16_lo(g2.y),
@@ -246,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
   }
 }
 
-using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm, bool);
+using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm);
 
 template <int T, int R>
 KernelFn kernel_for() {
@@ -308,11 +282,8 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
     if (p.residual != nullptr) p.residual += off;
     if (p.x_out != nullptr) p.x_out += off;
     if (p.normed_out != nullptr) p.normed_out += off;
-    // MOEFLASH_NORM_PRELOAD=0: the norm weights are read after the sum of squares (measurements).
-    const char* pre_env = std::getenv("MOEFLASH_NORM_PRELOAD");
-    const bool norm_preload = pre_env == nullptr || *pre_env != '0';
     const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + off,
-                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p, norm_preload);
+                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
