@@ -2,32 +2,22 @@
 // 2880, MXFP4) for several token counts: device time a launch (plan, gate/up, down + combine), the
 // launches queued back to back. Prints a table and writes JSON to argv[2].
 //   node packages/cuda-backend/bench/moe-mma-bench.mjs out.json   (MOE_TOKENS=1,8 picks the token counts)
-import { randomFillSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 
 import { cudaOps } from '../dist/index.js';
+import { E, H, I, K, activation, layerWeights, randomIds } from './moe-layer.mjs';
 
-const E = 32, K = 4, H = 2880, I = 2880;
-const mx = (rows, cols) => {
-  const blocks = randomFillSync(new Uint8Array(E * rows * (cols / 32) * 16));
-  const scales = new Uint8Array(E * rows * (cols / 32)).map(() => 118 + Math.floor(Math.random() * 5));
-  return { blocks, scales, bias: null };
-};
-const gateUp = mx(2 * I, H), down = mx(H, I);
+const { gateUp, down } = layerWeights();
 const ops = cudaOps();
 const rows = [];
 const bytesPerExpert = (2 * I * H + H * I) * (17 / 32);
 const tokenList = process.env.MOE_TOKENS ? process.env.MOE_TOKENS.split(',').map(Number) : [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 for (const T of tokenList) {
   const x = new Float32Array(T * H).map(() => Math.random() * 2 - 1);
-  const ids = new Int32Array(T * K);
-  for (let t = 0; t < T; t++) {
-    const perm = [...Array(E).keys()].sort(() => Math.random() - 0.5);
-    for (let k = 0; k < K; k++) ids[t * K + k] = perm[k];
-  }
+  const ids = randomIds(T);
   const w = new Float32Array(T * K).fill(0.25);
   const res = ops.moeMma({ gateUp, down, x, expertIds: ids, expertWeights: w, tokens: T, topK: K, numExperts: E, hidden: H,
-    inter: I, activation: { kind: 'gpt_oss_clamped_swiglu', limit: 7, alpha: 1.702 }, repeat: T <= 32 ? 201 : 21 });
+    inter: I, activation, repeat: T <= 32 ? 201 : 21 });
   const us = res.msPerLaunch * 1000;
   const distinct = new Set(ids).size;
   const gbs = (distinct * bytesPerExpert) / (us * 1e-6) / 1e9;

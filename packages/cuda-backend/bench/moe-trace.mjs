@@ -5,43 +5,34 @@
 // stream done and exit (down: + combine done). Prints, per kernel and point, the spread over
 // blocks in microseconds from the first stamp of that launch.
 //   MOEFLASH_MOE_TRACE=1 node packages/cuda-backend/bench/moe-trace.mjs [out.json]
-import { randomFillSync } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 
 import { cudaOps } from '../dist/index.js';
+import { E, H, I, K, activation, layerWeights, randomIds } from './moe-layer.mjs';
 
 process.env.MOEFLASH_MOE_TRACE = '1';
-const E = 32, K = 4, H = 2880, I = 2880, T = Number(process.env.MOE_TOKENS ?? 1);
-const mx = (rows, cols) => {
-  const blocks = randomFillSync(new Uint8Array(E * rows * (cols / 32) * 16));
-  const scales = new Uint8Array(E * rows * (cols / 32)).map(() => 118 + Math.floor(Math.random() * 5));
-  return { blocks, scales, bias: null };
-};
-const gateUp = mx(2 * I, H), down = mx(H, I);
+const T = Number(process.env.MOE_TOKENS ?? 1);
+const { gateUp, down } = layerWeights();
 const x = new Float32Array(T * H).map(() => Math.random() * 2 - 1);
-const sets = 8;
-const ids = new Int32Array(sets * T * K);
-for (let s = 0; s < sets; s++)
-  for (let t = 0; t < T; t++) {
-    const perm = [...Array(E).keys()].sort(() => Math.random() - 0.5);
-    for (let k = 0; k < K; k++) ids[(s * T + t) * K + k] = perm[k];
-  }
+const ids = randomIds(T, 8);
 const w = new Float32Array(T * K).fill(0.25);
 const ops = cudaOps();
 const res = ops.moeMma({ gateUp, down, x, expertIds: ids, expertWeights: w, tokens: T, topK: K, numExperts: E, hidden: H,
-  inter: I, activation: { kind: 'gpt_oss_clamped_swiglu', limit: 7, alpha: 1.702 }, repeat: 64 });
+  inter: I, activation, repeat: 64 });
 const tr = res.trace;
 if (!tr) throw new Error('no trace: was the addon built with the trace points?');
 const names = ['entry', 'waited', 'planned', 'staged', 'streamed', 'exit', 'combined'];
+// trace: [gate/up, down][block][point] (moe_mma.h: kMoeTraceBlocks, kMoeTracePoints).
+const points = 8, traced = tr.length / (2 * points);
 const q = (a, f) => a[Math.min(a.length - 1, Math.floor(f * a.length))];
 const out = { us_per_layer: res.msPerLaunch * 1000, kernels: {} };
 console.log(`T=${T}: ${(res.msPerLaunch * 1000).toFixed(1)} us a layer (launches back to back, experts rotating)`);
 for (const [k, name] of [[0, 'gate/up'], [1, 'down']]) {
   out.kernels[name] = {};
-  for (let p = 0; p < 7; p++) {
+  for (let p = 0; p < names.length; p++) {
     const v = [];
-    for (let b = 0; b < 1024; b++) {
-      const t = tr[(k * 1024 + b) * 8 + p];
+    for (let b = 0; b < traced; b++) {
+      const t = tr[(k * traced + b) * points + p];
       if (t >= 0) v.push(t / 1000);
     }
     if (!v.length) continue;

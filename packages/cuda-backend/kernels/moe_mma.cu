@@ -4,8 +4,8 @@
 // 32 columns) is 512 bytes at ((rt * nkt) + kt) * 512. Lane l = 4g + q holds the uint4
 //   { row g word q of block 2kt, row g+8 word q of block 2kt, row g word q of block 2kt+1,
 //     row g+8 word q of block 2kt+1 }
-// (word q of a 16-byte block = its elements 8q..8q+7, bits permuted by tile_word). The E8M0 scales of a tile are 32 bytes at
-// tile * 32: bytes 4g..4g+3 = scale of (row g, block 2kt), (g+8, 2kt), (g, 2kt+1), (g+8, 2kt+1).
+// (word q of a 16-byte block = its elements 8q..8q+7, bits permuted by tile_word). The E8M0
+// scales of a tile are 32 bytes at tile * 32: bytes 4g..4g+3 = scale of (row g, block 2kt), (g+8, 2kt), (g, 2kt+1), (g+8, 2kt+1).
 //
 // mma.m16n8k16 needs, from lane (g, q), A rows g and g+8 at k = 2q, 2q+1, 2q+8, 2q+9 and B column g
 // at the same k. The k order inside an mma is free as long as A and B agree, so the lane's word q
@@ -31,7 +31,7 @@ constexpr int kMaxCols = 16;
 // The repack permutes the bits of every 32-bit word of codes so that each nibble pair (p, p + 4)
 // becomes an f16x2 equal to E2M1 * 2^-14 (low half: nibble p; same bit move as e2m1_pair_scaled in
 // common.cuh) in 11 integer operations per word instead of 15: pair p keeps its low code's three
-// magnitude bits at kTileMag[p] (cyclically) and its sign bit at kTileSign[p], its high code's at
+// magnitude bits at tile_mag_pos(p) (cyclically) and its sign bit at tile_sign_pos(p), its high code's at
 // the same places + 16, chosen so that pairs 1 and 3 need one rotate and one AND and pair 2 no
 // rotate for its magnitude (no placement lets all four pairs take one rotate: an exhaustive search).
 // f16 wants the magnitude at bits 9..11 and the sign at bit 15 (25..27 and 31 for the high half).
@@ -158,8 +158,6 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
 // Items are ordered by their first pair instead of by expert id; nothing depends on the order.
 // Saves the plan kernel's launch, which is on the critical path of every layer.
 constexpr int kInlineSlots = 64;
-// Counters: one a row tile of the output (the down kernel's combine).
-__host__ __device__ inline int moe_row_tile_counters(int hidden) { return (hidden + 15) / 16; }
 
 // With `route`, the block first takes each token's top-k from the router logits (warp t, token t)
 // and block 0 publishes them for the down kernel.
@@ -578,8 +576,8 @@ __device__ __forceinline__ unsigned long long global_ns() {
 }
 template <bool DOWN>
 __device__ __forceinline__ void trace_point(const MoeMmaArgs& a, int point) {
-  if (a.trace != nullptr && threadIdx.x == 0 && blockIdx.x < 1024)
-    a.trace[((DOWN ? 1 : 0) * 1024 + blockIdx.x) * 8 + point] = global_ns();
+  if (a.trace != nullptr && threadIdx.x == 0 && blockIdx.x < kMoeTraceBlocks)
+    a.trace[((DOWN ? 1 : 0) * kMoeTraceBlocks + blockIdx.x) * kMoeTracePoints + point] = global_ns();
 }
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
@@ -762,10 +760,7 @@ int env_int(const char* name, int fallback) {
   return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
 }
 int moe_variant() {
-  static const int variant = [] {
-    const char* v = std::getenv("MOEFLASH_MOE_VARIANT");
-    return v != nullptr ? std::max(0, std::min(3, std::atoi(v))) : 3;
-  }();
+  static const int variant = std::max(0, std::min(3, env_int("MOEFLASH_MOE_VARIANT", 3)));
   return variant;
 }
 }  // namespace
@@ -804,10 +799,9 @@ size_t moe_plan_ints(int slots, int num_experts) {
   return 1 + 3 * static_cast<size_t>(max_items(slots, num_experts, 8)) + slots;
 }
 
-int moe_counter_ints(int hidden) { return moe_row_tile_counters(hidden); }
+int moe_counter_ints(int hidden) { return (hidden + 15) / 16; }
 
-cudaError_t moe_mxfp4_mma(const MoeMmaArgs& args, cudaStream_t stream) {
-  MoeMmaArgs a = args;
+cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
   if (a.tokens <= 0) return cudaSuccess;
   if (!moe_mma_supported(a.hidden, a.inter) || a.top_k <= 0 || a.num_experts <= 0 || a.num_experts > 1024)
     return cudaErrorInvalidValue;

@@ -65,11 +65,14 @@ struct MoeMmaArgs {
   float* act;         // [tokens * top_k, inter] scratch
   float* part;        // [tokens * top_k, hidden] scratch
   float* y;           // [tokens, hidden]: sum over k in slot order of weight * (down act + bias)
-  // Measurements only: when set, thread 0 of every block of the decode kernels writes %globaltimer
-  // at 6 points (entry, wait passed, plan built, staged, stream done, exit) to
-  // trace[((down ? 1 : 0) * 1024 + block) * 8 + point].
+  // Measurements only: when set, thread 0 of each of the first kMoeTraceBlocks blocks of the decode
+  // kernels writes %globaltimer at up to kMoeTracePoints points (entry, wait passed, plan built,
+  // staged, stream done, exit; down: combine done) to
+  // trace[((down ? 1 : 0) * kMoeTraceBlocks + block) * kMoeTracePoints + point].
   unsigned long long* trace;
 };
+constexpr int kMoeTraceBlocks = 1024, kMoeTracePoints = 8;
+constexpr size_t kMoeTraceEntries = 2 * static_cast<size_t>(kMoeTraceBlocks) * kMoeTracePoints;
 
 // Whether moe_mxfp4_mma takes router_logits for a step of `tokens` (else run router_topk first).
 bool moe_mma_routes(int tokens, int top_k, int num_experts);

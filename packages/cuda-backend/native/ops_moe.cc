@@ -73,7 +73,7 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   r.length(wts.ElementLength(), static_cast<size_t>(T) * K, "expertWeights", "tokens * topK");
   // expertIds may hold several sets of tokens * topK ids: launch i takes set i % sets, so that a
   // repeated benchmark reads different experts from launch to launch instead of L2-resident ones.
-  const size_t sets = std::max<size_t>(1, ids.ElementLength() / (static_cast<size_t>(T) * K));
+  const size_t sets = ids.ElementLength() / (static_cast<size_t>(T) * K);
   for (size_t i = 0; i < ids.ElementLength(); ++i)
     if (ids[i] < 0 || ids[i] >= E) r.fail("expertIds holds " + std::to_string(ids[i]) + ", outside [0, numExperts)");
   DeviceBuffer d_x = upload_bytes(env, x.Data(), x.ByteLength(), "x");
@@ -126,15 +126,15 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   float elapsed_ms = 0.f;
   DeviceBuffer trace_buf;
   if (repeat > 1) {
+    const char* trace_env = std::getenv("MOEFLASH_MOE_TRACE");
+    if (trace_env != nullptr && *trace_env == '1') {
+      trace_buf = DeviceBuffer(env, sizeof(unsigned long long) * kMoeTraceEntries, "trace");
+      check_cuda(env, cudaMemset(trace_buf.get(), 0, trace_buf.bytes()), "cudaMemset (trace)");
+    }
     cudaEvent_t e0, e1;
     check_cuda(env, cudaEventCreate(&e0), "cudaEventCreate");
     check_cuda(env, cudaEventCreate(&e1), "cudaEventCreate");
     check_cuda(env, cudaEventRecord(e0, nullptr), "cudaEventRecord");
-    const char* trace_env = std::getenv("MOEFLASH_MOE_TRACE");
-    if (trace_env != nullptr && *trace_env == '1' && trace_buf.get() == nullptr) {
-      trace_buf = DeviceBuffer(env, sizeof(unsigned long long) * 2 * 1024 * 8, "trace");
-      check_cuda(env, cudaMemset(trace_buf.get(), 0, trace_buf.bytes()), "cudaMemset (trace)");
-    }
     for (int i = 1; i < repeat; ++i) {
       a.expert_ids = d_ids.get<int32_t>() + (i % sets) * static_cast<size_t>(slots);
       a.trace = i == repeat - 1 ? trace_buf.get<unsigned long long>() : nullptr;
@@ -157,7 +157,7 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   if (repeat > 1) out.Set("msPerLaunch", static_cast<double>(elapsed_ms) / (repeat - 1));
   if (trace_buf.get() != nullptr) {
     // Nanoseconds from the earliest recorded point of the last launch; -1 where nothing was written.
-    std::vector<unsigned long long> t(2 * 1024 * 8);
+    std::vector<unsigned long long> t(kMoeTraceEntries);
     trace_buf.download(env, t.data(), t.size() * sizeof(unsigned long long), "trace");
     unsigned long long t0 = ~0ull;
     for (auto v : t)
