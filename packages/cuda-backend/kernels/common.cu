@@ -35,6 +35,11 @@ int profile_times(const char* cls) {
   return listed("MOEFLASH_PROFILE_TWICE", cls) ? 2 : 1;
 }
 
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != 0 ? std::atoi(v) : fallback;
+}
+
 int device_sm_count() {
   // Launchers size persistent grids from this on every call; the attribute query is cheap but
   // not free, so cache it per device.

@@ -33,6 +33,12 @@ __device__ __forceinline__ uint32_t ld_stream_u8(const uint8_t* p) {
   asm("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=h"(r) : "l"(p));
   return r;
 }
+// Asks L2 for `bytes` (a multiple of 16) at a 16-byte aligned global address; no register waits.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
 __device__ __forceinline__ float4 ld_f4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 
 // ------------------------------------------------------------------ MXFP4

@@ -67,11 +67,28 @@ struct PreNorm {
   float* normed_out;
 };
 
+// With a fold (Fold.partials set) the projection is the one before a MoE router's norm (the o
+// projection): y[t] = residual[t] + W x[t] (+ bias) is the next residual stream v, and each block
+// also leaves, for its own rows i, the partial sums that the router needs,
+//   partials[block][t][e] = sum_i W_r[e, i] * (g_i * v[t, i])   (e < experts)
+//   partials[block][t][experts] = sum_i v[t, i]^2,
+// so that logits = rsqrt(sum v^2 / rows + eps) * sum over blocks + b_r follow from one pass over
+// the blocks (the MoE kernel does it), without a router launch between.
+struct Fold {
+  const float* residual;        // [T, rows], the residual stream before this projection
+  const bf16_bits* norm_weight;  // g [rows]
+  const bf16_bits* router_wt;    // W_r transposed, [rows, experts]
+  int experts;
+  int local_rows;  // shared-memory rows a block holds: ceil(groups / grid) * R
+  float* partials;  // [gridDim.x][T][experts + 1]
+};
+
 template <int T, int R>
 __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __restrict__ w,
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
-                                                             float* __restrict__ y, int rows, int cols, PreNorm pn) {
+                                                             float* __restrict__ y, int rows, int cols, PreNorm pn,
+                                                             Fold fd) {
   using Tile = GemvTile<T, R>;
   extern __shared__ float4 smem[];
   const int nchunk = cols / 8;
@@ -86,6 +103,29 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
 
   uint4 wv[kUnroll][R];
   load_batch<R>(wv, w, group, rows, cols, nchunk, tid);
+
+  // The fold's inputs for this block's rows (weights, and a residual stream written three launches
+  // back): loaded before the wait. Rows past the end hold zeros and add nothing.
+  const bool fold = fd.partials != nullptr;
+  const int LR = fd.local_rows;
+  float* v_s = red + kWarps * 32;  // [T][LR]: residual, then v
+  float* g_s = v_s + T * LR;       // [LR]
+  bf16_bits* wr_s = reinterpret_cast<bf16_bits*>(g_s + LR);  // [LR][experts]
+  if (fold) {
+    const int E = fd.experts;
+    const int n_local = (ngroups - group + gridDim.x - 1) / gridDim.x * R;
+    for (int j = tid; j < n_local; j += kThreads) {
+      const int row = (group + (j / R) * gridDim.x) * R + j % R;
+      g_s[j] = row < rows ? bf16_to_f32(fd.norm_weight[row]) : 0.f;
+#pragma unroll
+      for (int t = 0; t < T; ++t) v_s[t * LR + j] = row < rows ? fd.residual[static_cast<int64_t>(t) * rows + row] : 0.f;
+    }
+    for (int i = tid; i < n_local * E; i += kThreads) {
+      const int j = i / E;
+      const int row = (group + (j / R) * gridDim.x) * R + j % R;
+      wr_s[i] = row < rows ? fd.router_wt[static_cast<int64_t>(row) * E + (i - j * E)] : bf16_bits(0);
+    }
+  }
   pdl_prologue();  // the weights are no kernel's output: their first loads overlap the previous kernel
 
   const int n4 = cols / 4;
@@ -149,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
     __syncthreads();
   }
 
-  for (; group < ngroups; group += gridDim.x) {
+  for (int local = 0; group < ngroups; group += gridDim.x, local += R) {
     float acc[R][T];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -213,14 +253,35 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
       for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
       if (row < rows) {
         if (bias != nullptr) s += bf16_to_f32(bias[row]);
+        if (fold) {
+          s += v_s[t * LR + local + r];
+          v_s[t * LR + local + r] = s;
+        }
         y[static_cast<int64_t>(t) * rows + row] = s;
       }
     }
     __syncthreads();
   }
+
+  if (fold) {
+    // The loop's last barrier published v_s. One thread a (token, expert) sum, rows in order.
+    const int E = fd.experts;
+    const int n_local = (ngroups - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x * R;
+    float* out = fd.partials + static_cast<int64_t>(blockIdx.x) * T * (E + 1);
+    for (int i = tid; i < T * (E + 1); i += kThreads) {
+      const int t = i / (E + 1), e = i - t * (E + 1);
+      const float* v = v_s + t * LR;
+      float acc = 0.f;
+      if (e < E)
+        for (int j = 0; j < n_local; ++j) acc = fmaf(bf16_to_f32(wr_s[j * E + e]), g_s[j] * v[j], acc);
+      else
+        for (int j = 0; j < n_local; ++j) acc = fmaf(v[j], v[j], acc);
+      out[i] = acc;
+    }
+  }
 }
 
-using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm);
+using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm, Fold);
 
 template <int T, int R>
 KernelFn kernel_for() {
@@ -257,6 +318,13 @@ size_t max_smem() {
 
 namespace {
 
+// Rows a group for a matrix of `rows` rows: large matrices take 4 (more loads in flight a thread),
+// small ones fewer so that the groups still spread over every multiprocessor.
+int rows_per_group(int rows) {
+  const int sms = device_sm_count();
+  return rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
+}
+
 cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                         int tokens, const PreNorm& pn, cudaStream_t stream) {
   if (tokens <= 0 || rows <= 0) return cudaSuccess;
@@ -267,10 +335,8 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
   int per_launch = 8;
   while (per_launch > 1 && smem_bytes(per_launch, cols) > limit) --per_launch;
   if (smem_bytes(per_launch, cols) > limit) return cudaErrorInvalidValue;
-  // Row groups: large matrices take 4 rows a group (more loads in flight a thread), small ones
-  // fewer so that the groups still spread over every multiprocessor.
   const int sms = device_sm_count();
-  const int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
+  const int r = rows_per_group(rows);
   for (int t0 = 0; t0 < tokens; t0 += per_launch) {
     const int t = std::min(per_launch, tokens - t0);
     const KernelFn fn = r == 4 ? pick_tokens<4>(t) : r == 2 ? pick_tokens<2>(t) : pick_tokens<1>(t);
@@ -283,13 +349,44 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
     if (p.x_out != nullptr) p.x_out += off;
     if (p.normed_out != nullptr) p.normed_out += off;
     const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + off,
-                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p);
+                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p, Fold{});
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
 
 }  // namespace
+
+int gemv_fold_blocks(int rows) {
+  const int groups = ceil_div(rows, rows_per_group(rows));
+  // MOEFLASH_FOLD_BLOCKS overrides the grid (measurements); the consumers read one partial row a block.
+  const int blocks = env_int("MOEFLASH_FOLD_BLOCKS", device_sm_count());
+  return std::max(1, std::min({groups, blocks, kMaxFoldBlocks}));
+}
+
+cudaError_t gemv_bf16_fold(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
+                           const bf16_bits* norm_weight, const bf16_bits* router_wt, int experts, float* partials,
+                           int blocks, float* y, int rows, int cols, int tokens, cudaStream_t stream) {
+  if (tokens <= 0 || rows <= 0) return cudaSuccess;
+  if (tokens > kMaxFoldTokens || experts <= 0 || experts > kMaxFoldExperts || cols <= 0 || cols % 8 != 0 ||
+      residual == nullptr || norm_weight == nullptr || router_wt == nullptr || partials == nullptr ||
+      blocks != gemv_fold_blocks(rows))
+    return cudaErrorInvalidValue;
+  const int r = rows_per_group(rows);
+  const int groups = ceil_div(rows, r);
+  const int local_rows = ceil_div(groups, blocks) * r;
+  const size_t smem = smem_bytes(tokens, cols) + sizeof(float) * (tokens + 1) * local_rows +
+                      sizeof(bf16_bits) * static_cast<size_t>(local_rows) * experts;
+  if (smem > max_smem()) return cudaErrorInvalidValue;
+  const KernelFn fn = r == 4 ? pick_tokens<4>(tokens) : r == 2 ? pick_tokens<2>(tokens) : pick_tokens<1>(tokens);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  return launch_pdl(fn, blocks, kThreads, smem, stream, w, bias, x, y, rows, cols, PreNorm{},
+                    Fold{residual, norm_weight, router_wt, experts, local_rows, partials});
+}
 
 cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                       int tokens, cudaStream_t stream) {
