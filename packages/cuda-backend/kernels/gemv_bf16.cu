@@ -83,7 +83,7 @@ struct Fold {
   float* partials;  // [gridDim.x][T][experts + 1]
 };
 
-template <int T, int R>
+template <int T, int R, bool FOLD>
 __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __restrict__ w,
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
@@ -106,12 +106,12 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
 
   // The fold's inputs for this block's rows (weights, and a residual stream written three launches
   // back): loaded before the wait. Rows past the end hold zeros and add nothing.
-  const bool fold = fd.partials != nullptr;
+  constexpr bool fold = FOLD;
   const int LR = fd.local_rows;
   float* v_s = red + kWarps * 32;  // [T][LR]: residual, then v
   float* g_s = v_s + T * LR;       // [LR]
   bf16_bits* wr_s = reinterpret_cast<bf16_bits*>(g_s + LR);  // [LR][experts]
-  if (fold) {
+  if constexpr (fold) {
     const int E = fd.experts;
     const int n_local = (ngroups - group + gridDim.x - 1) / gridDim.x * R;
     for (int j = tid; j < n_local; j += kThreads) {
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
       for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
       if (row < rows) {
         if (bias != nullptr) s += bf16_to_f32(bias[row]);
-        if (fold) {
+        if constexpr (fold) {
           s += v_s[t * LR + local + r];
           v_s[t * LR + local + r] = s;
         }
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
     __syncthreads();
   }
 
-  if (fold) {
+  if constexpr (fold) {
     // The loop's last barrier published v_s. One thread a (token, expert) sum, rows in order.
     const int E = fd.experts;
     const int n_local = (ngroups - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x * R;
@@ -285,7 +285,7 @@ using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, floa
 
 template <int T, int R>
 KernelFn kernel_for() {
-  return gemv_bf16_kernel<T, R>;
+  return gemv_bf16_kernel<T, R, false>;
 }
 
 template <int R>
@@ -378,7 +378,9 @@ cudaError_t gemv_bf16_fold(const bf16_bits* w, const bf16_bits* bias, const floa
   const size_t smem = smem_bytes(tokens, cols) + sizeof(float) * (tokens + 1) * local_rows +
                       sizeof(bf16_bits) * static_cast<size_t>(local_rows) * experts;
   if (smem > max_smem()) return cudaErrorInvalidValue;
-  const KernelFn fn = r == 4 ? pick_tokens<4>(tokens) : r == 2 ? pick_tokens<2>(tokens) : pick_tokens<1>(tokens);
+  static_assert(kMaxFoldTokens == 2, "one kernel per token count below");
+  const KernelFn fn = tokens == 1 ? (r == 4 ? gemv_bf16_kernel<1, 4, true> : r == 2 ? gemv_bf16_kernel<1, 2, true> : gemv_bf16_kernel<1, 1, true>)
+                                  : (r == 4 ? gemv_bf16_kernel<2, 4, true> : r == 2 ? gemv_bf16_kernel<2, 2, true> : gemv_bf16_kernel<2, 1, true>);
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

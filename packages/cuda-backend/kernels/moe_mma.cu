@@ -159,14 +159,34 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
 // Saves the plan kernel's launch, which is on the critical path of every layer.
 constexpr int kInlineSlots = 64;
 
-// With `route`, the block first takes each token's top-k from the router logits (warp t, token t)
-// and block 0 publishes them for the down kernel.
+// What a block needs to route decode tokens itself, copied out of the kernel's arguments (a
+// pointer to the argument struct here made the compiler copy the struct to local memory in the
+// down kernel, with spills in its main loop).
+struct InlineRoute {
+  bool enabled;
+  const float* logits;    // MoeMmaArgs.router_logits, or
+  const float* partials;  // MoeMmaArgs.router_partials (the folded router)
+  int partial_blocks, tokens, num_experts, top_k, hidden;
+  float eps;
+  const bf16_bits* bias;
+  RoutingRule rule;
+  bool renormalize;
+  int32_t* route_ids;
+  float* route_weights;
+};
+__device__ __forceinline__ InlineRoute inline_route(const MoeMmaArgs& a) {
+  return InlineRoute{a.router_logits != nullptr || a.router_partials != nullptr,
+                     a.router_logits, a.router_partials, a.partial_blocks, a.tokens, a.num_experts, a.top_k, a.hidden,
+                     a.eps, a.router_bias, a.rule, a.renormalize, a.route_ids, a.route_weights};
+}
+
+// The block takes each token's top-k from the router logits (warp t, token t).
 template <int PER_LANE>
-__device__ __forceinline__ void route_in_block(const MoeMmaArgs& a, const float* logits, int* id_s, float* w_s) {
+__device__ __forceinline__ void route_in_block(const InlineRoute& r, const float* logits, int* id_s, float* w_s) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < a.tokens)
-    topk_row<PER_LANE>(logits + static_cast<int64_t>(warp) * a.num_experts, a.num_experts, a.top_k, a.rule,
-                       a.renormalize, lane, id_s + warp * a.top_k, w_s + warp * a.top_k);
+  if (warp < r.tokens)
+    topk_row<PER_LANE>(logits + static_cast<int64_t>(warp) * r.num_experts, r.num_experts, r.top_k, r.rule,
+                       r.renormalize, lane, id_s + warp * r.top_k, w_s + warp * r.top_k);
 }
 
 // The folded router (MoeMmaArgs.router_partials): logits_s [tokens][num_experts] and inv_s
@@ -174,14 +194,14 @@ __device__ __forceinline__ void route_in_block(const MoeMmaArgs& a, const float*
 // the block sums blocks q, q + groups, ... of one partial row (a warp reads consecutive rows of a
 // block: coalesced), then the groups' sums are added in group order: the same order in every
 // block and every launch.
-__device__ void fold_router(const MoeMmaArgs& a, float* logits_s, float* inv_s) {
+__device__ __forceinline__ void fold_router(const InlineRoute& r, float* logits_s, float* inv_s) {
   __shared__ float sum_s[kMaxFoldTokens * (kMaxFoldExperts + 1) > kThreads ? kMaxFoldTokens * (kMaxFoldExperts + 1)
                                                                             : kThreads];
-  const int E = a.num_experts, rows = a.tokens * (E + 1), nb = a.partial_blocks;
+  const int E = r.num_experts, rows = r.tokens * (E + 1), nb = r.partial_blocks;
   const int groups = max(1, kThreads / rows);
   for (int u = threadIdx.x; u < rows * groups; u += kThreads) {
     const int q = u / rows, row = u - q * rows;
-    const float* p = a.router_partials + row;
+    const float* p = r.partials + row;
     float s = 0.f;
     int b = q;
     for (; b + 3 * groups < nb; b += 4 * groups) {
@@ -199,46 +219,47 @@ __device__ void fold_router(const MoeMmaArgs& a, float* logits_s, float* inv_s) 
     sum_s[row] = s;  // only this thread reads the entries it overwrites
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < a.tokens * E; i += kThreads) {
+  for (int i = threadIdx.x; i < r.tokens * E; i += kThreads) {
     const int t = i / E, e = i - t * E;
-    const float inv = rsqrtf(sum_s[t * (E + 1) + E] / static_cast<float>(a.hidden) + a.eps);
-    logits_s[i] = sum_s[t * (E + 1) + e] * inv + (a.router_bias != nullptr ? bf16_to_f32(a.router_bias[e]) : 0.f);
+    const float inv = rsqrtf(sum_s[t * (E + 1) + E] / static_cast<float>(r.hidden) + r.eps);
+    logits_s[i] = sum_s[t * (E + 1) + e] * inv + (r.bias != nullptr ? bf16_to_f32(r.bias[e]) : 0.f);
     if (e == 0) inv_s[t] = inv;
   }
   __syncthreads();
 }
 
-// With `route`, *route_w (when given) points at the block's copy of the routing weights, and with
-// a folded router *inv (when given) at the tokens' norm factors.
+// With route.enabled the block routes the tokens itself (block 0 publishes the picks when
+// `publish`), *route_ids / *route_w (when given) point at the block's copy of the picks, and with
+// a folded router *inv (when given) at the tokens' norm factors. Otherwise the picks are `ids`.
 __device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s,
-                                    const MoeMmaArgs* route = nullptr, bool publish = true,
+                                    const InlineRoute& route = InlineRoute{}, bool publish = true,
                                     const int** route_ids = nullptr, const float** route_w = nullptr,
                                     const float** inv = nullptr) {
   __shared__ int id_s[kInlineSlots], head_s[kInlineSlots], rank_s[kInlineSlots];
   __shared__ float w_s[kInlineSlots];
   const int t = threadIdx.x;
-  if (route != nullptr && route_ids != nullptr) {
+  if (route.enabled && route_ids != nullptr) {
     *route_ids = id_s;
     *route_w = w_s;
   }
-  if (route != nullptr) {
-    const float* logits = route->router_logits;
-    if (route->router_partials != nullptr) {
+  if (route.enabled) {
+    const float* logits = route.logits;
+    if (route.partials != nullptr) {
       __shared__ float logits_s[kMaxFoldTokens * kMaxFoldExperts];
       __shared__ float inv_s[kMaxFoldTokens];
-      fold_router(*route, logits_s, inv_s);
+      fold_router(route, logits_s, inv_s);
       logits = logits_s;
       if (inv != nullptr) *inv = inv_s;
     }
-    const int per_lane = (route->num_experts + 31) / 32;
-    if (per_lane <= 1) route_in_block<1>(*route, logits, id_s, w_s);
-    else if (per_lane <= 2) route_in_block<2>(*route, logits, id_s, w_s);
-    else if (per_lane <= 4) route_in_block<4>(*route, logits, id_s, w_s);
-    else route_in_block<8>(*route, logits, id_s, w_s);
+    const int per_lane = (route.num_experts + 31) / 32;
+    if (per_lane <= 1) route_in_block<1>(route, logits, id_s, w_s);
+    else if (per_lane <= 2) route_in_block<2>(route, logits, id_s, w_s);
+    else if (per_lane <= 4) route_in_block<4>(route, logits, id_s, w_s);
+    else route_in_block<8>(route, logits, id_s, w_s);
     __syncthreads();
     if (publish && blockIdx.x == 0 && t < slots) {
-      route->route_ids[t] = id_s[t];
-      route->route_weights[t] = w_s[t];
+      route.route_ids[t] = id_s[t];
+      route.route_weights[t] = w_s[t];
     }
   } else if (t < slots) {
     id_s[t] = ids[t];
@@ -657,9 +678,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   const int* route_ids = nullptr;
   const float* route_w = nullptr;
   const float* fold_inv = nullptr;
-  build_plan_in_block(a.expert_ids, slots, plan_s,
-                      a.router_logits != nullptr || a.router_partials != nullptr ? &a : nullptr, !DOWN, &route_ids,
-                      &route_w, &fold_inv);
+  build_plan_in_block(a.expert_ids, slots, plan_s, inline_route(a), !DOWN, &route_ids, &route_w, &fold_inv);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
   trace_point<DOWN>(a, 2);
