@@ -16,7 +16,9 @@
         {
           "action_name": "nvcc_kernels",
           "inputs": ["<!@(ls kernels/*.cu kernels/*.cuh kernels/*.h)", "scripts/build-kernels.mjs"],
-          "outputs": ["<(kernels_out)/libmoeflash_kernels.a"],
+          # The stamp is never written, so make runs the script on every build; the script itself
+          # recompiles only stale objects (headers included), which make's rule cannot see.
+          "outputs": ["<(kernels_out)/libmoeflash_kernels.a", "<(kernels_out)/always-check"],
           "action": ["node", "scripts/build-kernels.mjs", "<(kernels_out)"],
           "message": "nvcc kernels/*.cu",
         }

@@ -7,7 +7,7 @@
 //   node scripts/build-kernels.mjs <out-dir>          build <out-dir>/libmoeflash_kernels.a
 //   node scripts/build-kernels.mjs --cuda-home        print the CUDA toolkit folder (for gyp)
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -84,6 +84,11 @@ async function main() {
   if (stale.length > 0 || !existsSync(archive)) {
     await run('rm', ['-f', archive]);
     await run('ar', ['rcs', archive, ...objects]);
+    // make does not know that the addon links this archive: remove the linked addon so that the
+    // build links it again instead of keeping one with the old kernels.
+    for (const cfg of ['Release', 'Debug'])
+      for (const f of [join(outDir, '..', cfg, 'moeflash_cuda.node'), join(outDir, '..', cfg, 'obj.target', 'moeflash_cuda.node')])
+        rmSync(f, { force: true });
   }
 }
 
