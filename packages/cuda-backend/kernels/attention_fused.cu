@@ -84,8 +84,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 template <int CH>  // head_dim / 8
-__global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArgs p, AttentionDecodeArgs a,
-                                                                     bool prefetch) {
+__global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArgs p, AttentionDecodeArgs a) {
   constexpr int D = CH * 8;
   constexpr int kGroups = kThreads / CH;  // position groups of P V
   __shared__ __align__(16) float q_s[D];
@@ -100,38 +99,18 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
   __shared__ float red[kWarps];
   __shared__ int last_s;
 
+  pdl_prologue();
   const int h = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = a.num_heads / a.num_kv_heads;
   const int kvh = h / group;
-  // Before the wait this block reads only the step's inputs (lengths, positions, block table),
-  // which no kernel writes, and asks L2 for the cache rows of the earlier positions, which no
-  // kernel of this step writes either: their DRAM latency then overlaps the q/k/v projection's
-  // tail instead of following it. The group's blocks share a kv head, so each asks for every
-  // group-th row.
   const int len = a.seq_lens[t];
   const int lo = a.window > 0 ? max(0, len - a.window) : 0;
   const int splits = (len - lo + kChunk - 1) / kChunk;
-  if (split >= splits) {
-    pdl_prologue();
-    return;
-  }
+  if (split >= splits) return;
   const int p0 = lo + split * kChunk;
   const int n = min(len, p0 + kChunk) - p0;
   const int pos = p.positions[t];
-  const int32_t* table = a.block_table + static_cast<int64_t>(t) * a.max_pages_per_seq;
-  for (int i = tid; i < n; i += kThreads) {
-    const int ps = p0 + i;
-    const int64_t off = ps == pos ? -1
-                                  : ((static_cast<int64_t>(table[ps / a.page_size]) * a.page_size + ps % a.page_size) *
-                                         a.num_kv_heads + kvh) * D;
-    rowoff[i] = off;
-    if (prefetch && off >= 0 && i % group == h % group) {
-      prefetch_l2(a.k_cache + off, D * sizeof(bf16_bits));
-      prefetch_l2(a.v_cache + off, D * sizeof(bf16_bits));
-    }
-  }
-  pdl_prologue();
 
   // The query head, the new key and the new value, from the raw projection row.
   const int q_dim = a.num_heads * D, kv_dim = a.num_kv_heads * D;
@@ -164,8 +143,15 @@ __global__ void __launch_bounds__(kThreads) attention_fused_kernel(QkvPrepareArg
       v_row[i] = b;
     }
   }
-  // Each position's row (rowoff, filled before the wait): in the cache, or (the new position) in
-  // shared memory. Generic pointers, so one load path serves both.
+  // Each position's row: in the cache, or (the new position) in shared memory. Generic pointers,
+  // so one load path serves both.
+  const int32_t* table = a.block_table + static_cast<int64_t>(t) * a.max_pages_per_seq;
+  for (int i = tid; i < n; i += kThreads) {
+    const int ps = p0 + i;
+    rowoff[i] = ps == pos ? -1
+                          : ((static_cast<int64_t>(table[ps / a.page_size]) * a.page_size + ps % a.page_size) *
+                                 a.num_kv_heads + kvh) * D;
+  }
   __syncthreads();
 
   // Scores, a thread a position, two positions' loads in flight at once.
@@ -323,13 +309,21 @@ cudaError_t attention_decode_fused(const QkvPrepareArgs& p, const AttentionDecod
     return cudaErrorInvalidValue;
   const int splits = (a.max_seq_len + kChunk - 1) / kChunk;
   const dim3 grid(a.num_heads, a.num_seqs, splits);
-  // MOEFLASH_ATTENTION_PREFETCH=0 leaves the cache rows to the loads after the wait (measurements).
-  const bool prefetch = env_int("MOEFLASH_ATTENTION_PREFETCH", 1) != 0;
+  // All of the unified memory as shared memory on the multiprocessors this kernel runs on, so that
+  // the next kernel's large blocks (gemv_bf16_staged, the o projection) fit beside its blocks and
+  // start copying their weights while it runs. MOEFLASH_ATTENTION_CARVEOUT overrides (measurements).
+  const int carveout = env_int("MOEFLASH_ATTENTION_CARVEOUT", 100);
   switch (a.head_dim) {
-    case 16: return launch_pdl(attention_fused_kernel<2>, grid, kThreads, 0, stream, p, a, prefetch);
-    case 32: return launch_pdl(attention_fused_kernel<4>, grid, kThreads, 0, stream, p, a, prefetch);
-    case 64: return launch_pdl(attention_fused_kernel<8>, grid, kThreads, 0, stream, p, a, prefetch);
-    default: return launch_pdl(attention_fused_kernel<16>, grid, kThreads, 0, stream, p, a, prefetch);
+    case 16: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<2>), carveout); break;
+    case 32: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<4>), carveout); break;
+    case 64: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<8>), carveout); break;
+    default: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<16>), carveout); break;
+  }
+  switch (a.head_dim) {
+    case 16: return launch_pdl(attention_fused_kernel<2>, grid, kThreads, 0, stream, p, a);
+    case 32: return launch_pdl(attention_fused_kernel<4>, grid, kThreads, 0, stream, p, a);
+    case 64: return launch_pdl(attention_fused_kernel<8>, grid, kThreads, 0, stream, p, a);
+    default: return launch_pdl(attention_fused_kernel<16>, grid, kThreads, 0, stream, p, a);
   }
 }
 

@@ -33,12 +33,6 @@ __device__ __forceinline__ uint32_t ld_stream_u8(const uint8_t* p) {
   asm("ld.global.nc.L1::no_allocate.u8 %0, [%1];" : "=h"(r) : "l"(p));
   return r;
 }
-// Asks L2 for `bytes` (a multiple of 16) at a 16-byte aligned global address; no register waits.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
 __device__ __forceinline__ float4 ld_f4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
 
 // ------------------------------------------------------------------ MXFP4
@@ -62,6 +56,38 @@ constexpr float kE2m1Unscale = 16384.0f;  // 2^14, undoes e2m1_pair_scaled's fac
 __device__ __forceinline__ float e8m0_to_f32(uint32_t s) {
   if (s == 0xffu) return __uint_as_float(0x7fc00000u);
   return s == 0 ? __uint_as_float(0x00400000u) : __uint_as_float(s << 23);
+}
+
+// ------------------------------------------------------------------ bulk copies (TMA) into shared memory
+// One mbarrier tracks the bytes of cp.async.bulk copies issued by one thread; every thread then
+// waits on phase 0. (A block is its own cluster of one, so the shared::cluster forms address it.)
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init_expect(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+// bytes: a multiple of 16, both addresses 16-byte aligned.
+__device__ __forceinline__ void bulk_copy_to_smem(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait_phase0(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0; selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(smem_addr(bar))
+        : "memory");
+#endif
 }
 
 // ------------------------------------------------------------------ programmatic dependent launch
@@ -142,6 +168,13 @@ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Whether launch_pdl asks for programmatic stream serialization (on unless MOEFLASH_PDL=0).
 bool pdl_enabled();
 
+// Sets `kernel`'s preferred shared-memory carveout (percent of the unified L1 / shared memory; -1
+// the driver's default) unless it already has that value. launch_pdl applies MOEFLASH_CARVEOUT
+// (measurements) to every kernel; kernels whose blocks must fit beside the previous kernel's
+// (gemv_bf16_staged) ask for the maximum themselves.
+void set_carveout(const void* kernel, int percent);
+int carveout_setting();  // MOEFLASH_CARVEOUT, or -2 when unset (leave every kernel as it is)
+
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization; the
 // kernel must begin with pdl_prologue().
 template <typename... KArgs, typename... Args>
@@ -157,6 +190,8 @@ cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t s
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const int carveout = carveout_setting();
+  if (carveout != -2) set_carveout(reinterpret_cast<const void*>(kernel), carveout);
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   return e != cudaSuccess ? e : cudaGetLastError();
 }

@@ -67,28 +67,11 @@ struct PreNorm {
   float* normed_out;
 };
 
-// With a fold (Fold.partials set) the projection is the one before a MoE router's norm (the o
-// projection): y[t] = residual[t] + W x[t] (+ bias) is the next residual stream v, and each block
-// also leaves, for its own rows i, the partial sums that the router needs,
-//   partials[block][t][e] = sum_i W_r[e, i] * (g_i * v[t, i])   (e < experts)
-//   partials[block][t][experts] = sum_i v[t, i]^2,
-// so that logits = rsqrt(sum v^2 / rows + eps) * sum over blocks + b_r follow from one pass over
-// the blocks (the MoE kernel does it), without a router launch between.
-struct Fold {
-  const float* residual;        // [T, rows], the residual stream before this projection
-  const bf16_bits* norm_weight;  // g [rows]
-  const bf16_bits* router_wt;    // W_r transposed, [rows, experts]
-  int experts;
-  int local_rows;  // shared-memory rows a block holds: ceil(groups / grid) * R
-  float* partials;  // [gridDim.x][T][experts + 1]
-};
-
-template <int T, int R, bool FOLD>
+template <int T, int R>
 __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __restrict__ w,
                                                              const bf16_bits* __restrict__ bias,
                                                              const float* __restrict__ x,
-                                                             float* __restrict__ y, int rows, int cols, PreNorm pn,
-                                                             Fold fd) {
+                                                             float* __restrict__ y, int rows, int cols, PreNorm pn) {
   using Tile = GemvTile<T, R>;
   extern __shared__ float4 smem[];
   const int nchunk = cols / 8;
@@ -103,29 +86,6 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
 
   uint4 wv[kUnroll][R];
   load_batch<R>(wv, w, group, rows, cols, nchunk, tid);
-
-  // The fold's inputs for this block's rows (weights, and a residual stream written three launches
-  // back): loaded before the wait. Rows past the end hold zeros and add nothing.
-  constexpr bool fold = FOLD;
-  const int LR = fd.local_rows;
-  float* v_s = red + kWarps * 32;  // [T][LR]: residual, then v
-  float* g_s = v_s + T * LR;       // [LR]
-  bf16_bits* wr_s = reinterpret_cast<bf16_bits*>(g_s + LR);  // [LR][experts]
-  if constexpr (fold) {
-    const int E = fd.experts;
-    const int n_local = (ngroups - group + gridDim.x - 1) / gridDim.x * R;
-    for (int j = tid; j < n_local; j += kThreads) {
-      const int row = (group + (j / R) * gridDim.x) * R + j % R;
-      g_s[j] = row < rows ? bf16_to_f32(fd.norm_weight[row]) : 0.f;
-#pragma unroll
-      for (int t = 0; t < T; ++t) v_s[t * LR + j] = row < rows ? fd.residual[static_cast<int64_t>(t) * rows + row] : 0.f;
-    }
-    for (int i = tid; i < n_local * E; i += kThreads) {
-      const int j = i / E;
-      const int row = (group + (j / R) * gridDim.x) * R + j % R;
-      wr_s[i] = row < rows ? fd.router_wt[static_cast<int64_t>(row) * E + (i - j * E)] : bf16_bits(0);
-    }
-  }
   pdl_prologue();  // the weights are no kernel's output: their first loads overlap the previous kernel
 
   const int n4 = cols / 4;
@@ -189,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
     __syncthreads();
   }
 
-  for (int local = 0; group < ngroups; group += gridDim.x, local += R) {
+  for (; group < ngroups; group += gridDim.x) {
     float acc[R][T];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -253,39 +213,130 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
       for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
       if (row < rows) {
         if (bias != nullptr) s += bf16_to_f32(bias[row]);
-        if constexpr (fold) {
-          s += v_s[t * LR + local + r];
-          v_s[t * LR + local + r] = s;
-        }
         y[static_cast<int64_t>(t) * rows + row] = s;
       }
     }
     __syncthreads();
   }
+}
 
-  if constexpr (fold) {
-    // The loop's last barrier published v_s. One thread a (token, expert) sum, rows in order.
-    const int E = fd.experts;
-    const int n_local = (ngroups - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x * R;
-    float* out = fd.partials + static_cast<int64_t>(blockIdx.x) * T * (E + 1);
-    for (int i = tid; i < T * (E + 1); i += kThreads) {
-      const int t = i / (E + 1), e = i - t * (E + 1);
-      const float* v = v_s + t * LR;
-      float acc = 0.f;
-      if (e < E)
-        for (int j = 0; j < n_local; ++j) acc = fmaf(bf16_to_f32(wr_s[j * E + e]), g_s[j] * v[j], acc);
-      else
-        for (int j = 0; j < n_local; ++j) acc = fmaf(v[j], v[j], acc);
-      out[i] = acc;
+// The same product with the block's weights copied whole into shared memory before the wait
+// (cp.async.bulk, one thread, no registers held): for a projection whose previous kernel leaves
+// most multiprocessors and the memory bus idle (the o projection after decode attention: 64 blocks,
+// latency-bound), so that its weights stream while that kernel runs. A block takes a contiguous
+// run of `groups_per_block` row groups; the arithmetic of each row (chunk mapping, reduction trees)
+// is gemv_bf16_kernel's with the same R, so the results are the same bits.
+template <int T, int R>
+__global__ void __launch_bounds__(kThreads, 1) gemv_bf16_staged_kernel(const bf16_bits* __restrict__ w,
+                                                                      const bf16_bits* __restrict__ bias,
+                                                                      const float* __restrict__ x,
+                                                                      float* __restrict__ y, int rows, int cols,
+                                                                      int groups_per_block) {
+  using Tile = GemvTile<T, R>;
+  extern __shared__ float4 smem[];
+  const int nchunk = cols / 8;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ngroups = (rows + R - 1) / R;
+  const int g0 = blockIdx.x * groups_per_block, g1 = min(ngroups, g0 + groups_per_block);
+  bf16_bits* ws = reinterpret_cast<bf16_bits*>(smem);  // [groups_per_block * R][cols]
+  float4* xs = smem + static_cast<size_t>(groups_per_block) * R * nchunk;  // [T][2][nchunk]
+  float* red = reinterpret_cast<float*>(xs + 2 * T * nchunk);              // [kWarps][32]
+  uint64_t* bar = reinterpret_cast<uint64_t*>(red + kWarps * 32);
+  if (g0 >= g1) {
+    pdl_prologue();
+    return;
+  }
+  const int row0 = g0 * R;
+  const int nrows = min(rows, g1 * R) - row0;
+  if (tid == 0) {
+    const uint32_t bytes = static_cast<uint32_t>(nrows) * cols * sizeof(bf16_bits);
+    mbar_init_expect(bar, bytes);
+    constexpr uint32_t kPiece = 32768;
+    const char* src = reinterpret_cast<const char*>(w + static_cast<int64_t>(row0) * cols);
+    char* dst = reinterpret_cast<char*>(ws);
+    for (uint32_t off = 0; off < bytes; off += kPiece) bulk_copy_to_smem(dst + off, src + off, min(kPiece, bytes - off), bar);
+  }
+  pdl_prologue();
+
+  const int n4 = cols / 4;
+  for (int j = tid; j < T * n4; j += kThreads) {
+    const int t = j / n4;
+    const int e = j - t * n4;
+    xs[(2 * t + (e & 1)) * nchunk + (e >> 1)] = ld_f4(x + static_cast<int64_t>(t) * cols + 4 * e);
+  }
+  __syncthreads();  // also orders the barrier's initialization before the other threads' waits
+  mbar_wait_phase0(bar);
+
+  for (int group = g0; group < g1; ++group) {
+    float acc[R][T];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
+    for (int c0 = tid; c0 < nchunk; c0 += kUnroll * kThreads) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + u * kThreads;
+        if (c < nchunk) {
+          float wf[R][8];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int local = min(group * R + r, rows - 1) - row0;
+            decode8(*reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(local) * cols + 8 * c), wf[r]);
+          }
+#pragma unroll
+          for (int t = 0; t < T; ++t) {
+            const float4 a = xs[(2 * t) * nchunk + c];
+            const float4 b = xs[(2 * t + 1) * nchunk + c];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              float s = acc[r][t];
+              s = fmaf(wf[r][0], a.x, s);
+              s = fmaf(wf[r][1], a.y, s);
+              s = fmaf(wf[r][2], a.z, s);
+              s = fmaf(wf[r][3], a.w, s);
+              s = fmaf(wf[r][4], b.x, s);
+              s = fmaf(wf[r][5], b.y, s);
+              s = fmaf(wf[r][6], b.z, s);
+              s = fmaf(wf[r][7], b.w, s);
+              acc[r][t] = s;
+            }
+          }
+        }
+      }
     }
+    float v[Tile::kPadded];
+#pragma unroll
+    for (int i = 0; i < Tile::kPadded; ++i) v[i] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int t = 0; t < T; ++t) v[r * T + t] = acc[r][t];
+    warp_reduce_scatter<Tile::kPadded>(v, lane);
+    constexpr int kLanesPerValue = 32 / Tile::kPadded;
+    if ((lane & (kLanesPerValue - 1)) == 0) red[warp * Tile::kPadded + lane / kLanesPerValue] = v[0];
+    __syncthreads();
+    if (tid < Tile::kValues) {
+      const int r = tid / T;
+      const int t = tid - r * T;
+      const int row = group * R + r;
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
+      if (row < rows) {
+        if (bias != nullptr) s += bf16_to_f32(bias[row]);
+        y[static_cast<int64_t>(t) * rows + row] = s;
+      }
+    }
+    __syncthreads();
   }
 }
 
-using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm, Fold);
+using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm);
 
 template <int T, int R>
 KernelFn kernel_for() {
-  return gemv_bf16_kernel<T, R, false>;
+  return gemv_bf16_kernel<T, R>;
 }
 
 template <int R>
@@ -318,8 +369,8 @@ size_t max_smem() {
 
 namespace {
 
-// Rows a group for a matrix of `rows` rows: large matrices take 4 (more loads in flight a thread),
-// small ones fewer so that the groups still spread over every multiprocessor.
+// Rows a group: large matrices take 4 (more loads in flight a thread), small ones fewer so that the
+// groups still spread over every multiprocessor.
 int rows_per_group(int rows) {
   const int sms = device_sm_count();
   return rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
@@ -349,7 +400,7 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
     if (p.x_out != nullptr) p.x_out += off;
     if (p.normed_out != nullptr) p.normed_out += off;
     const cudaError_t e = launch_pdl(fn, grid, kThreads, smem, stream, w, bias, x + off,
-                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p, Fold{});
+                                     y + static_cast<int64_t>(t0) * rows, rows, cols, p);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -357,37 +408,25 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
 
 }  // namespace
 
-int gemv_fold_blocks(int rows) {
-  const int groups = ceil_div(rows, rows_per_group(rows));
-  // MOEFLASH_FOLD_BLOCKS overrides the grid (measurements); the consumers read one partial row a block.
-  const int blocks = env_int("MOEFLASH_FOLD_BLOCKS", device_sm_count());
-  return std::max(1, std::min({groups, blocks, kMaxFoldBlocks}));
-}
-
-cudaError_t gemv_bf16_fold(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
-                           const bf16_bits* norm_weight, const bf16_bits* router_wt, int experts, float* partials,
-                           int blocks, float* y, int rows, int cols, int tokens, cudaStream_t stream) {
+cudaError_t gemv_bf16_staged(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
+                             int tokens, cudaStream_t stream) {
   if (tokens <= 0 || rows <= 0) return cudaSuccess;
-  if (tokens > kMaxFoldTokens || experts <= 0 || experts > kMaxFoldExperts || cols <= 0 || cols % 8 != 0 ||
-      residual == nullptr || norm_weight == nullptr || router_wt == nullptr || partials == nullptr ||
-      blocks != gemv_fold_blocks(rows))
-    return cudaErrorInvalidValue;
+  if (cols <= 0 || cols % 8 != 0) return cudaErrorInvalidValue;
+  if (tokens > 2) return cudaErrorNotSupported;
   const int r = rows_per_group(rows);
   const int groups = ceil_div(rows, r);
-  const int local_rows = ceil_div(groups, blocks) * r;
-  const size_t smem = smem_bytes(tokens, cols) + sizeof(float) * (tokens + 1) * local_rows +
-                      sizeof(bf16_bits) * static_cast<size_t>(local_rows) * experts;
-  if (smem > max_smem()) return cudaErrorInvalidValue;
-  static_assert(kMaxFoldTokens == 2, "one kernel per token count below");
-  const KernelFn fn = tokens == 1 ? (r == 4 ? gemv_bf16_kernel<1, 4, true> : r == 2 ? gemv_bf16_kernel<1, 2, true> : gemv_bf16_kernel<1, 1, true>)
-                                  : (r == 4 ? gemv_bf16_kernel<2, 4, true> : r == 2 ? gemv_bf16_kernel<2, 2, true> : gemv_bf16_kernel<2, 1, true>);
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn),
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
-  return launch_pdl(fn, blocks, kThreads, smem, stream, w, bias, x, y, rows, cols, PreNorm{},
-                    Fold{residual, norm_weight, router_wt, experts, local_rows, partials});
+  const int per_block = ceil_div(groups, device_sm_count());
+  const size_t smem = static_cast<size_t>(per_block) * r * cols * sizeof(bf16_bits) + smem_bytes(tokens, cols) + 16;
+  if (smem > max_smem()) return cudaErrorNotSupported;
+  using StagedFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, int);
+  const StagedFn fn = tokens == 1 ? (r == 4 ? gemv_bf16_staged_kernel<1, 4> : r == 2 ? gemv_bf16_staged_kernel<1, 2> : gemv_bf16_staged_kernel<1, 1>)
+                                  : (r == 4 ? gemv_bf16_staged_kernel<2, 4> : r == 2 ? gemv_bf16_staged_kernel<2, 2> : gemv_bf16_staged_kernel<2, 1>);
+  // Its blocks must fit beside the previous kernel's: ask for all of the unified memory as shared.
+  set_carveout(reinterpret_cast<const void*>(fn), 100);
+  cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  return launch_pdl(fn, ceil_div(groups, per_block), kThreads, smem, stream, w, bias, x, y, rows, cols, per_block);
 }
 
 cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,

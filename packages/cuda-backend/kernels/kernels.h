@@ -50,17 +50,12 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 // be null), y[t] = W (v[t] * rsqrt(mean(v[t]^2) + eps) * norm_weight) (+ bias). Every block
 // normalizes for itself; block 0 writes v to x_out (the next residual stream; it must not alias x
 // or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
-// The o projection with the post-attention norm's statistics and the router folded in (decode,
-// tokens <= kMaxFoldTokens, experts <= kMaxFoldExperts): y[t] = residual[t] + W x[t] (+ bias) is the
-// next residual stream v (y must not alias residual), and block b of the `blocks` =
-// gemv_fold_blocks(rows) blocks writes partials[b][t] = (sum over its rows i of W_r[e, i] *
-// norm_weight[i] * v[t, i] for each expert e, then sum of v[t, i]^2); router_wt is W_r transposed,
-// [rows, experts]. The MoE kernels turn the partials into the router logits (MoeMmaArgs).
-constexpr int kMaxFoldTokens = 2, kMaxFoldExperts = 128, kMaxFoldBlocks = 1024;
-int gemv_fold_blocks(int rows);
-cudaError_t gemv_bf16_fold(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
-                           const bf16_bits* norm_weight, const bf16_bits* router_wt, int experts, float* partials,
-                           int blocks, float* y, int rows, int cols, int tokens, cudaStream_t stream);
+// gemv_bf16 for 1-2 tokens with each block's rows (one block a multiprocessor) copied into shared
+// memory before the wait for the previous kernel, so that the weights stream while it runs: for a
+// projection after a kernel that leaves the memory bus idle. The same bits as gemv_bf16.
+// cudaErrorNotSupported when the tokens or the slice do not fit (then use gemv_bf16).
+cudaError_t gemv_bf16_staged(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
+                             int tokens, cudaStream_t stream);
 cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
                               const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
                               int rows, int cols, int tokens, cudaStream_t stream);

@@ -159,112 +159,37 @@ __global__ void __launch_bounds__(kPlanThreads) moe_plan_kernel(const int32_t* _
 // Saves the plan kernel's launch, which is on the critical path of every layer.
 constexpr int kInlineSlots = 64;
 
-// What a block needs to route decode tokens itself, copied out of the kernel's arguments (a
-// pointer to the argument struct here made the compiler copy the struct to local memory in the
-// down kernel, with spills in its main loop).
-struct InlineRoute {
-  bool enabled;
-  const float* logits;    // MoeMmaArgs.router_logits, or
-  const float* partials;  // MoeMmaArgs.router_partials (the folded router)
-  int partial_blocks, tokens, num_experts, top_k, hidden;
-  float eps;
-  const bf16_bits* bias;
-  RoutingRule rule;
-  bool renormalize;
-  int32_t* route_ids;
-  float* route_weights;
-};
-__device__ __forceinline__ InlineRoute inline_route(const MoeMmaArgs& a) {
-  return InlineRoute{a.router_logits != nullptr || a.router_partials != nullptr,
-                     a.router_logits, a.router_partials, a.partial_blocks, a.tokens, a.num_experts, a.top_k, a.hidden,
-                     a.eps, a.router_bias, a.rule, a.renormalize, a.route_ids, a.route_weights};
-}
-
-// The block takes each token's top-k from the router logits (warp t, token t).
+// With `route`, the block first takes each token's top-k from the router logits (warp t, token t)
+// and block 0 publishes them for the down kernel.
 template <int PER_LANE>
-__device__ __forceinline__ void route_in_block(const InlineRoute& r, const float* logits, int* id_s, float* w_s) {
+__device__ __forceinline__ void route_in_block(const MoeMmaArgs& a, int* id_s, float* w_s) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < r.tokens)
-    topk_row<PER_LANE>(logits + static_cast<int64_t>(warp) * r.num_experts, r.num_experts, r.top_k, r.rule,
-                       r.renormalize, lane, id_s + warp * r.top_k, w_s + warp * r.top_k);
+  if (warp < a.tokens)
+    topk_row<PER_LANE>(a.router_logits + static_cast<int64_t>(warp) * a.num_experts, a.num_experts, a.top_k, a.rule,
+                       a.renormalize, lane, id_s + warp * a.top_k, w_s + warp * a.top_k);
 }
 
-// The folded router (MoeMmaArgs.router_partials): logits_s [tokens][num_experts] and inv_s
-// [tokens] (the norm's rsqrt) from the o projection's per-block partial sums. Thread group q of
-// the block sums blocks q, q + groups, ... of one partial row (a warp reads consecutive rows of a
-// block: coalesced), then the groups' sums are added in group order: the same order in every
-// block and every launch.
-// sum_s: kFoldSumFloats of scratch.
-constexpr int kFoldSumFloats =
-    kMaxFoldTokens * (kMaxFoldExperts + 1) > kThreads ? kMaxFoldTokens * (kMaxFoldExperts + 1) : kThreads;
-constexpr int kFoldScratchFloats = kFoldSumFloats + kMaxFoldTokens * kMaxFoldExperts;
-__device__ __forceinline__ void fold_router(const InlineRoute& r, float* sum_s, float* logits_s, float* inv_s) {
-  const int E = r.num_experts, rows = r.tokens * (E + 1), nb = r.partial_blocks;
-  const int groups = max(1, kThreads / rows);
-  for (int u = threadIdx.x; u < rows * groups; u += kThreads) {
-    const int q = u / rows, row = u - q * rows;
-    const float* p = r.partials + row;
-    float s = 0.f;
-    int b = q;
-    for (; b + 3 * groups < nb; b += 4 * groups) {
-      const float x0 = p[static_cast<int64_t>(b) * rows], x1 = p[static_cast<int64_t>(b + groups) * rows];
-      const float x2 = p[static_cast<int64_t>(b + 2 * groups) * rows], x3 = p[static_cast<int64_t>(b + 3 * groups) * rows];
-      s = (((s + x0) + x1) + x2) + x3;
-    }
-    for (; b < nb; b += groups) s += p[static_cast<int64_t>(b) * rows];
-    sum_s[u] = s;
-  }
-  __syncthreads();
-  for (int row = threadIdx.x; row < rows; row += kThreads) {
-    float s = sum_s[row];
-    for (int q = 1; q < groups; ++q) s += sum_s[q * rows + row];
-    sum_s[row] = s;  // only this thread reads the entries it overwrites
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < r.tokens * E; i += kThreads) {
-    const int t = i / E, e = i - t * E;
-    const float inv = rsqrtf(sum_s[t * (E + 1) + E] / static_cast<float>(r.hidden) + r.eps);
-    logits_s[i] = sum_s[t * (E + 1) + e] * inv + (r.bias != nullptr ? bf16_to_f32(r.bias[e]) : 0.f);
-    if (e == 0) inv_s[t] = inv;
-  }
-  __syncthreads();
-}
-
-// With route.enabled the block routes the tokens itself (block 0 publishes the picks when
-// `publish`), *route_ids / *route_w (when given) point at the block's copy of the picks, and with
-// a folded router *inv (when given) at the tokens' norm factors. Otherwise the picks are `ids`.
-// A folded router works in `scratch` (kFoldScratchFloats of shared memory that the block does not
-// use until the plan is built: the staging buffer), since more static shared memory in these
-// kernels made every MoE launch slower (H100: the layer 32.8 -> 45.9 us).
+// With `route`, *route_w (when given) points at the block's copy of the routing weights.
 __device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, int* plan_s,
-                                    const InlineRoute& route = InlineRoute{}, bool publish = true,
-                                    const int** route_ids = nullptr, const float** route_w = nullptr,
-                                    const float** inv = nullptr, float* scratch = nullptr) {
+                                    const MoeMmaArgs* route = nullptr, bool publish = true,
+                                    const int** route_ids = nullptr, const float** route_w = nullptr) {
   __shared__ int id_s[kInlineSlots], head_s[kInlineSlots], rank_s[kInlineSlots];
   __shared__ float w_s[kInlineSlots];
   const int t = threadIdx.x;
-  if (route.enabled && route_ids != nullptr) {
+  if (route != nullptr && route_ids != nullptr) {
     *route_ids = id_s;
     *route_w = w_s;
   }
-  if (route.enabled) {
-    const float* logits = route.logits;
-    if (route.partials != nullptr) {
-      __shared__ float inv_s[kMaxFoldTokens];
-      float* logits_s = scratch + kFoldSumFloats;
-      fold_router(route, scratch, logits_s, inv_s);
-      logits = logits_s;
-      if (inv != nullptr) *inv = inv_s;
-    }
-    const int per_lane = (route.num_experts + 31) / 32;
-    if (per_lane <= 1) route_in_block<1>(route, logits, id_s, w_s);
-    else if (per_lane <= 2) route_in_block<2>(route, logits, id_s, w_s);
-    else if (per_lane <= 4) route_in_block<4>(route, logits, id_s, w_s);
-    else route_in_block<8>(route, logits, id_s, w_s);
+  if (route != nullptr) {
+    const int per_lane = (route->num_experts + 31) / 32;
+    if (per_lane <= 1) route_in_block<1>(*route, id_s, w_s);
+    else if (per_lane <= 2) route_in_block<2>(*route, id_s, w_s);
+    else if (per_lane <= 4) route_in_block<4>(*route, id_s, w_s);
+    else route_in_block<8>(*route, id_s, w_s);
     __syncthreads();
     if (publish && blockIdx.x == 0 && t < slots) {
-      route.route_ids[t] = id_s[t];
-      route.route_weights[t] = w_s[t];
+      route->route_ids[t] = id_s[t];
+      route->route_weights[t] = w_s[t];
     }
   } else if (t < slots) {
     id_s[t] = ids[t];
@@ -309,8 +234,6 @@ __device__ void build_plan_in_block(const int32_t* __restrict__ ids, int slots, 
 }
 
 // ------------------------------------------------------------------ shared pieces of a block
-__device__ __forceinline__ float4 f4_at(const float* p, int i) { return reinterpret_cast<const float4*>(p)[i]; }
-
 // B staging: column j is the float32 vector src(j) of length kd, multiplied by a power of two
 // 2^shift_j chosen from its largest magnitude (largest |x| * 2^shift_j < 2^15, so f16 cannot
 // overflow) and stored as f16 in the mma k order: uint4 (j, block b, q) holds the f16x2 pairs
@@ -321,17 +244,17 @@ struct Staging {
   int stride;  // uint4 per column: nb * 4 + 4 (the pad spreads the 8 columns a warp reads over banks)
 };
 
-// load4(j, i): elements 4i..4i+3 of column j.
-template <typename Load4>
-__device__ void stage_columns(const Staging& st, int cols, int kd, Load4 load4, float* col_unscale,
+template <typename SrcFn>
+__device__ void stage_columns(const Staging& st, int cols, int kd, SrcFn src, float* col_unscale,
                               float (*amax_part)[kMaxCols]) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n4 = kd / 4;
   __syncthreads();  // the item's slot list (load_item) is in shared memory
   for (int j = 0; j < cols; ++j) {
+    const float4* v = reinterpret_cast<const float4*>(src(j));
     float m = 0.f;
     for (int i = tid; i < n4; i += kThreads) {
-      const float4 f = load4(j, i);
+      const float4 f = v[i];
       m = fmaxf(m, fmaxf(fmaxf(fabsf(f.x), fabsf(f.y)), fmaxf(fabsf(f.z), fabsf(f.w))));
     }
     m = warp_max(m);
@@ -357,7 +280,8 @@ __device__ void stage_columns(const Staging& st, int cols, int kd, Load4 load4, 
     const int j = u / (nb * 4);
     const int r = u - j * nb * 4;  // b * 4 + q
     const float s = col_scale[j];
-    const float4 lo = load4(j, 2 * r), hi = load4(j, 2 * r + 1);
+    const float4* p = reinterpret_cast<const float4*>(src(j) + r * 8);
+    const float4 lo = p[0], hi = p[1];
     uint4 h;
     const __half2 h0 = __floats2half2_rn(lo.x * s, hi.x * s);
     const __half2 h1 = __floats2half2_rn(lo.y * s, hi.y * s);
@@ -558,10 +482,10 @@ __global__ void __launch_bounds__(kThreads, MINB) moe_mma_stream_kernel(MoeMmaAr
       __syncthreads();
       const int cols = item_s[1];
       if constexpr (DOWN) {
-        stage_columns(st, cols, kd, [&](int j, int i) { return f4_at(a.act + static_cast<int64_t>(slot_s[j]) * I, i); }, col_unscale,
+        stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
                       amax_part);
       } else {
-        stage_columns(st, cols, kd, [&](int j, int i) { return f4_at(a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H, i); },
+        stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
                       col_unscale, amax_part);
       }
       staged = item;
@@ -682,9 +606,8 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   const int slots = a.tokens * a.top_k;
   const int* route_ids = nullptr;
   const float* route_w = nullptr;
-  const float* fold_inv = nullptr;
-  build_plan_in_block(a.expert_ids, slots, plan_s, inline_route(a), !DOWN, &route_ids, &route_w, &fold_inv,
-                      reinterpret_cast<float*>(smem_xs));
+  build_plan_in_block(a.expert_ids, slots, plan_s, a.router_logits != nullptr ? &a : nullptr, !DOWN, &route_ids,
+                      &route_w);
   const int n_items = plan_s[0];
   const int item = blockIdx.x / groups_per_item;
   trace_point<DOWN>(a, 2);
@@ -721,25 +644,11 @@ __global__ void __launch_bounds__(kThreads, 3) moe_mma_rows_kernel(MoeMmaArgs a,
   }
   const Staging st{smem_xs, nb * 4 + 4};
   if constexpr (DOWN) {
-    stage_columns(st, cols, kd, [&](int j, int i) { return f4_at(a.act + static_cast<int64_t>(slot_s[j]) * I, i); }, col_unscale,
+    stage_columns(st, cols, kd, [&](int j) { return a.act + static_cast<int64_t>(slot_s[j]) * I; }, col_unscale,
                   amax_part);
   } else {
-    // With a folded router x is the residual stream before the norm: (v * inv) * g, the norm's
-    // arithmetic (gemv_bf16_prenorm), as the column is staged.
-    stage_columns(
-        st, cols, kd,
-        [&](int j, int i) {
-          const int tok = slot_s[j] / a.top_k;
-          float4 v = f4_at(a.x + static_cast<int64_t>(tok) * H, i);
-          if (fold_inv != nullptr) {
-            const float inv = fold_inv[tok];
-            const uint2 g2 = *reinterpret_cast<const uint2*>(a.norm_weight + 4 * i);
-            v = make_float4((v.x * inv) * bf16_lo(g2.x), (v.y * inv) * bf16_hi(g2.x), (v.z * inv) * bf16_lo(g2.y),
-                            (v.w * inv) * bf16_hi(g2.y));
-          }
-          return v;
-        },
-        col_unscale, amax_part);
+    stage_columns(st, cols, kd, [&](int j) { return a.x + static_cast<int64_t>(slot_s[j] / a.top_k) * H; },
+                  col_unscale, amax_part);
   }
   trace_point<DOWN>(a, 3);
   if (!active) return;  // no block barrier follows
@@ -904,10 +813,8 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
 
-  // A folded router routes in the staging buffer (build_plan_in_block's scratch).
-  const size_t fold_scratch = a.router_partials != nullptr ? sizeof(float) * kFoldScratchFloats : 0;
-  const size_t gu_smem = std::max(fold_scratch, sizeof(uint4) * alloc_cols * static_cast<size_t>(a.hidden / 32 * 4 + 4));
-  const size_t dn_smem = std::max(fold_scratch, sizeof(uint4) * alloc_cols * static_cast<size_t>(a.inter / 32 * 4 + 4));
+  const size_t gu_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.hidden / 32 * 4 + 4);
+  const size_t dn_smem = sizeof(uint4) * alloc_cols * static_cast<size_t>(a.inter / 32 * 4 + 4);
   auto launch = [&](auto kernel, size_t smem, int row_tiles) {
     cudaError_t err = allow_smem(kernel, smem);
     if (err != cudaSuccess) return err;
@@ -920,12 +827,8 @@ cudaError_t moe_mxfp4_mma(const MoeMmaArgs& a, cudaStream_t stream) {
   // k-tiles, 4 blocks), and MOEFLASH_MOE_WARPS sets the row form's warp target.
   const int variant = moe_variant();
   const int target_warps = std::max(1, env_int("MOEFLASH_MOE_WARPS", 2500));
-  if ((a.router_logits != nullptr || a.router_partials != nullptr) && !moe_mma_routes(a.tokens, a.top_k, a.num_experts))
+  if (a.router_logits != nullptr && !moe_mma_routes(a.tokens, a.top_k, a.num_experts))
     return cudaErrorInvalidValue;  // the caller routes first (router_topk) for these steps
-  if (a.router_partials != nullptr &&
-      (a.router_logits != nullptr || a.tokens > kMaxFoldTokens || a.num_experts > kMaxFoldExperts ||
-       a.partial_blocks <= 0 || a.norm_weight == nullptr))
-    return cudaErrorInvalidValue;
   if (variant == 3 && inline_plan) {
     // Enough warps to keep the device's loads in flight: the k-split SK is the smallest that gets
     // items * row tiles * SK to the target (measured on an H100: 36 us a gpt-oss-20b layer at one

@@ -47,22 +47,13 @@ struct MoeMmaArgs {
   ExpertActivation activation;
   float limit, alpha;
 
-  const float* x;               // [tokens, hidden] (with router_partials: before the norm)
+  const float* x;               // [tokens, hidden]
   const int32_t* expert_ids;    // [tokens, top_k], distinct within a token
   const float* expert_weights;  // [tokens, top_k]
   // Routing inside the MoE launch (decode steps, <= 256 experts): when router_logits is set, the
   // gate/up kernel takes each token's top-k itself (router_topk's rule and arithmetic) and writes
   // them to route_ids / route_weights, which must be expert_ids / expert_weights.
   const float* router_logits;  // [tokens, num_experts] or null
-  // Or the router folded into the o projection (gemv_bf16_fold; tokens <= kMaxFoldTokens): every
-  // block sums router_partials ([partial_blocks][tokens][num_experts + 1]) over the blocks in a
-  // fixed order, logits = rsqrt(sum v^2 / hidden + eps) * sum + router_bias, and x is then the
-  // residual stream v itself, normalized (* norm_weight) as it is staged.
-  const float* router_partials;
-  int partial_blocks;
-  const bf16_bits* router_bias;  // [num_experts] or null
-  const bf16_bits* norm_weight;  // [hidden]
-  float eps;
   RoutingRule rule;
   bool renormalize;
   int32_t* route_ids;

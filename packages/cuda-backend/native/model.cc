@@ -29,7 +29,7 @@ enum LayerField {
   kInNorm, kPostNorm, kQkvW, kQkvB, kOW, kOB, kQNorm, kKNorm, kSinks, kRouterW, kRouterB,
   kGateUp, kGateUpScales, kGateUpBias, kDown, kDownScales, kDownBias,
   kMlpKind, kExperts, kInter, kWindow, kInterleaved,
-  kQkvScales, kOScales, kFp8BlockRows, kFp8BlockCols, kRouterWT, kLayerFields
+  kQkvScales, kOScales, kFp8BlockRows, kFp8BlockCols, kLayerFields
 };
 enum GlobalField { kEmbed, kLmHead, kFinalNorm, kInvFreq, kGlobalFields };
 // kMlpDenseFp8: gate_up and down hold E4M3 codes and gate_up_scales / down_scales float32 block
@@ -80,7 +80,6 @@ struct Config {
 
 struct LayerPtrs {
   const bf16_bits *in_norm, *post_norm, *qkv_w, *qkv_b, *o_w, *o_b, *q_norm, *k_norm, *router_w, *router_b;
-  const bf16_bits* router_wt;  // [hidden, experts] (gemv_bf16_fold), or null
   const float* sinks;
   const uint8_t *gate_up, *gate_up_scales, *down, *down_scales;
   const bf16_bits *gate_up_bias, *down_bias;
@@ -144,7 +143,6 @@ struct State {
   void *att_ws, *argmax_ws, *att_fused_ws;
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
-  float* fold_part;       // gemv_bf16_fold's partial sums
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
   size_t arena_bytes = 0;
 
@@ -188,12 +186,6 @@ struct State {
     add(sizeof(float) * T * 3 * c.fp8_inter, 23);  // FP8 dense MLP scratch
     add(sizeof(int32_t) * 4 * T, 24);    // attention_prefill tiles
     add(sizeof(float) * T * H, 25);      // residual stream, second buffer
-    // The folded router's per-block partial sums (gemv_bf16_fold), for decode steps of up to
-    // kMaxFoldTokens tokens.
-    add(c.num_experts <= kMaxFoldExperts
-            ? sizeof(float) * kMaxFoldBlocks * kMaxFoldTokens * (static_cast<size_t>(std::max(c.num_experts, 1)) + 1)
-            : 0,
-        27);
     return off;
   }
 
@@ -244,7 +236,6 @@ struct State {
         case 24: att_tiles = static_cast<int32_t*>(p); break;
         case 25: x_alt = static_cast<float*>(p); break;
         case 26: att_fused_ws = p; break;
-        case 27: fold_part = static_cast<float*>(p); break;
       }
     });
     check_cuda(env, cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (model)");
@@ -329,11 +320,6 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   // tokens are few (H100, gpt-oss-20b: batch 1 2.71 -> 2.61 ms a step; batch 8 6.06 -> 6.45 ms,
   // batch 32 15.1 -> 17.4 ms when fused).
   const bool fuse_norms = T <= 2;
-  // The router folded into the o projection (gemv_bf16_fold) for decode steps on the tensor-core
-  // MoE path: one launch a layer fewer. MOEFLASH_ROUTER_FOLD=0 keeps the router launch
-  // (measurements).
-  const bool fold_ok = T <= kMaxFoldTokens && fuse_norms && env_int("MOEFLASH_ROUTER_FOLD", 1) != 0;
-  const int fold_blocks = gemv_fold_blocks(H);
   for (int l = 0; l < c.layers; ++l) {
     const LayerPtrs& w = s.layers[l];
     const float* in_residual = l == 0 ? nullptr : s.mlp_out;
@@ -407,34 +393,28 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       for (int rep = profile_times("attn"); rep > 0; --rep)
         MF_TRY(tiled_attention ? attention_decode(aa, st) : attention_generic(aa, st), "attention");
     }
-    const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
-    const int K = dense ? 1 : c.top_k;
-    const bool fold = fold_ok && !dense && w.o_scales == nullptr && w.router_wt != nullptr &&
-                      w.mlp_kind == kMlpMxfp4Experts && w.mma && w.experts <= kMaxFoldExperts &&
-                      moe_mma_routes(T, K, w.experts);
-    if (fold) {
-      // y = the next residual stream (written to the other buffer: every block reads this one).
-      const int times = profile_times("o");
-      for (int rep = 0; rep < times; ++rep)
-        MF_TRY(gemv_bf16_fold(w.o_w, w.o_b, s.attn, xc, w.post_norm, w.router_wt, w.experts, s.fold_part, fold_blocks, xn,
-                              H, c.q_dim(), T, st),
-               "gemv_bf16 (o + router fold)");
-      if (times > 0) std::swap(xc, xn);
-    } else if (w.o_scales != nullptr)
+    if (w.o_scales != nullptr)
       MF_TRY(gemv_fp8(reinterpret_cast<const uint8_t*>(w.o_w), w.o_scales, w.fp8_br, w.fp8_bc, w.o_b, s.attn, s.proj, H,
                       c.q_dim(), T, st),
              "gemv_fp8 (o)");
     else
-      for (int rep = profile_times("o"); rep > 0; --rep)
-        MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
+      for (int rep = profile_times("o"); rep > 0; --rep) {
+        // Decode steps (one or two tokens after the fused attention, which leaves most of the device
+        // and the memory bus idle): the o weights are copied into shared memory while attention runs
+        // (gemv_bf16_staged). MOEFLASH_O_STAGED=0 streams them after the wait (measurements).
+        cudaError_t e = cudaErrorNotSupported;
+        if (fused_attention && env_int("MOEFLASH_O_STAGED", 1) != 0)
+          e = gemv_bf16_staged(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st);
+        if (e == cudaErrorNotSupported) e = gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st);
+        MF_TRY(e, "gemv_bf16 (o)");
+      }
+    const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
+    const int K = dense ? 1 : c.top_k;
     const int32_t* ids = s.zero_ids;
     const float* rw = s.ones;
     if (dense || !fuse_norms)
       MF_TRY(rmsnorm_residual(xc, s.proj, w.post_norm, c.eps, T, H, s.normed, st), "rmsnorm (post-attention)");
-    if (fold) {
-      ids = s.route_ids;
-      rw = s.route_w;
-    } else if (!dense) {
+    if (!dense) {
       if (fuse_norms) {
         // The router's launch does the norm too and leaves the normalized rows for the experts.
         const int times = profile_times("router");
@@ -479,18 +459,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.x = s.normed;
       m.expert_ids = ids;
       m.expert_weights = rw;
-      if (fold) {
-        m.x = xc;
-        m.router_partials = s.fold_part;
-        m.partial_blocks = fold_blocks;
-        m.router_bias = w.router_b;
-        m.norm_weight = w.post_norm;
-        m.eps = c.eps;
-        m.rule = static_cast<RoutingRule>(c.rule);
-        m.renormalize = c.renormalize != 0;
-        m.route_ids = s.route_ids;
-        m.route_weights = s.route_w;
-      } else if (moe_mma_routes(T, K, w.experts)) {
+      if (moe_mma_routes(T, K, w.experts)) {
         m.router_logits = s.router_logits;
         m.rule = static_cast<RoutingRule>(c.rule);
         m.renormalize = c.renormalize != 0;
@@ -618,7 +587,7 @@ class Model : public Napi::ObjectWrap<Model> {
     c.weights_bytes = static_cast<size_t>(num("weightsBytes"));
     const auto layout = info[1].As<Napi::Float64Array>();
     r.length(layout.ElementLength(), kGlobalFields + static_cast<size_t>(c.layers) * kLayerFields, "layout",
-             "4 + layers * 27");
+             "4 + layers * 26");
     auto s = std::make_unique<State>(env, c);
     s->embed = at_bf16(*s, layout[kEmbed]);
     s->lm_head = at_bf16(*s, layout[kLmHead]);
@@ -633,7 +602,6 @@ class Model : public Napi::ObjectWrap<Model> {
       p.q_norm = at_bf16(*s, f[kQNorm]), p.k_norm = at_bf16(*s, f[kKNorm]);
       p.sinks = reinterpret_cast<const float*>(at_bf16(*s, f[kSinks]));
       p.router_w = at_bf16(*s, f[kRouterW]), p.router_b = at_bf16(*s, f[kRouterB]);
-      p.router_wt = at_bf16(*s, f[kRouterWT]);
       p.gate_up = reinterpret_cast<const uint8_t*>(at_bf16(*s, f[kGateUp]));
       p.gate_up_scales = reinterpret_cast<const uint8_t*>(at_bf16(*s, f[kGateUpScales]));
       p.gate_up_bias = at_bf16(*s, f[kGateUpBias]);

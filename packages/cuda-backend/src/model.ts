@@ -95,7 +95,7 @@ const LAYER_FIELDS = [
   'inNorm', 'postNorm', 'qkvW', 'qkvB', 'oW', 'oB', 'qNorm', 'kNorm', 'sinks', 'routerW', 'routerB',
   'gateUp', 'gateUpScales', 'gateUpBias', 'down', 'downScales', 'downBias',
   'mlpKind', 'experts', 'inter', 'window', 'interleaved',
-  'qkvScales', 'oScales', 'fp8BlockRows', 'fp8BlockCols', 'routerWT',
+  'qkvScales', 'oScales', 'fp8BlockRows', 'fp8BlockCols',
 ] as const;
 type LayerField = (typeof LAYER_FIELDS)[number];
 const GLOBAL_FIELDS = ['embed', 'lmHead', 'finalNorm', 'invFreq'] as const;
@@ -471,18 +471,6 @@ async function planWeights(spec: ModelSpec, src: WeightSource, quantize: Quantiz
     const lay = detectExpertLayout(src, l);
     const router = src.has(`${lay.prefix}.router.weight`) ? `${lay.prefix}.router` : `${lay.prefix}.gate`;
     set('routerW', bf16Tensor(`${router}.weight`, [E, H]));
-    // The router transposed ([H, E]) for the o projection that folds the router in at decode
-    // (gemv_bf16_fold: each block reads the E weights of its own output rows).
-    if (E % 8 === 0 && E <= 128) {
-      const off = reserve(E * H * 2);
-      piece(off, E * H * 2, [], async () => {
-        const w = await rd.bf16(`${router}.weight`, [E, H]);
-        const t = new Uint16Array(E * H);
-        for (let e = 0; e < E; e++) for (let i = 0; i < H; i++) t[i * E + e] = w[e * H + i]!;
-        return asBytes(t);
-      });
-      set('routerWT', off);
-    }
     if (src.has(`${router}.bias`)) set('routerB', bf16Tensor(`${router}.bias`, [E]));
     set('experts', E);
     set('inter', I);

@@ -64,6 +64,7 @@ export interface NativeOps {
     rows: number,
     cols: number,
     tokens: number,
+    staged: boolean,
   ): Float32Array;
   gemvFp8(
     w: Uint8Array,

@@ -44,7 +44,7 @@ const FIELDS = [
   'inNorm', 'postNorm', 'qkvW', 'qkvB', 'oW', 'oB', 'qNorm', 'kNorm', 'sinks', 'routerW', 'routerB',
   'gateUp', 'gateUpScales', 'gateUpBias', 'down', 'downScales', 'downBias',
   'mlpKind', 'experts', 'inter', 'window', 'interleaved',
-  'qkvScales', 'oScales', 'fp8BlockRows', 'fp8BlockCols', 'routerWT',
+  'qkvScales', 'oScales', 'fp8BlockRows', 'fp8BlockCols',
 ];
 const GLOBALS = 4;
 const MLP_DENSE_FP8 = 3;
