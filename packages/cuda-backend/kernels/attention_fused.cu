@@ -309,16 +309,6 @@ cudaError_t attention_decode_fused(const QkvPrepareArgs& p, const AttentionDecod
     return cudaErrorInvalidValue;
   const int splits = (a.max_seq_len + kChunk - 1) / kChunk;
   const dim3 grid(a.num_heads, a.num_seqs, splits);
-  // All of the unified memory as shared memory on the multiprocessors this kernel runs on, so that
-  // the next kernel's large blocks (gemv_bf16_staged, the o projection) fit beside its blocks and
-  // start copying their weights while it runs. MOEFLASH_ATTENTION_CARVEOUT overrides (measurements).
-  const int carveout = env_int("MOEFLASH_ATTENTION_CARVEOUT", 100);
-  switch (a.head_dim) {
-    case 16: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<2>), carveout); break;
-    case 32: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<4>), carveout); break;
-    case 64: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<8>), carveout); break;
-    default: set_carveout(reinterpret_cast<const void*>(attention_fused_kernel<16>), carveout); break;
-  }
   switch (a.head_dim) {
     case 16: return launch_pdl(attention_fused_kernel<2>, grid, kThreads, 0, stream, p, a);
     case 32: return launch_pdl(attention_fused_kernel<4>, grid, kThreads, 0, stream, p, a);

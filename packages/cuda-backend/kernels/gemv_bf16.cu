@@ -220,118 +220,6 @@ __global__ void __launch_bounds__(kThreads) gemv_bf16_kernel(const bf16_bits* __
   }
 }
 
-// The same product with the block's weights copied whole into shared memory before the wait
-// (cp.async.bulk, one thread, no registers held): for a projection whose previous kernel leaves
-// most multiprocessors and the memory bus idle (the o projection after decode attention: 64 blocks,
-// latency-bound), so that its weights stream while that kernel runs. A block takes a contiguous
-// run of `groups_per_block` row groups; the arithmetic of each row (chunk mapping, reduction trees)
-// is gemv_bf16_kernel's with the same R, so the results are the same bits.
-template <int T, int R>
-__global__ void __launch_bounds__(kThreads, 1) gemv_bf16_staged_kernel(const bf16_bits* __restrict__ w,
-                                                                      const bf16_bits* __restrict__ bias,
-                                                                      const float* __restrict__ x,
-                                                                      float* __restrict__ y, int rows, int cols,
-                                                                      int groups_per_block) {
-  using Tile = GemvTile<T, R>;
-  extern __shared__ float4 smem[];
-  const int nchunk = cols / 8;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int ngroups = (rows + R - 1) / R;
-  const int g0 = blockIdx.x * groups_per_block, g1 = min(ngroups, g0 + groups_per_block);
-  bf16_bits* ws = reinterpret_cast<bf16_bits*>(smem);  // [groups_per_block * R][cols]
-  float4* xs = smem + static_cast<size_t>(groups_per_block) * R * nchunk;  // [T][2][nchunk]
-  float* red = reinterpret_cast<float*>(xs + 2 * T * nchunk);              // [kWarps][32]
-  uint64_t* bar = reinterpret_cast<uint64_t*>(red + kWarps * 32);
-  if (g0 >= g1) {
-    pdl_prologue();
-    return;
-  }
-  const int row0 = g0 * R;
-  const int nrows = min(rows, g1 * R) - row0;
-  if (tid == 0) {
-    const uint32_t bytes = static_cast<uint32_t>(nrows) * cols * sizeof(bf16_bits);
-    mbar_init_expect(bar, bytes);
-    constexpr uint32_t kPiece = 32768;
-    const char* src = reinterpret_cast<const char*>(w + static_cast<int64_t>(row0) * cols);
-    char* dst = reinterpret_cast<char*>(ws);
-    for (uint32_t off = 0; off < bytes; off += kPiece) bulk_copy_to_smem(dst + off, src + off, min(kPiece, bytes - off), bar);
-  }
-  pdl_prologue();
-
-  const int n4 = cols / 4;
-  for (int j = tid; j < T * n4; j += kThreads) {
-    const int t = j / n4;
-    const int e = j - t * n4;
-    xs[(2 * t + (e & 1)) * nchunk + (e >> 1)] = ld_f4(x + static_cast<int64_t>(t) * cols + 4 * e);
-  }
-  __syncthreads();  // also orders the barrier's initialization before the other threads' waits
-  mbar_wait_phase0(bar);
-
-  for (int group = g0; group < g1; ++group) {
-    float acc[R][T];
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t) acc[r][t] = 0.f;
-    for (int c0 = tid; c0 < nchunk; c0 += kUnroll * kThreads) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int c = c0 + u * kThreads;
-        if (c < nchunk) {
-          float wf[R][8];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            const int local = min(group * R + r, rows - 1) - row0;
-            decode8(*reinterpret_cast<const uint4*>(ws + static_cast<int64_t>(local) * cols + 8 * c), wf[r]);
-          }
-#pragma unroll
-          for (int t = 0; t < T; ++t) {
-            const float4 a = xs[(2 * t) * nchunk + c];
-            const float4 b = xs[(2 * t + 1) * nchunk + c];
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              float s = acc[r][t];
-              s = fmaf(wf[r][0], a.x, s);
-              s = fmaf(wf[r][1], a.y, s);
-              s = fmaf(wf[r][2], a.z, s);
-              s = fmaf(wf[r][3], a.w, s);
-              s = fmaf(wf[r][4], b.x, s);
-              s = fmaf(wf[r][5], b.y, s);
-              s = fmaf(wf[r][6], b.z, s);
-              s = fmaf(wf[r][7], b.w, s);
-              acc[r][t] = s;
-            }
-          }
-        }
-      }
-    }
-    float v[Tile::kPadded];
-#pragma unroll
-    for (int i = 0; i < Tile::kPadded; ++i) v[i] = 0.f;
-#pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-      for (int t = 0; t < T; ++t) v[r * T + t] = acc[r][t];
-    warp_reduce_scatter<Tile::kPadded>(v, lane);
-    constexpr int kLanesPerValue = 32 / Tile::kPadded;
-    if ((lane & (kLanesPerValue - 1)) == 0) red[warp * Tile::kPadded + lane / kLanesPerValue] = v[0];
-    __syncthreads();
-    if (tid < Tile::kValues) {
-      const int r = tid / T;
-      const int t = tid - r * T;
-      const int row = group * R + r;
-      float s = 0.f;
-#pragma unroll
-      for (int i = 0; i < kWarps; ++i) s += red[i * Tile::kPadded + tid];
-      if (row < rows) {
-        if (bias != nullptr) s += bf16_to_f32(bias[row]);
-        y[static_cast<int64_t>(t) * rows + row] = s;
-      }
-    }
-    __syncthreads();
-  }
-}
-
 using KernelFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, PreNorm);
 
 template <int T, int R>
@@ -369,13 +257,6 @@ size_t max_smem() {
 
 namespace {
 
-// Rows a group: large matrices take 4 (more loads in flight a thread), small ones fewer so that the
-// groups still spread over every multiprocessor.
-int rows_per_group(int rows) {
-  const int sms = device_sm_count();
-  return rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
-}
-
 cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                         int tokens, const PreNorm& pn, cudaStream_t stream) {
   if (tokens <= 0 || rows <= 0) return cudaSuccess;
@@ -386,8 +267,10 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
   int per_launch = 8;
   while (per_launch > 1 && smem_bytes(per_launch, cols) > limit) --per_launch;
   if (smem_bytes(per_launch, cols) > limit) return cudaErrorInvalidValue;
+  // Row groups: large matrices take 4 rows a group (more loads in flight a thread), small ones
+  // fewer so that the groups still spread over every multiprocessor.
   const int sms = device_sm_count();
-  const int r = rows_per_group(rows);
+  const int r = rows >= 16 * sms * 4 ? 4 : rows >= 4 * sms * 2 ? 2 : 1;
   for (int t0 = 0; t0 < tokens; t0 += per_launch) {
     const int t = std::min(per_launch, tokens - t0);
     const KernelFn fn = r == 4 ? pick_tokens<4>(t) : r == 2 ? pick_tokens<2>(t) : pick_tokens<1>(t);
@@ -407,27 +290,6 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
 }
 
 }  // namespace
-
-cudaError_t gemv_bf16_staged(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
-                             int tokens, cudaStream_t stream) {
-  if (tokens <= 0 || rows <= 0) return cudaSuccess;
-  if (cols <= 0 || cols % 8 != 0) return cudaErrorInvalidValue;
-  if (tokens > 2) return cudaErrorNotSupported;
-  const int r = rows_per_group(rows);
-  const int groups = ceil_div(rows, r);
-  const int per_block = ceil_div(groups, device_sm_count());
-  const size_t smem = static_cast<size_t>(per_block) * r * cols * sizeof(bf16_bits) + smem_bytes(tokens, cols) + 16;
-  if (smem > max_smem()) return cudaErrorNotSupported;
-  using StagedFn = void (*)(const bf16_bits*, const bf16_bits*, const float*, float*, int, int, int);
-  const StagedFn fn = tokens == 1 ? (r == 4 ? gemv_bf16_staged_kernel<1, 4> : r == 2 ? gemv_bf16_staged_kernel<1, 2> : gemv_bf16_staged_kernel<1, 1>)
-                                  : (r == 4 ? gemv_bf16_staged_kernel<2, 4> : r == 2 ? gemv_bf16_staged_kernel<2, 2> : gemv_bf16_staged_kernel<2, 1>);
-  // Its blocks must fit beside the previous kernel's: ask for all of the unified memory as shared.
-  set_carveout(reinterpret_cast<const void*>(fn), 100);
-  cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
-  return launch_pdl(fn, ceil_div(groups, per_block), kThreads, smem, stream, w, bias, x, y, rows, cols, per_block);
-}
 
 cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                       int tokens, cudaStream_t stream) {

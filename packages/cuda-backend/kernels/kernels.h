@@ -50,12 +50,6 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 // be null), y[t] = W (v[t] * rsqrt(mean(v[t]^2) + eps) * norm_weight) (+ bias). Every block
 // normalizes for itself; block 0 writes v to x_out (the next residual stream; it must not alias x
 // or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
-// gemv_bf16 for 1-2 tokens with each block's rows (one block a multiprocessor) copied into shared
-// memory before the wait for the previous kernel, so that the weights stream while it runs: for a
-// projection after a kernel that leaves the memory bus idle. The same bits as gemv_bf16.
-// cudaErrorNotSupported when the tokens or the slice do not fit (then use gemv_bf16).
-cudaError_t gemv_bf16_staged(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
-                             int tokens, cudaStream_t stream);
 cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
                               const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
                               int rows, int cols, int tokens, cudaStream_t stream);

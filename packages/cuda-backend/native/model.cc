@@ -398,16 +398,8 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
                       c.q_dim(), T, st),
              "gemv_fp8 (o)");
     else
-      for (int rep = profile_times("o"); rep > 0; --rep) {
-        // Decode steps (one or two tokens after the fused attention, which leaves most of the device
-        // and the memory bus idle): the o weights are copied into shared memory while attention runs
-        // (gemv_bf16_staged). MOEFLASH_O_STAGED=0 streams them after the wait (measurements).
-        cudaError_t e = cudaErrorNotSupported;
-        if (fused_attention && env_int("MOEFLASH_O_STAGED", 1) != 0)
-          e = gemv_bf16_staged(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st);
-        if (e == cudaErrorNotSupported) e = gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st);
-        MF_TRY(e, "gemv_bf16 (o)");
-      }
+      for (int rep = profile_times("o"); rep > 0; --rep)
+        MF_TRY(gemv_bf16(w.o_w, w.o_b, s.attn, s.proj, H, c.q_dim(), T, st), "gemv_bf16 (o)");
     const bool dense = w.mlp_kind == kMlpDense || w.mlp_kind == kMlpDenseFp8;
     const int K = dense ? 1 : c.top_k;
     const int32_t* ids = s.zero_ids;

@@ -132,10 +132,8 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// gemvBf16(w: Uint16Array [rows, cols], bias | null, x: Float32Array [tokens, cols], rows, cols, tokens,
-//          staged: boolean) -> Float32Array [tokens, rows]
-// staged: gemv_bf16_staged (its weights copied into shared memory first); an error where it does
-// not take the shapes.
+// gemvBf16(w: Uint16Array [rows, cols], bias | null, x: Float32Array [tokens, cols], rows, cols, tokens)
+//   -> Float32Array [tokens, rows]
 Napi::Value GemvBf16(const Napi::CallbackInfo& info) {
   const ArgReader r{info, "ops.gemvBf16"};
   Napi::Env env = info.Env();
@@ -156,13 +154,8 @@ Napi::Value GemvBf16(const Napi::CallbackInfo& info) {
   DeviceBuffer d_w = to_device(env, w, "w");
   DeviceBuffer d_x = to_device(env, x, "x");
   DeviceBuffer d_y(env, sizeof(float) * rows * static_cast<size_t>(tokens), "y");
-  const bool staged = info.Length() > 6 && info[6].ToBoolean().Value();
-  if (staged)
-    finish(env, gemv_bf16_staged(d_w.get<bf16_bits>(), d_bias.get<bf16_bits>(), d_x.get<float>(), d_y.get<float>(), rows, cols, tokens, nullptr),
-           "gemv_bf16_staged");
-  else
-    finish(env, gemv_bf16(d_w.get<bf16_bits>(), d_bias.get<bf16_bits>(), d_x.get<float>(), d_y.get<float>(), rows, cols, tokens, nullptr),
-           "gemv_bf16");
+  finish(env, gemv_bf16(d_w.get<bf16_bits>(), d_bias.get<bf16_bits>(), d_x.get<float>(), d_y.get<float>(), rows, cols, tokens, nullptr),
+         "gemv_bf16");
   return f32_from(env, d_y, static_cast<size_t>(rows) * tokens, "y");
 }
 

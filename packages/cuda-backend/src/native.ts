@@ -64,7 +64,6 @@ export interface NativeOps {
     rows: number,
     cols: number,
     tokens: number,
-    staged: boolean,
   ): Float32Array;
   gemvFp8(
     w: Uint8Array,

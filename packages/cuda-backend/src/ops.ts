@@ -67,10 +67,7 @@ export interface CudaOps {
     headDim: number;
     rotaryDim: number;
   }): { q: Float32Array; k: Float32Array | null };
-  /**
-   * y [tokens, rows] = x [tokens, cols] W^T (+ bias); W bf16 [rows, cols]. `staged`: the kernel
-   * that copies each block's rows into shared memory first (1-2 tokens; the decode o projection).
-   */
+  /** y [tokens, rows] = x [tokens, cols] W^T (+ bias); W bf16 [rows, cols]. */
   gemvBf16(a: {
     w: Uint16Array;
     bias?: Uint16Array | null;
@@ -78,7 +75,6 @@ export interface CudaOps {
     rows: number;
     cols: number;
     tokens: number;
-    staged?: boolean;
   }): Float32Array;
   /**
    * y [tokens, rows] = x [tokens, cols] W^T (+ bias) with W in FP8 E4M3 and block scales as FP8
@@ -230,7 +226,7 @@ export function cudaOps(): CudaOps {
       call(() =>
         n.rope(a.q, a.k ?? null, a.positions, a.invFreq, a.attentionFactor, a.numHeads, a.numKvHeads, a.headDim, a.rotaryDim),
       ),
-    gemvBf16: (a) => call(() => n.gemvBf16(a.w, a.bias ?? null, a.x, a.rows, a.cols, a.tokens, a.staged ?? false)),
+    gemvBf16: (a) => call(() => n.gemvBf16(a.w, a.bias ?? null, a.x, a.rows, a.cols, a.tokens)),
     gemvFp8: (a) =>
       call(() =>
         n.gemvFp8(a.w, a.scales, a.blockRows ?? 128, a.blockCols ?? 128, a.bias ?? null, a.x, a.rows, a.cols, a.tokens, a.yStride ?? null),

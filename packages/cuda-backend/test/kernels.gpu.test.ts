@@ -172,21 +172,6 @@ describe.skipIf(skip)('gemv_bf16', () => {
     expectClose(`gemv ${rows}x${cols} T=${tokens}`, y, gemvRef(w.values, bias?.values ?? null, x, rows, cols, tokens));
   });
 
-  it.each([
-    [2880, 4096, 1, true],
-    [2880, 4096, 2, true],
-    [2048, 4096, 1, false],
-    [300, 256, 2, true],
-  ])('staged (weights in shared memory first) rows %i cols %i tokens %i bias %s: the same bits as gemv_bf16', (rows, cols, tokens, withBias) => {
-    const r = rng(7 * rows + cols + tokens);
-    const w = randomBf16(rows * cols, r, 0.05);
-    const bias = withBias ? randomBf16(rows, r, 0.5) : null;
-    const x = randomNormal(tokens * cols, r);
-    const staged = ops().gemvBf16({ w: w.bits, bias: bias?.bits, x, rows, cols, tokens, staged: true });
-    expectSame(`gemv staged ${rows}x${cols} T=${tokens} vs streamed`, staged, ops().gemvBf16({ w: w.bits, bias: bias?.bits, x, rows, cols, tokens }));
-    expectClose(`gemv staged ${rows}x${cols} T=${tokens}`, staged, gemvRef(w.values, bias?.values ?? null, x, rows, cols, tokens));
-  });
-
   it('gives each token the same bits whatever the batch (batch invariance)', () => {
     const rows = 2880;
     const cols = 2880;
