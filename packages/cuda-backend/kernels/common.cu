@@ -1,7 +1,6 @@
 // Host-side helpers shared by the launchers.
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 
 #include "common.cuh"
@@ -34,21 +33,6 @@ bool listed(const char* var, const char* cls) {
 int profile_times(const char* cls) {
   if (listed("MOEFLASH_PROFILE_SKIP", cls)) return 0;
   return listed("MOEFLASH_PROFILE_TWICE", cls) ? 2 : 1;
-}
-
-int carveout_setting() { return env_int("MOEFLASH_CARVEOUT", -2); }
-
-void set_carveout(const void* kernel, int percent) {
-  static std::mutex mu;
-  static std::map<const void*, int> applied;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = applied.find(kernel);
-  if (it != applied.end() && it->second == percent) return;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent) != cudaSuccess) {
-    cudaGetLastError();  // a preference only: the launch goes on without it
-    return;
-  }
-  applied[kernel] = percent;
 }
 
 int env_int(const char* name, int fallback) {

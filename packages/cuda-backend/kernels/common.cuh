@@ -136,11 +136,6 @@ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Whether launch_pdl asks for programmatic stream serialization (on unless MOEFLASH_PDL=0).
 bool pdl_enabled();
 
-// Sets `kernel`'s preferred shared-memory carveout (percent of the unified L1 / shared memory; -1
-// the driver's default) unless it already has that value. launch_pdl applies MOEFLASH_CARVEOUT to
-// every kernel (measurements: H100, gpt-oss-20b batch 1, 100 for every kernel costs 37 us a step).
-void set_carveout(const void* kernel, int percent);
-int carveout_setting();  // MOEFLASH_CARVEOUT, or -2 when unset (leave every kernel as it is)
 
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization; the
 // kernel must begin with pdl_prologue().
@@ -157,8 +152,6 @@ cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t s
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
-  const int carveout = carveout_setting();
-  if (carveout != -2) set_carveout(reinterpret_cast<const void*>(kernel), carveout);
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
   return e != cudaSuccess ? e : cudaGetLastError();
 }

@@ -337,7 +337,8 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       if (times > 0) std::swap(xc, xn);
     } else {
       MF_TRY(rmsnorm_residual(xc, in_residual, w.in_norm, c.eps, T, H, s.normed, st), "rmsnorm (input)");
-      MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
+      for (int rep = profile_times("qkv"); rep > 0; --rep)
+        MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, s.normed, s.qkv, c.qkv_dim(), H, T, st), "gemv_bf16 (qkv)");
     }
     QkvPrepareArgs qa{};
     qa.qkv = s.qkv;
@@ -385,7 +386,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       pa.seq_lens = aa.seq_lens, pa.tiles = s.att_tiles, pa.sinks = aa.sinks, pa.out = aa.out;
       pa.num_tiles = s.prefill_tiles, pa.num_heads = c.heads, pa.num_kv_heads = c.kv_heads, pa.head_dim = c.head_dim;
       pa.page_size = c.page_size, pa.max_pages_per_seq = c.max_pages_per_seq, pa.window = w.window, pa.scale = c.scale;
-      MF_TRY(attention_prefill(pa, st), "attention_prefill");
+      for (int rep = profile_times("attn"); rep > 0; --rep) MF_TRY(attention_prefill(pa, st), "attention_prefill");
     } else if (fused_attention) {
       aa.workspace = s.att_fused_ws;
       for (int rep = profile_times("attn"); rep > 0; --rep) MF_TRY(attention_decode_fused(qa, aa, st), "attention_decode_fused");
@@ -416,7 +417,8 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
                  "gemv_bf16 (post-attention norm + router)");
         if (times > 0) std::swap(xc, xn);
       } else {
-        MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
+        for (int rep = profile_times("router"); rep > 0; --rep)
+          MF_TRY(gemv_bf16(w.router_w, w.router_b, s.normed, s.router_logits, w.experts, H, T, st), "gemv_bf16 (router)");
       }
       // Decode steps on the tensor-core MoE path take their top-k inside the experts' launch.
       if (!(w.mlp_kind == kMlpMxfp4Experts && w.mma && moe_mma_routes(T, K, w.experts)))
