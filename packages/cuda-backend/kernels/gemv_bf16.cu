@@ -293,6 +293,8 @@ cudaError_t gemv_launch(const bf16_bits* w, const bf16_bits* bias, const float* 
 
 cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                       int tokens, cudaStream_t stream) {
+  // Many tokens (prefill chunks): tensor cores, W read once per 64 tokens instead of once per 8.
+  if (tokens >= kGemmMinTokens) return gemm_bf16(w, bias, x, y, rows, cols, tokens, stream);
   return gemv_launch(w, bias, x, y, rows, cols, tokens, PreNorm{}, stream);
 }
 

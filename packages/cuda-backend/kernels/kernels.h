@@ -41,15 +41,23 @@ cudaError_t rope_rotate_half(float* q, float* k, const int32_t* positions, const
                              int head_dim, int rotary_dim, cudaStream_t stream);
 
 // ---------------------------------------------------------------- gemv_bf16.cu
-// y[t, r] = sum_c w[r, c] * x[t, c] (+ bias[r]) for t < tokens (1..8), w row-major bf16
-// [rows, cols], float32 accumulation. cols % 8 == 0, w 16-byte aligned. The result for a token
-// does not depend on `tokens` (same reduction order for every batch size).
+// y[t, r] = sum_c w[r, c] * x[t, c] (+ bias[r]) for t < tokens, w row-major bf16 [rows, cols],
+// float32 accumulation. cols % 8 == 0, w 16-byte aligned. Up to kGemmMinTokens - 1 tokens run the
+// GEMV (8 tokens a launch); more run gemm_bf16. Within each of the two the result for a token does
+// not depend on `tokens`; between them it differs in the last bits.
+constexpr int kGemmMinTokens = 16;
 cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows,
                       int cols, int tokens, cudaStream_t stream);
 // The RMSNorm that precedes a projection, fused into it: v[t] = x[t] + residual[t] (residual may
 // be null), y[t] = W (v[t] * rsqrt(mean(v[t]^2) + eps) * norm_weight) (+ bias). Every block
 // normalizes for itself; block 0 writes v to x_out (the next residual stream; it must not alias x
 // or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
+// ---------------------------------------------------------------- gemm_bf16.cu
+// The same product on tensor cores for many tokens: x enters as two bf16 parts (hi + lo, ~16 bits),
+// products exact and sums float32, so it stays within ~1e-6 relative of the GEMV. A token's result
+// does not depend on the other tokens of the launch.
+cudaError_t gemm_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
+                      int tokens, cudaStream_t stream);
 cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
                               const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
                               int rows, int cols, int tokens, cudaStream_t stream);
