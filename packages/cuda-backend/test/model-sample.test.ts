@@ -41,6 +41,8 @@ function fakeModel(graphTokens = 4) {
       };
     },
     info: () => ({ weights: 0, kvCache: 0, activations: 0, graphs: 0 }),
+    timeGraphs: () => 0,
+    dropGraphs() {},
     dispose() {},
   };
   const spec = { vocabSize: V, hiddenSize: H, numLayers: 2 } as unknown as ModelSpec;
