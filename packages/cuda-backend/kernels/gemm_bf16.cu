@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 
 #include "common.cuh"
+#include "mma_bf16.cuh"
 
 namespace moeflash {
 namespace {
@@ -32,20 +33,8 @@ struct Tiles {
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo_elem, float hi_elem) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo_elem, hi_elem);
-  return *reinterpret_cast<const uint32_t*>(&v);
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p)))
+               : "memory");  // it reads shared memory: keep it after the barrier that published the tile
 }
 
 // The registers of one k-tile: A 64 x 32 bf16 (2 x 16 bytes a thread), B 64 tokens x 32 floats
@@ -86,12 +75,9 @@ __device__ __forceinline__ void store_stage(const Stage& s, Tiles& sm, int buf) 
     const int idx = threadIdx.x + i * kThreads;
     const int n = idx >> 3, q = idx & 7;
     const float4 v = s.b[i];
-    const __nv_bfloat16 h0 = __float2bfloat16_rn(v.x), h1 = __float2bfloat16_rn(v.y);
-    const __nv_bfloat16 h2 = __float2bfloat16_rn(v.z), h3 = __float2bfloat16_rn(v.w);
-    const uint2 hi = make_uint2(pack_bf16(__bfloat162float(h0), __bfloat162float(h1)),
-                                pack_bf16(__bfloat162float(h2), __bfloat162float(h3)));
-    const uint2 lo = make_uint2(pack_bf16(v.x - __bfloat162float(h0), v.y - __bfloat162float(h1)),
-                                pack_bf16(v.z - __bfloat162float(h2), v.w - __bfloat162float(h3)));
+    uint2 hi, lo;
+    split_bf16x2(v.x, v.y, hi.x, lo.x);
+    split_bf16x2(v.z, v.w, hi.y, lo.y);
     *reinterpret_cast<uint2*>(&sm.bh[buf][n][4 * q]) = hi;
     *reinterpret_cast<uint2*>(&sm.bl[buf][n][4 * q]) = lo;
   }
@@ -143,10 +129,10 @@ __global__ void __launch_bounds__(kThreads) gemm_bf16_kernel(const bf16_bits* __
         ldmatrix_x4(bl, &sm.bl[buf][nrow][kcol]);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          mma_bf16(acc[i][2 * p], a[i], bh[0], bh[1]);
-          mma_bf16(acc[i][2 * p + 1], a[i], bh[2], bh[3]);
-          mma_bf16(acc[i][2 * p], a[i], bl[0], bl[1]);
-          mma_bf16(acc[i][2 * p + 1], a[i], bl[2], bl[3]);
+          mma_bf16_16816(acc[i][2 * p], a[i], bh[0], bh[1]);
+          mma_bf16_16816(acc[i][2 * p + 1], a[i], bh[2], bh[3]);
+          mma_bf16_16816(acc[i][2 * p], a[i], bl[0], bl[1]);
+          mma_bf16_16816(acc[i][2 * p + 1], a[i], bl[2], bl[3]);
         }
       }
     }
