@@ -7,6 +7,9 @@
   "variables": {
     "cuda_home%": "<!(node scripts/build-kernels.mjs --cuda-home)",
     "kernels_out": "<(module_root_dir)/build/kernels",
+    # Created at configure time (make needs the file to exist to plan its compile) and relative to
+    # this file in both places that name it, so that make sees one file.
+    "kernels_stamp": "<!(node scripts/build-kernels.mjs --stamp build/kernels/kernels_stamp.cc)",
   },
   "targets": [
     {
@@ -16,9 +19,14 @@
         {
           "action_name": "nvcc_kernels",
           "inputs": ["<!@(ls kernels/*.cu kernels/*.cuh kernels/*.h)", "scripts/build-kernels.mjs"],
-          # The stamp is never written, so make runs the script on every build; the script itself
-          # recompiles only stale objects (headers included), which make's rule cannot see.
-          "outputs": ["<(kernels_out)/libmoeflash_kernels.a", "<(kernels_out)/always-check"],
+          # always-check is never written, so make runs the script on every build; the script
+          # recompiles only stale objects (headers included), which make's rule cannot see, and
+          # rewrites kernels_stamp.cc when the archive changes: the addon compiles that file, so the
+          # addon is linked again (make does not track the archive in "libraries"). make looks at
+          # the stamp before this action runs, so a plain `node-gyp build` links one build late;
+          # `pnpm run build:native` compiles the kernels first and links in the same run.
+          "outputs": ["<(kernels_out)/libmoeflash_kernels.a", "<(kernels_stamp)",
+                      "<(kernels_out)/always-check"],
           "action": ["node", "scripts/build-kernels.mjs", "<(kernels_out)"],
           "message": "nvcc kernels/*.cu",
         }
@@ -27,7 +35,7 @@
     {
       "target_name": "moeflash_cuda",
       "dependencies": ["moeflash_kernels"],
-      "sources": ["<!@(ls native/*.cc)"],
+      "sources": ["<!@(ls native/*.cc)", "<(kernels_stamp)"],
       "include_dirs": [
         "<!(node -p \"require('node-addon-api').include_dir\")",
         "<(cuda_home)/include",

@@ -7,7 +7,7 @@
 //   node scripts/build-kernels.mjs <out-dir>          build <out-dir>/libmoeflash_kernels.a
 //   node scripts/build-kernels.mjs --cuda-home        print the CUDA toolkit folder (for gyp)
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -53,7 +53,16 @@ async function main() {
     process.stdout.write(home);
     return;
   }
-  if (!arg) throw new Error('usage: build-kernels.mjs <out-dir> | --cuda-home');
+  if (arg === '--stamp') {
+    // binding.gyp, at configure time: make sure the stamp source exists, print its path.
+    const rel = process.argv[3];
+    const file = resolve(pkgRoot, rel);
+    mkdirSync(dirname(file), { recursive: true });
+    if (!existsSync(file)) writeFileSync(file, '// Rewritten when libmoeflash_kernels.a changes: a new archive means a new link.\n');
+    process.stdout.write(rel);
+    return;
+  }
+  if (!arg) throw new Error('usage: build-kernels.mjs <out-dir> | --cuda-home | --stamp <file>');
   if (!home) throw new Error('nvcc not found: install the CUDA toolkit or set CUDA_HOME (it must hold bin/nvcc)');
   const nvcc = join(home, 'bin', 'nvcc');
   const outDir = resolve(arg);
@@ -84,12 +93,12 @@ async function main() {
   if (stale.length > 0 || !existsSync(archive)) {
     await run('rm', ['-f', archive]);
     await run('ar', ['rcs', archive, ...objects]);
-    // make does not know that the addon links this archive: remove the linked addon so that the
-    // build links it again instead of keeping one with the old kernels.
-    for (const cfg of ['Release', 'Debug'])
-      for (const f of [join(outDir, '..', cfg, 'moeflash_cuda.node'), join(outDir, '..', cfg, 'obj.target', 'moeflash_cuda.node')])
-        rmSync(f, { force: true });
   }
+  // The addon compiles this file (binding.gyp), so a new archive means a new link.
+  const stamp = join(outDir, 'kernels_stamp.cc');
+  const archiveTime = statSync(archive).mtimeMs;
+  if (!existsSync(stamp) || statSync(stamp).mtimeMs <= archiveTime)
+    writeFileSync(stamp, `// Written when libmoeflash_kernels.a changes (${new Date(archiveTime).toISOString()}): a new archive means a new link.\n`);
 }
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
