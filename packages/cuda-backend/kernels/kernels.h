@@ -57,7 +57,7 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 // or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
 // ---------------------------------------------------------------- gemm_bf16.cu
 // The same product on tensor cores for many tokens: x enters as two bf16 parts (hi + lo, ~16 bits),
-// products exact and sums float32, so it stays within ~1e-6 relative of the GEMV. A token's result
+// products exact and sums float32, so it stays within ~1e-5 relative of the GEMV. A token's result
 // does not depend on the other tokens of the launch.
 cudaError_t gemm_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                       int tokens, cudaStream_t stream);

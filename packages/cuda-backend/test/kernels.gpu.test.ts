@@ -184,10 +184,11 @@ describe.skipIf(skip)('gemv_bf16', () => {
     const bias = withBias ? randomBf16(rows, r, 0.5) : null;
     const x = randomNormal(tokens * cols, r);
     const y = ops().gemvBf16({ w: w.bits, bias: bias?.bits, x, rows, cols, tokens });
-    expectClose(`gemm ${rows}x${cols} T=${tokens}`, y, gemvRef(w.values, bias?.values ?? null, x, rows, cols, tokens), 1e-5);
+    // x enters as bf16 hi + lo (~16 bits): ~1e-5 relative, where the float32 GEMV is ~1e-7.
+    expectClose(`gemm ${rows}x${cols} T=${tokens}`, y, gemvRef(w.values, bias?.values ?? null, x, rows, cols, tokens), 5e-5);
   });
 
-  it('tensor cores: a token gets the same bits among 64 or among 100 tokens, and the GEMV\'s within 1e-5', () => {
+  it('tensor cores: a token gets the same bits among 64 or among 100 tokens, and the GEMV\'s within 5e-5', () => {
     const rows = 1000;
     const cols = 2880;
     const r = rng(41);
@@ -197,7 +198,7 @@ describe.skipIf(skip)('gemv_bf16', () => {
     const some = ops().gemvBf16({ w: w.bits, x: x.subarray(36 * cols, 100 * cols), rows, cols, tokens: 64 });
     expectSame('gemm token 75 among 100 vs among 64', all.subarray(75 * rows, 76 * rows), some.subarray(39 * rows, 40 * rows));
     const gemv = ops().gemvBf16({ w: w.bits, x: x.subarray(75 * cols, 76 * cols), rows, cols, tokens: 1 });
-    expectClose('gemm vs gemv, token 75', all.subarray(75 * rows, 76 * rows), gemv, 1e-5);
+    expectClose('gemm vs gemv, token 75', all.subarray(75 * rows, 76 * rows), gemv, 5e-5);
   });
 
   it('gives each token the same bits whatever the batch (batch invariance)', () => {
