@@ -27,7 +27,7 @@
           # `pnpm run build:native` compiles the kernels first and links in the same run.
           "outputs": ["<(kernels_out)/libmoeflash_kernels.a", "<(kernels_stamp)",
                       "<(kernels_out)/always-check"],
-          "action": ["node", "scripts/build-kernels.mjs", "<(kernels_out)"],
+          "action": ["node", "scripts/build-kernels.mjs", "<(kernels_out)", "<(kernels_stamp)"],
           "message": "nvcc kernels/*.cu",
         }
       ],

@@ -59,28 +59,25 @@ __host__ __device__ inline FusedWorkspace carve_fused(void* base, int seqs, int 
   return FusedWorkspace{f, f + n * head_dim, reinterpret_cast<int*>(f + n * (head_dim + 2))};
 }
 
-__device__ __forceinline__ float block_max(float v, float* red) {
-  v = warp_max(v);
+// Every thread gets the block's reduction of its warps' already reduced values, in warp order.
+template <typename Combine>
+__device__ __forceinline__ float block_combine(float warp_value, float* red, Combine combine) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
-  if (lane == 0) red[warp] = v;
+  if (lane == 0) red[warp] = warp_value;
   __syncthreads();
-  float m = red[0];
+  float r = red[0];
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) m = fmaxf(m, red[w]);
-  return m;
+  for (int w = 1; w < kWarps; ++w) r = combine(r, red[w]);
+  return r;
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+  return block_combine(warp_max(v), red, [](float a, float b) { return fmaxf(a, b); });
 }
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float s = red[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) s += red[w];
-  return s;
+  return block_combine(warp_sum(v), red, [](float a, float b) { return a + b; });
 }
 
 template <int CH>  // head_dim / 8

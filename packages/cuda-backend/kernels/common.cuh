@@ -136,7 +136,6 @@ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 // Whether launch_pdl asks for programmatic stream serialization (on unless MOEFLASH_PDL=0).
 bool pdl_enabled();
 
-
 // kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream serialization; the
 // kernel must begin with pdl_prologue().
 template <typename... KArgs, typename... Args>

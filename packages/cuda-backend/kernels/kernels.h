@@ -55,15 +55,16 @@ cudaError_t gemv_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x,
 // be null), y[t] = W (v[t] * rsqrt(mean(v[t]^2) + eps) * norm_weight) (+ bias). Every block
 // normalizes for itself; block 0 writes v to x_out (the next residual stream; it must not alias x
 // or residual) and the normalized vectors to normed_out when they are set. cols % 8 == 0.
+cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
+                              const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
+                              int rows, int cols, int tokens, cudaStream_t stream);
+
 // ---------------------------------------------------------------- gemm_bf16.cu
 // The same product on tensor cores for many tokens: x enters as two bf16 parts (hi + lo, ~16 bits),
 // products exact and sums float32, so it stays within ~1e-5 relative of the GEMV. A token's result
 // does not depend on the other tokens of the launch.
 cudaError_t gemm_bf16(const bf16_bits* w, const bf16_bits* bias, const float* x, float* y, int rows, int cols,
                       int tokens, cudaStream_t stream);
-cudaError_t gemv_bf16_prenorm(const bf16_bits* w, const bf16_bits* bias, const float* x, const float* residual,
-                              const bf16_bits* norm_weight, float eps, float* x_out, float* normed_out, float* y,
-                              int rows, int cols, int tokens, cudaStream_t stream);
 
 // ---------------------------------------------------------------- experts_mxfp4.cu
 enum class ExpertActivation : int {

@@ -5,7 +5,8 @@
 //   { row g word q of block 2kt, row g+8 word q of block 2kt, row g word q of block 2kt+1,
 //     row g+8 word q of block 2kt+1 }
 // (word q of a 16-byte block = its elements 8q..8q+7, bits permuted by tile_word). The E8M0
-// scales of a tile are 32 bytes at tile * 32: bytes 4g..4g+3 = scale of (row g, block 2kt), (g+8, 2kt), (g, 2kt+1), (g+8, 2kt+1).
+// scales of a tile are 32 bytes at tile * 32: bytes 4g..4g+3 = scale of (row g, block 2kt),
+// (g+8, 2kt), (g, 2kt+1), (g+8, 2kt+1).
 //
 // mma.m16n8k16 needs, from lane (g, q), A rows g and g+8 at k = 2q, 2q+1, 2q+8, 2q+9 and B column g
 // at the same k. The k order inside an mma is free as long as A and B agree, so the lane's word q
@@ -31,8 +32,8 @@ constexpr int kMaxCols = 16;
 // The repack permutes the bits of every 32-bit word of codes so that each nibble pair (p, p + 4)
 // becomes an f16x2 equal to E2M1 * 2^-14 (low half: nibble p; same bit move as e2m1_pair_scaled in
 // common.cuh) in 11 integer operations per word instead of 15: pair p keeps its low code's three
-// magnitude bits at tile_mag_pos(p) (cyclically) and its sign bit at tile_sign_pos(p), its high code's at
-// the same places + 16, chosen so that pairs 1 and 3 need one rotate and one AND and pair 2 no
+// magnitude bits at tile_mag_pos(p) (cyclically) and its sign bit at tile_sign_pos(p), its high
+// code's at the same places + 16, chosen so that pairs 1 and 3 need one rotate and one AND and pair 2 no
 // rotate for its magnitude (no placement lets all four pairs take one rotate: an exhaustive search).
 // f16 wants the magnitude at bits 9..11 and the sign at bit 15 (25..27 and 31 for the high half).
 __host__ __device__ constexpr int tile_mag_pos(int p) { return p == 0 ? 0 : p == 1 ? 13 : p == 2 ? 9 : 6; }

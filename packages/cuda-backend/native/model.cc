@@ -8,7 +8,6 @@
 // is launched kernel by kernel.
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -309,8 +308,7 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   for (int rep = profile_times("embed"); rep > 0; --rep) MF_TRY(embedding_bf16(s.embed, s.in_tokens, T, H, s.x, st), "embedding_bf16");
   const bool tiled_attention = attention_decode_supported(c.heads, c.kv_heads, c.head_dim);
   // MOEFLASH_ATTENTION_FUSED=0 keeps the three-launch decode attention (for measurements).
-  const char* fused_env = std::getenv("MOEFLASH_ATTENTION_FUSED");
-  const bool fused_ok = fused_env == nullptr || fused_env[0] != '0';
+  const bool fused_ok = env_int("MOEFLASH_ATTENTION_FUSED", 1) != 0;
   size_t hidden_done = 0;
   // The residual stream. A norm fused into the projection after it (gemv_bf16_prenorm) writes the
   // updated stream to the other buffer, since every block of that launch still reads this one.

@@ -7,7 +7,6 @@
 #include "moe_mma.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 namespace moeflash {
@@ -126,8 +125,7 @@ Napi::Value MoeMma(const Napi::CallbackInfo& info) {
   float elapsed_ms = 0.f;
   DeviceBuffer trace_buf;
   if (repeat > 1) {
-    const char* trace_env = std::getenv("MOEFLASH_MOE_TRACE");
-    if (trace_env != nullptr && *trace_env == '1') {
+    if (env_int("MOEFLASH_MOE_TRACE", 0) == 1) {
       trace_buf = DeviceBuffer(env, sizeof(unsigned long long) * kMoeTraceEntries, "trace");
       check_cuda(env, cudaMemset(trace_buf.get(), 0, trace_buf.bytes()), "cudaMemset (trace)");
     }

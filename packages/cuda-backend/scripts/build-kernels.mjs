@@ -4,8 +4,10 @@
 // node-gyp runs make with one job unless told otherwise, and nvcc spends most of its time in
 // ptxas, so this script runs one nvcc per file in parallel and skips files whose object is newer
 // than the file and every header it can include. Used as a gyp action:
-//   node scripts/build-kernels.mjs <out-dir>          build <out-dir>/libmoeflash_kernels.a
+//   node scripts/build-kernels.mjs <out-dir> [stamp]  build <out-dir>/libmoeflash_kernels.a, and
+//                                                     rewrite the stamp source when it changes
 //   node scripts/build-kernels.mjs --cuda-home        print the CUDA toolkit folder (for gyp)
+//   node scripts/build-kernels.mjs --stamp <file>     create the stamp source if missing (for gyp)
 import { spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -62,7 +64,7 @@ async function main() {
     process.stdout.write(rel);
     return;
   }
-  if (!arg) throw new Error('usage: build-kernels.mjs <out-dir> | --cuda-home | --stamp <file>');
+  if (!arg) throw new Error('usage: build-kernels.mjs <out-dir> [stamp] | --cuda-home | --stamp <file>');
   if (!home) throw new Error('nvcc not found: install the CUDA toolkit or set CUDA_HOME (it must hold bin/nvcc)');
   const nvcc = join(home, 'bin', 'nvcc');
   const outDir = resolve(arg);
@@ -95,7 +97,7 @@ async function main() {
     await run('ar', ['rcs', archive, ...objects]);
   }
   // The addon compiles this file (binding.gyp), so a new archive means a new link.
-  const stamp = join(outDir, 'kernels_stamp.cc');
+  const stamp = resolve(pkgRoot, process.argv[3] ?? join(outDir, 'kernels_stamp.cc'));
   const archiveTime = statSync(archive).mtimeMs;
   if (!existsSync(stamp) || statSync(stamp).mtimeMs <= archiveTime)
     writeFileSync(stamp, `// Written when libmoeflash_kernels.a changes (${new Date(archiveTime).toISOString()}): a new archive means a new link.\n`);
