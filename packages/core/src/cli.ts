@@ -5,6 +5,7 @@ import { bench, benchHelp } from './cli/commands/bench.js';
 import { chat, chatHelp } from './cli/commands/chat.js';
 import { info, infoHelp } from './cli/commands/info.js';
 import { logits, logitsHelp } from './cli/commands/logits.js';
+import { routeDiff, routeDiffHelp } from './cli/commands/route-diff.js';
 import { run, runHelp } from './cli/commands/run.js';
 import { synth, synthHelp } from './cli/commands/synth.js';
 
@@ -15,6 +16,7 @@ const commands: Record<string, { fn: (argv: string[]) => Promise<void>; help: st
   logits: { fn: logits, help: logitsHelp },
   synth: { fn: synth, help: synthHelp },
   bench: { fn: bench, help: benchHelp },
+  'route-diff': { fn: routeDiff, help: routeDiffHelp },
 };
 
 export function usage(): string {

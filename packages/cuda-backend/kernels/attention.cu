@@ -1,5 +1,5 @@
-// Decode attention: one new query token per sequence, grouped-query heads, over a paged bf16 KV
-// cache, split over the key positions (flash-decoding) and combined in a second kernel.
+// Decode attention: one new query token per sequence, grouped-query heads, over a paged bf16 (or
+// float32) KV cache, split over the key positions (flash-decoding) and combined in a second kernel.
 //
 // Split kernel: block = (kv head, a subset of its query heads, sequence, 256-position split).
 // Scores for all the block's query heads come from one pass over the keys (a thread a position),
@@ -32,15 +32,28 @@ __host__ __device__ inline Workspace carve(void* base, int seqs, int heads, int 
   return Workspace{f, f + n * head_dim};
 }
 
-__device__ __forceinline__ const bf16_bits* kv_row(const bf16_bits* cache, const AttentionDecodeArgs& a, int seq, int kvh,
-                                                 int pos) {
+template <typename KV>
+__device__ __forceinline__ const KV* kv_row(const KV* cache, const AttentionDecodeArgs& a, int seq, int kvh, int pos) {
   const int page = a.block_table[static_cast<int64_t>(seq) * a.max_pages_per_seq + pos / a.page_size];
   const int64_t row = (static_cast<int64_t>(page) * a.page_size + pos % a.page_size) * a.num_kv_heads + kvh;
   return cache + row * a.head_dim;
 }
 
-template <int G>
-__global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDecodeArgs a, int splits) {
+// Elements 8c .. 8c+7 of a cache row as floats: one 16-byte load of bf16, two of float32.
+__device__ __forceinline__ void load8(const bf16_bits* row, int c, float (&f)[8]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(row) + c);
+  f[0] = bf16_lo(v.x), f[1] = bf16_hi(v.x), f[2] = bf16_lo(v.y), f[3] = bf16_hi(v.y);
+  f[4] = bf16_lo(v.z), f[5] = bf16_hi(v.z), f[6] = bf16_lo(v.w), f[7] = bf16_hi(v.w);
+}
+__device__ __forceinline__ void load8(const float* row, int c, float (&f)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(row) + 2 * c);
+  const float4 b = __ldg(reinterpret_cast<const float4*>(row) + 2 * c + 1);
+  f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+}
+
+template <int G, typename KV>
+__global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDecodeArgs a, const KV* k_cache, const KV* v_cache,
+                                                                   int splits) {
   pdl_prologue();
   extern __shared__ float smem[];
   const int D = a.head_dim;
@@ -87,14 +100,13 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDeco
   // Scores: a thread a key position, every head of the block at once.
   const int chunks = D / 8;
   for (int p = tid; p < n; p += kThreads) {
-    const uint4* kr = reinterpret_cast<const uint4*>(kv_row(a.k_cache, a, seq, kvh, pbeg + p));
+    const KV* kr = kv_row(k_cache, a, seq, kvh, pbeg + p);
     float acc[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) acc[g] = 0.f;
     for (int c = 0; c < chunks; ++c) {
-      const uint4 kv = __ldg(kr + c);
-      const float kf[8] = {bf16_lo(kv.x), bf16_hi(kv.x), bf16_lo(kv.y), bf16_hi(kv.y),
-                           bf16_lo(kv.z), bf16_hi(kv.z), bf16_lo(kv.w), bf16_hi(kv.w)};
+      float kf[8];
+      load8(kr, c, kf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float4 q0 = reinterpret_cast<const float4*>(qs + g * D)[2 * c];
@@ -147,9 +159,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(AttentionDeco
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
     for (int p = pg; p < n; p += groups) {
-      const uint4 vv = __ldg(reinterpret_cast<const uint4*>(kv_row(a.v_cache, a, seq, kvh, pbeg + p)) + dc);
-      const float vf[8] = {bf16_lo(vv.x), bf16_hi(vv.x), bf16_lo(vv.y), bf16_hi(vv.y),
-                           bf16_lo(vv.z), bf16_hi(vv.z), bf16_lo(vv.w), bf16_hi(vv.w)};
+      float vf[8];
+      load8(kv_row(v_cache, a, seq, kvh, pbeg + p), dc, vf);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float pr = sc[g * kSplit + p];
@@ -203,8 +214,8 @@ __global__ void __launch_bounds__(kThreads) attention_combine_kernel(AttentionDe
   }
 }
 
-template <int G>
-cudaError_t launch_split(const AttentionDecodeArgs& a, int splits, cudaStream_t stream) {
+template <int G, typename KV>
+cudaError_t launch_split(const AttentionDecodeArgs& a, const KV* k_cache, const KV* v_cache, int splits, cudaStream_t stream) {
   const int group_size = a.num_heads / a.num_kv_heads;
   const int subsets = (group_size + G - 1) / G;
   const int chunks = a.head_dim / 8;
@@ -212,12 +223,21 @@ cudaError_t launch_split(const AttentionDecodeArgs& a, int splits, cudaStream_t 
   const size_t smem = sizeof(float) * (static_cast<size_t>(G) * a.head_dim + static_cast<size_t>(G) * kSplit +
                                        static_cast<size_t>(groups) * G * a.head_dim);
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(attention_split_kernel<G>),
+    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(attention_split_kernel<G, KV>),
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(a.num_kv_heads * subsets, a.num_seqs, splits);
-  return launch_pdl(attention_split_kernel<G>, grid, kThreads, smem, stream, a, splits);
+  return launch_pdl(attention_split_kernel<G, KV>, grid, kThreads, smem, stream, a, k_cache, v_cache, splits);
+}
+
+template <typename KV>
+cudaError_t launch_split_for_group(const AttentionDecodeArgs& a, const KV* k, const KV* v, int group_size, int splits,
+                                   cudaStream_t stream) {
+  if (group_size <= 1) return launch_split<1>(a, k, v, splits, stream);
+  if (group_size <= 2) return launch_split<2>(a, k, v, splits, stream);
+  if (group_size <= 4) return launch_split<4>(a, k, v, splits, stream);
+  return launch_split<8>(a, k, v, splits, stream);
 }
 
 }  // namespace
@@ -238,12 +258,9 @@ cudaError_t attention_decode(const AttentionDecodeArgs& a, cudaStream_t stream) 
   // Query heads a block takes at once; a group of 16 is done as two blocks of 8.
   cudaError_t e;
   e = cudaSuccess;
-  for (int rep = profile_times("attn_split"); rep > 0 && e == cudaSuccess; --rep) {
-    if (group_size <= 1) e = launch_split<1>(a, splits, stream);
-    else if (group_size <= 2) e = launch_split<2>(a, splits, stream);
-    else if (group_size <= 4) e = launch_split<4>(a, splits, stream);
-    else e = launch_split<8>(a, splits, stream);
-  }
+  for (int rep = profile_times("attn_split"); rep > 0 && e == cudaSuccess; --rep)
+    e = a.k_cache_f32 != nullptr ? launch_split_for_group(a, a.k_cache_f32, a.v_cache_f32, group_size, splits, stream)
+                                 : launch_split_for_group(a, a.k_cache, a.v_cache, group_size, splits, stream);
   for (int rep = profile_times("attn_combine"); rep > 0 && e == cudaSuccess; --rep)
     e = launch_pdl(attention_combine_kernel, dim3(a.num_heads, a.num_seqs), kThreads, 0, stream, a, splits);
   return e;

@@ -131,9 +131,11 @@ cudaError_t router_topk(const float* logits, int tokens, int num_experts, int to
                         cudaStream_t stream);
 
 // ---------------------------------------------------------------- attention.cu
-// Decode attention: one new query token per sequence over a paged bf16 KV cache.
+// Decode attention: one new query token per sequence over a paged bf16 (or float32) KV cache.
 //   q        [num_seqs, num_heads, head_dim] float32 (RoPE applied)
 //   k_cache, v_cache  bf16 [num_pages, page_size, num_kv_heads, head_dim]
+//   k_cache_f32, v_cache_f32  the same as float32; when set they are read instead (the cache of a
+//            model loaded with precision 'f32'; attention_decode and attention_generic take them)
 //   block_table [num_seqs, max_pages_per_seq] int32: page of each page_size positions
 //   seq_lens [num_seqs] int32: keys 0..len-1 are in the cache, the query is at position len-1
 //   sinks    [num_heads] float32 or null: a logit that joins each head's softmax denominator
@@ -144,6 +146,8 @@ struct AttentionDecodeArgs {
   const float* q;
   const bf16_bits* k_cache;
   const bf16_bits* v_cache;
+  const float* k_cache_f32;
+  const float* v_cache_f32;
   const int32_t* block_table;
   const int32_t* seq_lens;
   const float* sinks;
@@ -199,7 +203,8 @@ cudaError_t philox_uniforms(uint32_t seed_lo, uint32_t seed_hi, const uint32_t* 
 // ---------------------------------------------------------------- model.cu (executor only)
 // The epilogue of the fused q/k/v projection of `tokens` tokens: per-head RMSNorm of q and k when
 // q_norm/k_norm are set (Qwen3), rotate-half RoPE on both (as rope.cu), then q to q_out and k, v
-// rounded to bf16 into the cache rows slots[t] of this layer's caches [rows, num_kv_heads, head_dim].
+// rounded to bf16 (or float32 into the f32 caches when set) into the cache rows slots[t] of this
+// layer's caches [rows, num_kv_heads, head_dim].
 struct QkvPrepareArgs {
   const float* qkv;  // [tokens, (num_heads + 2 num_kv_heads) * head_dim]: q | k | v
   const bf16_bits* q_norm;
@@ -213,6 +218,8 @@ struct QkvPrepareArgs {
   float* q_out;          // [tokens, num_heads * head_dim]
   bf16_bits* k_cache;
   bf16_bits* v_cache;
+  float* k_cache_f32;  // set: k and v go there unrounded instead (qkv_prepare only, not the fused kernel)
+  float* v_cache_f32;
   int tokens, num_heads, num_kv_heads, head_dim;
 };
 size_t qkv_prepare_smem_bytes(int num_heads, int num_kv_heads, int head_dim, int rotary_dim);

@@ -53,6 +53,9 @@ __global__ void __launch_bounds__(kPrepThreads) qkv_prepare_kernel(QkvPrepareArg
     if (h < a.num_heads) {
       float* q_out = a.q_out + static_cast<int64_t>(t) * q_dim + static_cast<int64_t>(h) * D;
       for (int i = lane; i < D; i += 32) q_out[i] = v[i];
+    } else if (a.k_cache_f32 != nullptr) {
+      float* kc = a.k_cache_f32 + slot * kv_dim + static_cast<int64_t>(h - a.num_heads) * D;
+      for (int i = lane; i < D; i += 32) kc[i] = v[i];
     } else {
       bf16_bits* kc = a.k_cache + slot * kv_dim + static_cast<int64_t>(h - a.num_heads) * D;
       for (int i = lane; i < D; i += 32) kc[i] = f32_to_bf16(v[i]);
@@ -60,8 +63,12 @@ __global__ void __launch_bounds__(kPrepThreads) qkv_prepare_kernel(QkvPrepareArg
   }
   const int chunk = (kv_dim + gridDim.y - 1) / gridDim.y;
   const int v0 = blockIdx.y * chunk, v1 = min(kv_dim, v0 + chunk);
-  bf16_bits* vc = a.v_cache + static_cast<int64_t>(a.slots[t]) * kv_dim;
-  for (int i = v0 + threadIdx.x; i < v1; i += kPrepThreads) vc[i] = f32_to_bf16(src[q_dim + kv_dim + i]);
+  const int64_t vrow = static_cast<int64_t>(a.slots[t]) * kv_dim;
+  if (a.v_cache_f32 != nullptr) {
+    for (int i = v0 + threadIdx.x; i < v1; i += kPrepThreads) a.v_cache_f32[vrow + i] = src[q_dim + kv_dim + i];
+  } else {
+    for (int i = v0 + threadIdx.x; i < v1; i += kPrepThreads) a.v_cache[vrow + i] = f32_to_bf16(src[q_dim + kv_dim + i]);
+  }
 }
 
 // ------------------------------------------------------------------ attention fallback
@@ -70,7 +77,12 @@ __global__ void __launch_bounds__(kPrepThreads) qkv_prepare_kernel(QkvPrepareArg
 // 128 or query groups above 16, where attention.cu's tiled kernel does not apply.
 constexpr int kAttThreads = 128;
 
-__global__ void __launch_bounds__(kAttThreads) attention_generic_kernel(AttentionDecodeArgs a) {
+__device__ __forceinline__ float cache_value(const bf16_bits* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ float cache_value(const float* p) { return *p; }
+
+template <typename KV>
+__global__ void __launch_bounds__(kAttThreads) attention_generic_kernel(AttentionDecodeArgs a, const KV* k_cache,
+                                                                        const KV* v_cache) {
   pdl_prologue();
   extern __shared__ float sc[];
   __shared__ float red[kAttThreads / 32];
@@ -81,15 +93,15 @@ __global__ void __launch_bounds__(kAttThreads) attention_generic_kernel(Attentio
   const int lo = a.window > 0 ? max(0, len - a.window) : 0;
   const int n = len - lo;
   const float* q = a.q + (static_cast<int64_t>(t) * a.num_heads + h) * D;
-  auto row = [&](const bf16_bits* cache, int p) {
+  auto row = [&](const KV* cache, int p) {
     const int page = a.block_table[static_cast<int64_t>(t) * a.max_pages_per_seq + p / a.page_size];
     return cache + ((static_cast<int64_t>(page) * a.page_size + p % a.page_size) * a.num_kv_heads + kvh) * D;
   };
   float m = -INFINITY;
   for (int i = threadIdx.x; i < n; i += kAttThreads) {
-    const bf16_bits* k = row(a.k_cache, lo + i);
+    const KV* k = row(k_cache, lo + i);
     float s = 0.f;
-    for (int d = 0; d < D; ++d) s = fmaf(q[d], bf16_to_f32(k[d]), s);
+    for (int d = 0; d < D; ++d) s = fmaf(q[d], cache_value(k + d), s);
     s *= a.scale;
     sc[i] = s;
     m = fmaxf(m, s);
@@ -114,7 +126,7 @@ __global__ void __launch_bounds__(kAttThreads) attention_generic_kernel(Attentio
   float* out = a.out + (static_cast<int64_t>(t) * a.num_heads + h) * D;
   for (int d = threadIdx.x; d < D; d += kAttThreads) {
     float o = 0.f;
-    for (int i = 0; i < n; ++i) o = fmaf(sc[i], bf16_to_f32(row(a.v_cache, lo + i)[d]), o);
+    for (int i = 0; i < n; ++i) o = fmaf(sc[i], cache_value(row(v_cache, lo + i) + d), o);
     out[d] = o / l;
   }
 }
@@ -214,16 +226,25 @@ bool attention_decode_supported(int num_heads, int num_kv_heads, int head_dim) {
   return head_dim % 8 == 0 && head_dim <= 128 && num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= 16;
 }
 
-cudaError_t attention_generic(const AttentionDecodeArgs& a, cudaStream_t stream) {
-  if (a.num_seqs <= 0) return cudaSuccess;
-  if (a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0) return cudaErrorInvalidValue;
+namespace {
+template <typename KV>
+cudaError_t launch_generic(const AttentionDecodeArgs& a, const KV* k_cache, const KV* v_cache, cudaStream_t stream) {
   const size_t smem = sizeof(float) * std::max(1, a.max_seq_len);
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(attention_generic_kernel),
+    const cudaError_t e = cudaFuncSetAttribute(reinterpret_cast<const void*>(attention_generic_kernel<KV>),
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  return launch_pdl(attention_generic_kernel, dim3(a.num_heads, a.num_seqs), kAttThreads, smem, stream, a);
+  return launch_pdl(attention_generic_kernel<KV>, dim3(a.num_heads, a.num_seqs), kAttThreads, smem, stream, a, k_cache,
+                    v_cache);
+}
+}  // namespace
+
+cudaError_t attention_generic(const AttentionDecodeArgs& a, cudaStream_t stream) {
+  if (a.num_seqs <= 0) return cudaSuccess;
+  if (a.num_kv_heads <= 0 || a.num_heads % a.num_kv_heads != 0) return cudaErrorInvalidValue;
+  return a.k_cache_f32 != nullptr ? launch_generic(a, a.k_cache_f32, a.v_cache_f32, stream)
+                                  : launch_generic(a, a.k_cache, a.v_cache, stream);
 }
 
 cudaError_t mlp_bf16(const MlpBf16Args& a, cudaStream_t stream) {

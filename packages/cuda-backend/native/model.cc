@@ -69,7 +69,13 @@ struct Config {
   float limit, alpha;
   int max_tokens, max_logit_rows, page_size, num_pages, max_pages_per_seq, max_seq_len, max_inter, graph_tokens;
   int fp8_inter;  // widest FP8 dense MLP: sizes its scratch
+  // Precision 'f32' (src/model.ts): the KV cache holds float32 (attention reads it through the split
+  // or generic kernel, never the fused or tensor-core prefill ones, which take bf16), and MXFP4
+  // experts stay on the CUDA-core kernels, whose activations are float32, instead of being
+  // repacked for the tensor-core path, which rounds them to bf16.
+  int kv_f32, expert_mma;
   size_t weights_bytes;
+  size_t kv_elem_bytes() const { return kv_f32 ? 4 : 2; }
   int q_dim() const { return heads * head_dim; }
   int kv_dim() const { return kv_heads * head_dim; }
   int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
@@ -143,10 +149,14 @@ struct State {
   int32_t* att_tiles;     // attention_prefill's tile list, [2 max_tokens][2] at most
   float* x_alt;           // the other half of the residual stream's ping-pong (fused norms)
   int prefill_tiles = 0;  // tiles of this step's rows; 0 runs attention_decode (one row a sequence)
+  // Routing trace of the step being run (null: none): router logits [layers][T][num_experts] and
+  // the experts each token went to [layers][T][top_k], on the host.
+  float* trace_logits = nullptr;
+  int32_t* trace_ids = nullptr;
   size_t arena_bytes = 0;
 
   static size_t kv_bytes(const Config& c) {
-    return 2 * static_cast<size_t>(c.layers) * (static_cast<size_t>(c.num_pages) + 1) * c.page_size * c.kv_dim() * 2;
+    return 2 * static_cast<size_t>(c.layers) * (static_cast<size_t>(c.num_pages) + 1) * c.page_size * c.kv_dim() * c.kv_elem_bytes();
   }
 
   // The arena's parts, in order; `carve` walks the same list to hand out pointers.
@@ -257,8 +267,11 @@ struct State {
     }
   }
 
-  bf16_bits* k_cache(int l) const { return kv.get<bf16_bits>() + static_cast<size_t>(2 * l) * layer_kv_elems(); }
-  bf16_bits* v_cache(int l) const { return kv.get<bf16_bits>() + static_cast<size_t>(2 * l + 1) * layer_kv_elems(); }
+  // A layer's K and V caches in the cache's own element type (the other one's pointers are null).
+  bf16_bits* k_cache(int l) const { return c.kv_f32 ? nullptr : kv.get<bf16_bits>() + static_cast<size_t>(2 * l) * layer_kv_elems(); }
+  bf16_bits* v_cache(int l) const { return c.kv_f32 ? nullptr : kv.get<bf16_bits>() + static_cast<size_t>(2 * l + 1) * layer_kv_elems(); }
+  float* k_cache_f32(int l) const { return c.kv_f32 ? kv.get<float>() + static_cast<size_t>(2 * l) * layer_kv_elems() : nullptr; }
+  float* v_cache_f32(int l) const { return c.kv_f32 ? kv.get<float>() + static_cast<size_t>(2 * l + 1) * layer_kv_elems() : nullptr; }
   size_t layer_kv_elems() const { return (static_cast<size_t>(c.num_pages) + 1) * c.page_size * c.kv_dim(); }
   int trash_page() const { return c.num_pages; }
 };
@@ -351,12 +364,14 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     qa.q_out = s.q;
     qa.k_cache = s.k_cache(l);
     qa.v_cache = s.v_cache(l);
+    qa.k_cache_f32 = s.k_cache_f32(l);
+    qa.v_cache_f32 = s.v_cache_f32(l);
     qa.tokens = T;
     qa.num_heads = c.heads;
     qa.num_kv_heads = c.kv_heads;
     qa.head_dim = c.head_dim;
     // Decode rows (each its own sequence) take one launch for the q/k/v epilogue and attention.
-    const bool fused_attention = s.prefill_tiles == 0 && fused_ok &&
+    const bool fused_attention = s.prefill_tiles == 0 && fused_ok && !c.kv_f32 &&
                                  attention_fused_supported(c.heads, c.kv_heads, c.head_dim, c.rotary_dim, max_len);
     if (!fused_attention)
       for (int rep = profile_times("prep"); rep > 0; --rep) MF_TRY(qkv_prepare(qa, st), "qkv_prepare");
@@ -364,6 +379,8 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
     aa.q = s.q;
     aa.k_cache = s.k_cache(l);
     aa.v_cache = s.v_cache(l);
+    aa.k_cache_f32 = s.k_cache_f32(l);
+    aa.v_cache_f32 = s.v_cache_f32(l);
     aa.block_table = s.in_tables;
     aa.seq_lens = s.in_lens;
     aa.sinks = w.sinks;
@@ -498,6 +515,15 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.alpha = c.alpha;
       MF_TRY(mlp_bf16(m, st), "mlp_bf16");
     }
+    if (s.trace_logits != nullptr && !dense) {
+      const size_t E = std::max(c.num_experts, 1), KS = c.slots();
+      MF_TRY(cudaMemcpy2DAsync(s.trace_logits + static_cast<size_t>(l) * T * E, sizeof(float) * E, s.router_logits,
+                               sizeof(float) * w.experts, sizeof(float) * w.experts, T, cudaMemcpyDeviceToHost, st),
+             "cudaMemcpy2DAsync (routing trace logits)");
+      MF_TRY(cudaMemcpyAsync(s.trace_ids + static_cast<size_t>(l) * T * KS, s.route_ids, sizeof(int32_t) * T * K,
+                             cudaMemcpyDeviceToHost, st),
+             "cudaMemcpyAsync (routing trace experts)");
+    }
     if (hidden_host != nullptr && hidden_done < hidden.size() && std::find(hidden.begin(), hidden.end(), l) != hidden.end()) {
       // The residual stream after layer l: x still lacks this layer's MLP output, which the next
       // norm adds in place.
@@ -576,6 +602,8 @@ class Model : public Napi::ObjectWrap<Model> {
     c.num_pages = i("numPages"), c.max_pages_per_seq = i("maxPagesPerSeq"), c.max_seq_len = i("maxSeqLen");
     c.max_inter = i("maxInter"), c.graph_tokens = i("graphTokens");
     c.fp8_inter = o.Has("fp8Inter") ? i("fp8Inter") : 0;
+    c.kv_f32 = o.Has("kvF32") ? i("kvF32") : 0;
+    c.expert_mma = o.Has("expertMma") ? i("expertMma") : 1;
     c.weights_bytes = static_cast<size_t>(num("weightsBytes"));
     const auto layout = info[1].As<Napi::Float64Array>();
     r.length(layout.ElementLength(), kGlobalFields + static_cast<size_t>(c.layers) * kLayerFields, "layout",
@@ -641,7 +669,7 @@ class Model : public Napi::ObjectWrap<Model> {
     State& s = state(r);
     const Config& c = s.c;
     int moved = 0;
-    if (s.prepared) return Napi::Number::New(env, 0);
+    if (s.prepared || !c.expert_mma) return Napi::Number::New(env, 0);
     size_t scratch_bytes = 0;
     for (const LayerPtrs& w : s.layers)
       if (w.mlp_kind == kMlpMxfp4Experts && moe_mma_supported(c.hidden, w.inter))
@@ -671,9 +699,10 @@ class Model : public Napi::ObjectWrap<Model> {
   }
 
   // step(inputs: Int32Array, tokens, logitRows, maxLen, copyLogits, hiddenLayers: Int32Array | null,
-  //      decode: boolean, sample: Float64Array | null)
+  //      decode: boolean, sample: Float64Array | null, traceRouting?: boolean)
   //   -> { ids: Int32Array, logits: Float32Array | null, hidden: Float32Array | null,
-  //        sampled: Int32Array | null, graph: boolean }
+  //        sampled: Int32Array | null, graph: boolean,
+  //        routing?: { logits: Float32Array [layers, tokens, numExperts], experts: Int32Array [layers, tokens, topK] } }
   // inputs: [tokens | positions | slots | seqLens | logitRows] each maxTokens long, then maxTokens
   // block-table rows of maxPagesPerSeq. decode: every token is its own sequence's one new token and
   // every row's logits are wanted; such a step replays a CUDA graph. sample: [logitRows][9]
@@ -698,7 +727,8 @@ class Model : public Napi::ObjectWrap<Model> {
         hidden.push_back(h[k]);
       }
     }
-    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T;
+    const bool trace = info.Length() > 8 && r.boolean(8, "traceRouting");
+    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T && !trace;
     const bool sampling = !r.is_null(7) && n_logit > 0;
     Napi::Float64Array sample_in;
     if (sampling) {
@@ -766,7 +796,7 @@ class Model : public Napi::ObjectWrap<Model> {
     // reads through attention_prefill. src/model.ts lays a sequence's rows out consecutively; a
     // row continues the previous row's sequence when it is the next position on the same pages.
     s.prefill_tiles = 0;
-    if (bucket == 0 && !decode && attention_prefill_supported(c.heads, c.kv_heads, c.head_dim)) {
+    if (bucket == 0 && !decode && !c.kv_f32 && attention_prefill_supported(c.heads, c.kv_heads, c.head_dim)) {
       const int P = c.max_pages_per_seq;
       const int32_t* lens = pin + 3 * MT;
       const int32_t* tables = pin + 5 * MT;
@@ -793,6 +823,22 @@ class Model : public Napi::ObjectWrap<Model> {
 
     Napi::Float32Array hidden_out;
     if (!hidden.empty()) hidden_out = Napi::Float32Array::New(env, hidden.size() * static_cast<size_t>(T) * c.hidden);
+    Napi::Float32Array trace_logits;
+    Napi::Int32Array trace_ids;
+    if (trace) {
+      // Dense layers keep NaN logits and -1 experts.
+      const size_t n = static_cast<size_t>(c.layers) * T;
+      trace_logits = Napi::Float32Array::New(env, n * std::max(c.num_experts, 1));
+      trace_ids = Napi::Int32Array::New(env, n * c.slots());
+      std::fill(trace_logits.Data(), trace_logits.Data() + trace_logits.ElementLength(), NAN);
+      std::fill(trace_ids.Data(), trace_ids.Data() + trace_ids.ElementLength(), -1);
+      s.trace_logits = trace_logits.Data();
+      s.trace_ids = trace_ids.Data();
+    }
+    struct TraceReset {
+      State& s;
+      ~TraceReset() { s.trace_logits = nullptr, s.trace_ids = nullptr; }
+    } trace_reset{s};
     auto run_eager = [&](int t, int nl, int ml) {
       const Status stt = forward(s, t, nl, ml, hidden, hidden.empty() ? nullptr : hidden_out.Data());
       if (!stt.ok()) check_cuda(env, stt.err, std::string("step: ") + stt.what);
@@ -857,6 +903,12 @@ class Model : public Napi::ObjectWrap<Model> {
     }
     o.Set("hidden", hidden.empty() ? Napi::Value(env.Null()) : Napi::Value(hidden_out));
     o.Set("sampled", sampling ? Napi::Value(sampled) : Napi::Value(env.Null()));
+    if (trace) {
+      Napi::Object t = Napi::Object::New(env);
+      t.Set("logits", trace_logits);
+      t.Set("experts", trace_ids);
+      o.Set("routing", t);
+    }
     o.Set("graph", bucket > 0);
     return o;
   }
@@ -870,6 +922,7 @@ class Model : public Napi::ObjectWrap<Model> {
     o.Set("kvCache", static_cast<double>(s.kv.bytes()));
     o.Set("activations", static_cast<double>(s.arena_bytes));
     o.Set("graphs", static_cast<double>(s.graphs.size()));
+    o.Set("kvF32", s.c.kv_f32 != 0);
     return o;
   }
 

@@ -117,3 +117,37 @@ export async function fixtureParity(dir, { genTokens = 32, cudaOptions = {} } = 
   }
   return result;
 }
+
+/**
+ * Routing of every fixture sequence on CUDA against the CPU backend (each sequence alone, from an
+ * empty cache, StepSequence.traceRouting): (layer, position) choices that differ, with the CPU's
+ * own margin there, and the worst per-position logits error against the CPU.
+ */
+export async function routingParity(dir, { cudaOptions = {}, nearTie = 1e-5 } = {}) {
+  const { compareRouting } = await import('@moeflash/core');
+  const { sequences } = JSON.parse(fs.readFileSync(path.join(dir, 'input.json'), 'utf8'));
+  const cuda = await load(createCudaBackend(), dir, { maxSequences: 2, maxSequenceLength: 128, ...cudaOptions });
+  const cpu = await load(new CpuBackend(), dir);
+  const dims = { vocab: cuda.spec.vocabSize, numExperts: cuda.spec.moe.numExperts, topK: cuda.spec.moe.topK };
+  const out = { precision: cuda.model.precision, choices: 0, differences: [], nearTies: 0, worstPosition: 0 };
+  try {
+    for (const [i, tokens] of sequences.entries()) {
+      const run = async (m) => {
+        const r = await m.step({ sequences: [{ seq: 200 + i, tokens, logits: 'all', traceRouting: true }] });
+        m.release(200 + i);
+        return r.sequences[0];
+      };
+      const c = compareRouting(await run(cpu.model), await run(cuda.model), dims, nearTie);
+      out.choices += c.choices;
+      out.nearTies += c.nearTies.length;
+      out.worstPosition = Math.max(out.worstPosition, ...c.positionErrors);
+      for (const d of c.differences) out.differences.push({ seq: i, ...d });
+    }
+  } finally {
+    await cuda.model.dispose();
+    await cpu.model.dispose();
+  }
+  // A difference is excused only where the CPU's own margin is a near-tie.
+  out.unexplained = out.differences.filter((d) => d.relativeMargin >= nearTie);
+  return out;
+}

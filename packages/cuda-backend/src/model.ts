@@ -13,6 +13,7 @@
 import {
   MoeflashError,
   detectExpertLayout,
+  footprint,
   rngKey,
   ropeTable,
   seedKey,
@@ -24,6 +25,7 @@ import {
   type LoadOptions,
   type MemoryReport,
   type ModelSpec,
+  type RoutingTrace,
   type SeqId,
   type SequenceOutput,
   type StepPlan,
@@ -57,10 +59,42 @@ export interface CudaLoadOptions extends LoadOptions {
    * Unset: the MOEFLASH_CUDA_EXPERTS environment variable (`auto`, `stored` or `mxfp4`), else `auto`.
    */
   experts?: CudaExpertsOption;
+  /**
+   * The arithmetic precision of what the kernels keep between operations.
+   *
+   * - `f32`: the KV cache holds float32 and the MXFP4 experts take float32 activations (CUDA-core
+   *   kernels), as the CPU reference does: logits within ~1e-5 of it, so routing near-ties go the
+   *   way the reference goes. Twice the KV bytes, and no tensor-core experts or fused attention.
+   * - `bf16`: keys and values rounded to bf16 in the cache, activations rounded to bf16 into the
+   *   tensor-core experts: the fast path, ~3e-3 from the reference.
+   * - `auto` (the default): `f32` for models under 1 B parameters (test and bundled models, whose
+   *   steps are bound by launches, not bytes), `bf16` from 1 B on.
+   *
+   * The residual stream, norms, router logits and top-k are float32 under both.
+   * Unset: the MOEFLASH_CUDA_PRECISION environment variable (`auto`, `bf16` or `f32`), else `auto`.
+   */
+  precision?: CudaPrecisionOption;
   /** GPU index (default 0). */
   device?: number;
   /** One line of diagnostics, such as experts left bf16 (default console.warn). */
   log?: (line: string) => void;
+}
+
+/** Values of {@link CudaLoadOptions.precision}. */
+export type CudaPrecisionOption = 'auto' | 'bf16' | 'f32';
+
+/** Models below this many parameters run at precision `f32` under `auto`. */
+export const F32_PRECISION_BELOW_PARAMS = 1e9;
+
+/** The precision a load runs at: the option, else MOEFLASH_CUDA_PRECISION, else `auto` by model size. */
+export function resolvePrecision(spec: ModelSpec, opt: unknown): 'bf16' | 'f32' {
+  const env = process.env.MOEFLASH_CUDA_PRECISION;
+  const [v, from] = opt !== undefined ? [opt, 'precision'] : env ? [env, 'MOEFLASH_CUDA_PRECISION'] : ['auto', ''];
+  if (v !== 'auto' && v !== 'bf16' && v !== 'f32') {
+    throw new MoeflashError('INVALID_ARGUMENT', `${from} must be 'auto', 'bf16' or 'f32' (got ${JSON.stringify(v)})`);
+  }
+  if (v !== 'auto') return v;
+  return footprint(spec).total < F32_PRECISION_BELOW_PARAMS ? 'f32' : 'bf16';
 }
 
 /** Values of {@link CudaLoadOptions.experts}. */
@@ -597,7 +631,12 @@ async function planWeights(spec: ModelSpec, src: WeightSource, quantize: Quantiz
 /** What the addon's Model needs to size and run a model. */
 function nativeConfig(
   spec: ModelSpec,
-  opts: Required<Pick<CudaLoadOptions, 'maxSequences' | 'maxStepTokens' | 'pageSize'>> & { maxSeqLen: number; pages?: number; kvBytes?: number },
+  opts: Required<Pick<CudaLoadOptions, 'maxSequences' | 'maxStepTokens' | 'pageSize'>> & {
+    maxSeqLen: number;
+    pages?: number;
+    kvBytes?: number;
+    precision: 'bf16' | 'f32';
+  },
   w: WeightPlan,
 ) {
   const a = spec.attention;
@@ -609,7 +648,8 @@ function nativeConfig(
   let graphTokens = 1;
   while (graphTokens * 2 <= Math.min(64, maxTokens, maxLogitRows)) graphTokens *= 2;
   const maxPagesPerSeq = Math.ceil(opts.maxSeqLen / opts.pageSize);
-  const pageBytes = 2 * spec.numLayers * opts.pageSize * a.numKvHeads * a.headDim * 2;
+  const kvF32 = opts.precision === 'f32';
+  const pageBytes = 2 * spec.numLayers * opts.pageSize * a.numKvHeads * a.headDim * (kvF32 ? 4 : 2);
   const numPages = Math.max(1, opts.pages ?? (opts.kvBytes !== undefined ? Math.floor(opts.kvBytes / pageBytes) : maxPagesPerSeq * opts.maxSequences));
   return {
     hidden: spec.hiddenSize,
@@ -639,6 +679,8 @@ function nativeConfig(
     fp8Inter: w.fp8Inter,
     graphTokens,
     weightsBytes: w.bytes,
+    kvF32: kvF32 ? 1 : 0,
+    expertMma: kvF32 ? 0 : 1,
   };
 }
 type NativeConfig = ReturnType<typeof nativeConfig>;
@@ -697,6 +739,11 @@ export class CudaModel implements LoadedModel {
   }
 
   /** Positions one sequence can hold, and sequences of that length the cache holds at once. */
+  /** What the kernels keep between operations ({@link CudaLoadOptions.precision}). */
+  get precision(): 'bf16' | 'f32' {
+    return this.cfg.kvF32 ? 'f32' : 'bf16';
+  }
+
   get capacity(): { maxSequenceLength: number; pages: number; pageSize: number; freePages: number } {
     return { maxSequenceLength: this.cfg.maxSeqLen, pages: this.cfg.numPages, pageSize: this.cfg.pageSize, freePages: this.freePages.length };
   }
@@ -841,7 +888,9 @@ export class CudaModel implements LoadedModel {
       };
     });
     const hiddenLayers = [...new Set(plan.sequences.flatMap((s) => s.hiddenLayers ?? []))].sort((x, y) => x - y);
-    const decode = hiddenLayers.length === 0 && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
+    const trace = plan.sequences.some((s) => s.traceRouting);
+    const traces = plan.sequences.map((s): RoutingTrace | undefined => (s.traceRouting ? { logits: [], experts: [] } : undefined));
+    const decode = hiddenLayers.length === 0 && !trace && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
 
     const MT = cfg.maxTokens;
     const inp = this.inputs;
@@ -885,7 +934,8 @@ export class CudaModel implements LoadedModel {
             if (r.sample) sample!.set(sampleFields(r.sample), j * SAMPLE_FIELDS);
           });
         }
-        const res = native.step(inp, T, li, maxLen, copy, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode, sample);
+        const res = native.step(inp, T, li, maxLen, copy, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode, sample, trace);
+        if (res.routing) appendRouting(traces, rows, c0, T, res.routing, spec);
         if (res.graph) this.stats.graphSteps++;
         else this.stats.eagerCalls++;
         logitOf.forEach((r, j) => {
@@ -914,16 +964,68 @@ export class CudaModel implements LoadedModel {
     }
     plan.sequences.forEach((s, si) => (states[si].length += s.tokens.length));
     return {
-      sequences: outs.map((o) => ({
+      sequences: outs.map((o, i) => ({
         seq: o.seq,
         logits: o.logits,
         rows: o.rows,
         hidden: o.hidden,
         argmax: o.argmax,
         ...(o.sampled !== undefined ? { sampled: o.sampled } : {}),
+        ...(traces[i] ? { routing: traces[i] } : {}),
       })),
     };
   }
+}
+
+/**
+ * Appends one native call's routing trace ([layers, T, E] logits, [layers, T, K] experts over the
+ * call's rows c0 .. c0 + T - 1) to the traces of the sequences those rows belong to.
+ */
+function appendRouting(
+  traces: (RoutingTrace | undefined)[],
+  rows: readonly { si: number }[],
+  c0: number,
+  T: number,
+  routing: { logits: Float32Array; experts: Int32Array },
+  spec: ModelSpec,
+): void {
+  const E = Math.max(spec.moe.numExperts, 1);
+  const K = Math.max(spec.moe.topK, 1);
+  traces.forEach((tr, si) => {
+    if (!tr) return;
+    const mine: number[] = [];
+    for (let t = 0; t < T; t++) if (rows[c0 + t].si === si) mine.push(t);
+    if (!mine.length) return;
+    spec.layers.forEach((layer, l) => {
+      const dense = layer.mlp === 'dense';
+      const lg = new Float32Array(dense ? 0 : mine.length * E);
+      const ex = new Int32Array(dense ? 0 : mine.length * K);
+      if (!dense) {
+        mine.forEach((t, j) => {
+          lg.set(routing.logits.subarray((l * T + t) * E, (l * T + t + 1) * E), j * E);
+          ex.set(routing.experts.subarray((l * T + t) * K, (l * T + t + 1) * K), j * K);
+        });
+      }
+      tr.logits[l] = concatF32(tr.logits[l], lg);
+      tr.experts[l] = concatI32(tr.experts[l], ex);
+    });
+  });
+}
+
+function concatF32(a: Float32Array | undefined, b: Float32Array): Float32Array {
+  if (!a || a.length === 0) return b;
+  const out = new Float32Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
+}
+
+function concatI32(a: Int32Array | undefined, b: Int32Array): Int32Array {
+  if (!a || a.length === 0) return b;
+  const out = new Int32Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
 }
 
 /** The CUDA backend: found by core's registry as `cuda`. */
@@ -966,6 +1068,7 @@ export class CudaBackend implements Backend {
         maxSeqLen: Math.max(maxSeqLen, 1),
         pages: opts.kvCache?.pages,
         kvBytes: opts.kvCache?.bytes,
+        precision: resolvePrecision(spec, opts.precision),
       },
       plan,
     );

@@ -227,6 +227,10 @@ export interface NativeModelConfig {
   maxSeqLen: number; maxInter: number; graphTokens: number; weightsBytes: number;
   /** Widest dense MLP held as FP8 (sizes its scratch); 0 or absent when none. */
   fp8Inter?: number;
+  /** 1: the KV cache holds float32 (precision 'f32'); 0 or absent: bf16. */
+  kvF32?: number;
+  /** 0: MXFP4 experts stay on the CUDA-core kernels (float32 activations); 1 or absent: tensor cores where the shapes allow. */
+  expertMma?: number;
 }
 
 /** A model's device memory and its step (native/model.cc). */
@@ -244,8 +248,18 @@ export interface NativeModel {
     decode: boolean,
     /** [logitRows][9]: temperature, topK, topP, minP, seedLo, seedHi, seq, position, purpose. */
     sample: Float64Array | null,
-  ): { ids: Int32Array; logits: Float32Array | null; hidden: Float32Array | null; sampled: Int32Array | null; graph: boolean };
-  info(): { weights: number; kvCache: number; activations: number; graphs: number };
+    /** Return every MoE layer's router logits and chosen experts (the step runs kernel by kernel). */
+    traceRouting?: boolean,
+  ): {
+    ids: Int32Array;
+    logits: Float32Array | null;
+    hidden: Float32Array | null;
+    sampled: Int32Array | null;
+    graph: boolean;
+    /** With traceRouting: logits [layers, tokens, numExperts] (NaN for dense layers), experts [layers, tokens, topK] (-1 there). */
+    routing?: { logits: Float32Array; experts: Int32Array };
+  };
+  info(): { weights: number; kvCache: number; activations: number; graphs: number; kvF32: boolean };
   /** Device milliseconds a replay of the captured decode graph of `bucket` rows (CUDA events). */
   timeGraphs(bucket: number, sampling: boolean, iters: number): number;
   /** Forgets the captured decode graphs; the next decode step of each size captures again. */
@@ -273,7 +287,7 @@ export const ADDON_PATH = process.env.MOEFLASH_CUDA_ADDON || join(PACKAGE_ROOT, 
 /** The command that builds the addon. */
 export const BUILD_COMMAND = 'pnpm --filter @moeflash/cuda-backend build:native';
 
-const EXPECTED_ABI = 2;
+const EXPECTED_ABI = 3;
 
 let loaded: { addon: NativeAddon } | { error: string } | undefined;
 

@@ -32,7 +32,7 @@ describe.skipIf(!avail.ok)('fused decode attention (q/k/v epilogue + attention i
     const saved = process.env.MOEFLASH_ATTENTION_FUSED;
     try {
       const cpu = await new CpuBackend().load(spec, w);
-      const gpu = (await createCudaBackend().load(spec, w, { maxSequences: 2, maxSequenceLength: 1536, maxStepTokens: 256 })) as CudaModel;
+      const gpu = (await createCudaBackend().load(spec, w, { maxSequences: 2, maxSequenceLength: 1536, maxStepTokens: 256, precision: 'bf16' })) as CudaModel;
       const V = spec.vocabSize;
       const next: number[] = [];
       for (let s = 0; s < prompts.length; s++) {

@@ -40,7 +40,7 @@ function fakeModel(graphTokens = 4) {
         graph: decode,
       };
     },
-    info: () => ({ weights: 0, kvCache: 0, activations: 0, graphs: 0 }),
+    info: () => ({ weights: 0, kvCache: 0, activations: 0, graphs: 0, kvF32: false }),
     timeGraphs: () => 0,
     dropGraphs() {},
     dispose() {},

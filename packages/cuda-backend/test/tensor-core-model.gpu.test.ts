@@ -38,7 +38,7 @@ describe.skipIf(!avail.ok)('CUDA tensor-core path on the bundled tiny coder', ()
     const w = await openWeights(dir);
     try {
       const cpu = await new CpuBackend().load(spec, w);
-      const gpu = (await createCudaBackend().load(spec, w, { maxSequences: 4, maxSequenceLength: 128, maxStepTokens: 32 })) as CudaModel;
+      const gpu = (await createCudaBackend().load(spec, w, { maxSequences: 4, maxSequenceLength: 128, maxStepTokens: 32, precision: 'bf16' })) as CudaModel;
       expect(gpu.expertFormat).toBe('mxfp4');
       const V = spec.vocabSize;
       const errors: number[] = [];

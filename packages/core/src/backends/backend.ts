@@ -21,6 +21,20 @@ export interface StepSequence {
    * Independent of `logits`: with `logits: 'none'` the logits need not leave the backend.
    */
   sample?: StepSample;
+  /**
+   * Return each MoE layer's router logits and the experts every token went to
+   * (SequenceOutput.routing): what a debugging tool compares between backends. Backends that
+   * cannot trace ignore it.
+   */
+  traceRouting?: boolean;
+}
+
+/** Routing of one sequence's tokens in a step, per layer (StepSequence.traceRouting). */
+export interface RoutingTrace {
+  /** Per layer: router logits, row-major [tokens, numExperts]; empty for dense layers. */
+  logits: Float32Array[];
+  /** Per layer: the experts each token went to, [tokens, topK] in routing order; empty for dense layers. */
+  experts: Int32Array[];
 }
 
 /**
@@ -49,6 +63,8 @@ export interface SequenceOutput {
    * +Infinity logit, or every logit -Infinity) and would have thrown.
    */
   sampled?: number;
+  /** With StepSequence.traceRouting, on backends that trace. */
+  routing?: RoutingTrace;
 }
 
 export interface StepResult {

@@ -14,6 +14,20 @@ export function expertsFlag(command: string, v: string | undefined): { experts?:
   return { experts: v };
 }
 
+/** Help line of `--precision`, the CUDA backend's `precision` load option. */
+export const PRECISION_HELP = `--precision auto|bf16|f32  CUDA backend: float32 KV cache and expert activations (f32, the
+                               reference's arithmetic), bf16 (the fast path), or by model size (auto:
+                               f32 under 1 B parameters)`;
+
+/** `--precision` as the CUDA backend's load option (none: the backend's default). */
+export function precisionFlag(command: string, v: string | undefined): { precision?: 'auto' | 'bf16' | 'f32' } {
+  if (v === undefined) return {};
+  if (v !== 'auto' && v !== 'bf16' && v !== 'f32') {
+    throw new MoeflashError('INVALID_ARGUMENT', `moeflash ${command}: --precision must be auto, bf16 or f32, got '${v}'`);
+  }
+  return { precision: v };
+}
+
 /** What the CUDA backend reports of its experts (CudaModel.expertLoad, planExpertLoad). */
 export interface ExpertLoadReport {
   stored: string;

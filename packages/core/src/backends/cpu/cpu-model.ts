@@ -6,7 +6,7 @@ import { route } from '../../math/router.js';
 import type { ModelSpec } from '../../model/spec.js';
 import { sampleTokenOrReject } from '../../sampling/sample.js';
 import type { ModelWeights } from '../../weights/layouts.js';
-import type { KvPageStats, LoadedModel, MemoryReport, SeqId, SequenceOutput, StepPlan, StepResult } from '../backend.js';
+import type { KvPageStats, LoadedModel, MemoryReport, RoutingTrace, SeqId, SequenceOutput, StepPlan, StepResult } from '../backend.js';
 import { attendInterleaved } from './attention.js';
 import { linearBatch, mlpBatch, MlpBatchScratch } from './batched.js';
 import { KvPagePool, PagedSequence } from './kv-cache.js';
@@ -181,6 +181,7 @@ export class CpuModel implements LoadedModel {
     for (let i = 0; i < n; i++) x.set(w.embed.subarray(tokens[i] * H, (tokens[i] + 1) * H), i * H);
 
     const hiddenOut = plan.sequences.map((s) => (s.hiddenLayers?.length ? new Map<number, Float32Array>() : undefined));
+    const traces = plan.sequences.map((s): RoutingTrace | undefined => (s.traceRouting ? { logits: [], experts: [] } : undefined));
     const normed = new Float32Array(n * H);
     const q = new Float32Array(n * qDim);
     const k = new Float32Array(n * kvDim);
@@ -288,7 +289,27 @@ export class CpuModel implements LoadedModel {
           }
           for (let d = 0; d < H; d++) x[i * H + d] += mlpAcc[d];
         }
+        traces.forEach((t, si) => {
+          if (!t) return;
+          const sp = spans[si];
+          const ids = new Int32Array(sp.count * topK);
+          for (let j = 0; j < sp.count * topK; j++) ids[j] = -1;
+          routedTo.forEach((slots, e) => {
+            for (const slot of slots) {
+              const i = Math.floor(slot / topK);
+              if (i >= sp.first && i < sp.first + sp.count) ids[(i - sp.first) * topK + (slot % topK)] = e;
+            }
+          });
+          t.logits[l] = routerLogits.slice(sp.first * E, (sp.first + sp.count) * E);
+          t.experts[l] = ids;
+        });
       }
+      traces.forEach((t) => {
+        if (t && !t.logits[l]) {
+          t.logits[l] = new Float32Array(0);
+          t.experts[l] = new Int32Array(0);
+        }
+      });
       plan.sequences.forEach((s, si) => {
         if (!s.hiddenLayers?.includes(l)) return;
         const sp = spans[si];
@@ -323,6 +344,7 @@ export class CpuModel implements LoadedModel {
     plan.sequences.forEach((s, si) => {
       const end = r + rowsOf[si];
       const out: SequenceOutput = { seq: s.seq, logits: logits.slice((end - want[si]) * V, end * V), rows: want[si], hidden: hiddenOut[si] };
+      if (traces[si]) out.routing = traces[si];
       if (s.sample && rowsOf[si] > 0) out.sampled = sampleTokenOrReject(logits, s.sample.params, s.sample.key, { offset: (end - 1) * V, length: V });
       outputs.push(out);
       r = end;

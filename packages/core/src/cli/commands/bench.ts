@@ -8,16 +8,17 @@ import { bytesPerToken, footprint } from '../../model/footprint.js';
 import type { ModelSpec } from '../../model/spec.js';
 import { openWeights } from '../../weights/safetensors.js';
 import { num, parse, required } from '../args.js';
-import { EXPERTS_HELP, describeExpertLoad, expertLoadOf, expertsFlag } from '../experts.js';
+import { EXPERTS_HELP, PRECISION_HELP, describeExpertLoad, expertLoadOf, expertsFlag, precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 
-export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--batch 1,8,32] [--prompt 512] [--gen 256] [--out FILE.json] [--experts auto|stored|mxfp4]
+export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--batch 1,8,32] [--prompt 512] [--gen 256] [--out FILE.json] [--experts auto|stored|mxfp4] [--precision auto|bf16|f32]
   Prefill and decode throughput at each batch size (random prompts, greedy decoding): prefill
   tokens/s, decode tokens/s and ms a step, the bytes a decode step must read (bandwidth model),
   the achieved GB/s and its share of the device's copy bandwidth measured in the same run, and
   peak memory. Prints the expert format the model was loaded with and a table; writes JSON
   (--out, default bench.json) and a markdown table next to it (same name, .md).
-  ${EXPERTS_HELP}`;
+  ${EXPERTS_HELP}
+  ${PRECISION_HELP}`;
 
 /** What the CUDA backend adds for the benchmark (found at run time, as the registry does). */
 interface CudaBenchModule {
@@ -115,6 +116,7 @@ export async function bench(argv: string[]): Promise<void> {
   const { values: v } = parse('bench', argv, {
     model: { type: 'string' }, backend: { type: 'string' }, batch: { type: 'string' }, prompt: { type: 'string' },
     gen: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, experts: { type: 'string' },
+    precision: { type: 'string' },
   });
   if (v.help) return void console.log(benchHelp);
   const dir = path.resolve(required('bench', 'model', v.model));
@@ -125,7 +127,7 @@ export async function bench(argv: string[]): Promise<void> {
   const seed = num('bench', 'seed', v.seed, 1)!;
   const out = path.resolve(v.out ?? 'bench.json');
   const backendChoice = (v.backend ?? 'cuda') as BackendChoice;
-  const experts = expertsFlag('bench', v.experts);
+  const experts = { ...expertsFlag('bench', v.experts), ...precisionFlag('bench', v.precision) };
 
   const spec = await loadModelSpec(dir);
   const backend = await resolveBackend(backendChoice);
@@ -155,7 +157,8 @@ export async function bench(argv: string[]): Promise<void> {
   sampleMem();
   const expertFormat = (model as { expertFormat?: string }).expertFormat ?? 'bf16';
   const expertLoad = expertLoadOf(model);
-  const expertsLine = `experts ${expertLoad ? describeExpertLoad(expertLoad) : expertFormat}`;
+  const precision = (model as { precision?: string }).precision;
+  const expertsLine = `experts ${expertLoad ? describeExpertLoad(expertLoad) : expertFormat}${precision ? `, precision ${precision}` : ''}`;
   console.error(`loaded in ${loadSeconds.toFixed(1)} s on ${backend.name}: ${expertsLine}`);
   const expertBytesPerParam = expertFormat === 'mxfp4' ? 4.25 / 8 : 2;
 

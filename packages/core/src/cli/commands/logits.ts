@@ -4,14 +4,15 @@ import { loadModel } from '../../engine/load.js';
 import { MoeflashError } from '../../errors.js';
 import { writeSafetensors } from '../../weights/safetensors-writer.js';
 import { parse, required } from '../args.js';
-import { EXPERTS_HELP, describeExpertLoad, expertLoadOf, expertsFlag } from '../experts.js';
+import { EXPERTS_HELP, PRECISION_HELP, describeExpertLoad, expertLoadOf, expertsFlag, precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 
-export const logitsHelp = `moeflash logits --model DIR --input IDS.json --output OUT.safetensors [--backend cpu|cuda] [--experts auto|stored|mxfp4]
+export const logitsHelp = `moeflash logits --model DIR --input IDS.json --output OUT.safetensors [--backend cpu|cuda] [--experts auto|stored|mxfp4] [--precision auto|bf16|f32]
   Logits at every position of each sequence, each from an empty cache.
   IDS.json: {"sequences": [[int, ...], ...]}. OUT holds one F32 tensor logits.{i} of shape
   [len_i, vocab] per sequence: the logits at every position of sequence i from an empty cache.
   ${EXPERTS_HELP}
+  ${PRECISION_HELP}
     (compare with reference logits: --experts stored)`;
 
 export async function parseSequences(file: string, vocab: number): Promise<number[][]> {
@@ -36,7 +37,7 @@ export async function parseSequences(file: string, vocab: number): Promise<numbe
 export async function logits(argv: string[]): Promise<void> {
   const { values: v } = parse('logits', argv, {
     model: { type: 'string' }, input: { type: 'string' }, output: { type: 'string' }, backend: { type: 'string' },
-    experts: { type: 'string' },
+    experts: { type: 'string' }, precision: { type: 'string' },
   });
   if (v.help) return void console.log(logitsHelp);
   const input = required('logits', 'input', v.input);
@@ -45,7 +46,7 @@ export async function logits(argv: string[]): Promise<void> {
     model: required('logits', 'model', v.model),
     backend: (v.backend ?? 'cpu') as BackendChoice,
     onProgress: progressBar(),
-    backendOptions: expertsFlag('logits', v.experts),
+    backendOptions: { ...expertsFlag('logits', v.experts), ...precisionFlag('logits', v.precision) },
   });
   try {
     const seqs = await parseSequences(input, h.spec.vocabSize);
