@@ -35,6 +35,8 @@ export interface EngineOptions {
   streamBuffer?: number;
   /** KV page pool (backends that page their cache): page size, pages or bytes, prefix caching. */
   kvCache?: KvCacheOptions;
+  /** Refuse NaN or infinite weights at load (reads the checkpoint once more; the CLI sets it). */
+  checkFiniteWeights?: boolean;
   /** Called for one line of diagnostics (default console.warn). */
   log?: (line: string) => void;
   /**
@@ -185,6 +187,7 @@ export class Engine extends EventEmitter<EngineEvents> {
       log,
       onProgress: opts.on?.['load:progress'],
       kvCache: opts.kvCache,
+      checkFiniteWeights: opts.checkFiniteWeights,
     });
     const engine = new Engine(handle.spec, tokenizer, genConfig, chat, handle.backend, log, dir);
     for (const [event, fn] of Object.entries(opts.on ?? {})) engine.on(event as keyof EngineEvents, fn as never);

@@ -4,6 +4,7 @@ import { resolveBackend, type BackendChoice } from '../backends/registry.js';
 import { loadModelSpec } from '../model/config.js';
 import type { ModelSpec } from '../model/spec.js';
 import { openWeights } from '../weights/safetensors.js';
+import { validateCheckpoint } from '../weights/validate-checkpoint.js';
 
 export interface LoadModelOptions {
   model: string;
@@ -14,6 +15,8 @@ export interface LoadModelOptions {
   kvCache?: KvCacheOptions;
   /** Largest sequence length a KV cache must hold. */
   maxSequenceLength?: number;
+  /** Refuse NaN or infinite weights (reads the checkpoint once more before the load; the CLI sets it). */
+  checkFiniteWeights?: boolean;
   /** Backend-specific load options, passed through (the CUDA backend's `experts`, for one). */
   backendOptions?: Record<string, unknown>;
 }
@@ -34,6 +37,8 @@ export async function loadModel(opts: LoadModelOptions): Promise<ModelHandle> {
   const t0 = performance.now();
   const weights = await openWeights(dir);
   try {
+    // Every backend loads a checkpoint that matches its spec, or none: checked before any upload.
+    await validateCheckpoint(spec, weights, { checkFinite: opts.checkFiniteWeights });
     const model = await backend.load(spec, weights, {
       ...opts.backendOptions,
       log: opts.log,

@@ -7,17 +7,15 @@
  * `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the data
  * section that the offsets are relative to.
  */
-import { open, readdir, readFile, stat, type FileHandle } from 'node:fs/promises';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { MoeflashError } from '../errors.js';
+import { openFileSource, type ByteSource, type ByteSourceOpener } from './byte-source.js';
 import { DTYPES, decodeToFloat32, isDType, isShape, tensorByteLength } from './dtypes.js';
 import type { TensorInfo, WeightSource } from './tensor.js';
 
 /** Larger headers are refused (as the reference implementation does): they mean a corrupt file. */
 export const MAX_HEADER_BYTES = 100 * 1024 * 1024;
-
-// Node reads at most 2 GiB - 1 per call.
-const MAX_IO_BYTES = 1 << 30;
 
 export interface SafetensorsHeader {
   /** Absolute path. */
@@ -54,35 +52,28 @@ function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
-/** Reads until `dst` is full or the file ends; returns the bytes read. */
-async function readAt(fh: FileHandle, dst: Uint8Array, position: number): Promise<number> {
-  let done = 0;
-  while (done < dst.length) {
-    const len = Math.min(dst.length - done, MAX_IO_BYTES);
-    const { bytesRead } = await fh.read(dst, done, len, position + done);
-    if (bytesRead === 0) break;
-    done += bytesRead;
-  }
-  return done;
-}
-
-/** Reads and validates the header of one safetensors file (not its tensor bytes). */
-export async function readSafetensorsHeader(path: string): Promise<SafetensorsHeader> {
+/**
+ * Reads and validates the header of one safetensors file (not its tensor bytes), as strictly as
+ * the reference implementation: the tensors' byte ranges must tile the data section exactly,
+ * from 0 to the end of the file, so a header length off by a byte or bytes appended after the
+ * last tensor are errors instead of weights shifted by a byte.
+ */
+export async function readSafetensorsHeader(path: string, opener: ByteSourceOpener = openFileSource): Promise<SafetensorsHeader> {
   const file = resolve(path);
-  let fh: FileHandle;
+  let fh: ByteSource;
   try {
-    fh = await open(file, 'r');
+    fh = await opener(file);
   } catch (e) {
     throw ioError(file, e);
   }
   try {
-    const fileSize = (await fh.stat()).size;
+    const fileSize = await fh.size();
     const reDownload = 'the download was cut short or this is not a safetensors file: re-download it';
     if (fileSize < 8) {
       throw invalid(file, `file is ${fileSize} bytes, shorter than the 8-byte header length that starts every safetensors file; ${reDownload}`);
     }
     const lenBytes = new Uint8Array(8);
-    await readAt(fh, lenBytes, 0);
+    await fh.read(lenBytes, 0);
     const headerLen = Number(new DataView(lenBytes.buffer).getBigUint64(0, true));
     if (headerLen > MAX_HEADER_BYTES || headerLen > fileSize - 8) {
       // A Hugging Face clone without git-lfs leaves ~130-byte text pointers in place of weights.
@@ -93,7 +84,7 @@ export async function readSafetensorsHeader(path: string): Promise<SafetensorsHe
       throw invalid(file, `header length ${headerLen} is larger than ${limit}; ${reDownload}`);
     }
     const headerBytes = new Uint8Array(headerLen);
-    await readAt(fh, headerBytes, 8);
+    await fh.read(headerBytes, 8);
     let header: unknown;
     try {
       header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(headerBytes));
@@ -101,6 +92,8 @@ export async function readSafetensorsHeader(path: string): Promise<SafetensorsHe
       throw invalid(file, `header is not valid JSON (${(e as Error).message}); ${reDownload}`, e);
     }
     if (!isObject(header)) throw invalid(file, `header is not a JSON object; ${reDownload}`);
+    // The reference implementation requires the JSON to open the header (padding goes after it).
+    if (headerBytes[0] !== 0x7b) throw invalid(file, `header starts with whitespace, not '{'; ${reDownload}`);
     return parseHeader(file, fileSize, 8 + headerLen, header);
   } catch (e) {
     throw ioError(file, e);
@@ -117,7 +110,11 @@ function parseHeader(file: string, fileSize: number, dataStart: number, header: 
   for (const [name, entry] of Object.entries(header)) {
     if (name === '__metadata__') {
       if (!isObject(entry)) throw invalid(file, `__metadata__ is not a JSON object; ${corrupt}`);
-      for (const [k, v] of Object.entries(entry)) metadata[k] = typeof v === 'string' ? v : JSON.stringify(v);
+      for (const [k, v] of Object.entries(entry)) {
+        // The format declares a string -> string map; the reference reader refuses anything else.
+        if (typeof v !== 'string') throw invalid(file, `__metadata__ '${k}' is ${JSON.stringify(v)}, not a string; ${corrupt}`);
+        metadata[k] = v;
+      }
       continue;
     }
     const where = `tensor '${name}'`;
@@ -141,17 +138,37 @@ function parseHeader(file: string, fileSize: number, dataStart: number, header: 
       throw invalid(file, `truncated: file is ${fileSize} bytes, tensor '${name}' needs up to ${dataStart + end}; re-download it`);
     }
     tensors.push({ name, dtype, shape, file, offset: dataStart + begin, byteLength });
-    if (end > begin) ranges.push({ name, begin, end });
+    ranges.push({ name, begin, end });
   }
-  ranges.sort((a, b) => a.begin - b.begin);
-  for (let i = 1; i < ranges.length; i++) {
-    const a = ranges[i - 1];
-    const b = ranges[i];
-    if (b.begin < a.end) {
-      throw invalid(file, `tensors '${a.name}' [${a.begin}, ${a.end}] and '${b.name}' [${b.begin}, ${b.end}] overlap; ${corrupt}`);
-    }
-  }
+  checkTiling(file, fileSize - dataStart, ranges);
   return { file, fileSize, dataStart, metadata, tensors };
+}
+
+/**
+ * The tensors' ranges, in offset order, must cover [0, dataBytes) with neither gap nor overlap
+ * (empty tensors sit anywhere on a boundary). A gap or a tail means the offsets or the header
+ * length are wrong, or the file holds bytes no tensor owns: loading it would read shifted weights.
+ */
+function checkTiling(file: string, dataBytes: number, ranges: { name: string; begin: number; end: number }[]): void {
+  const corrupt = 'the header is corrupt: re-download or re-export the file';
+  ranges.sort((a, b) => a.begin - b.begin || a.end - b.end);
+  let covered = 0;
+  let last: (typeof ranges)[number] | null = null;
+  for (const r of ranges) {
+    if (r.begin < covered) {
+      throw invalid(file, `tensors '${last!.name}' [${last!.begin}, ${last!.end}] and '${r.name}' [${r.begin}, ${r.end}] overlap; ${corrupt}`);
+    }
+    if (r.begin > covered) {
+      const after = last ? `after tensor '${last.name}'` : 'at the start of the data section';
+      throw invalid(file, `data section bytes [${covered}, ${r.begin}) ${after} belong to no tensor (the next is '${r.name}'); offsets must be contiguous from 0; ${corrupt}`);
+    }
+    covered = r.end;
+    last = r;
+  }
+  if (covered !== dataBytes) {
+    const where = last ? `the last tensor '${last.name}' ends at ${covered}` : 'the header declares no tensor bytes';
+    throw invalid(file, `the data section is ${dataBytes} bytes but ${where}: ${dataBytes - covered} bytes follow that no tensor owns (was the file appended to, or is the header length wrong?); re-download or re-export the file`);
+  }
 }
 
 /**
@@ -178,13 +195,14 @@ export function similarNames(name: string, names: Iterable<string>, max = 3): st
 }
 
 class SafetensorsWeights implements SafetensorsSource {
-  private readonly handles = new Map<string, Promise<FileHandle>>();
+  private readonly handles = new Map<string, Promise<ByteSource>>();
   private closed = false;
 
   constructor(
     readonly origin: string,
     private readonly tensors: Map<string, TensorInfo>,
     readonly metadata: Record<string, string>,
+    private readonly opener: ByteSourceOpener,
   ) {}
 
   names(): string[] {
@@ -211,7 +229,7 @@ class SafetensorsWeights implements SafetensorsSource {
     const out = new Uint8Array(t.byteLength);
     let got: number;
     try {
-      got = await readAt(await this.handle(t.file), out, t.offset);
+      got = await (await this.handle(t.file)).read(out, t.offset);
     } catch (e) {
       if (this.closed) throw this.closedError();
       throw ioError(t.file, e);
@@ -237,11 +255,11 @@ class SafetensorsWeights implements SafetensorsSource {
     return new MoeflashError('CLOSED', `${this.origin} was closed; open it again with openWeights()`);
   }
 
-  private handle(file: string): Promise<FileHandle> {
+  private handle(file: string): Promise<ByteSource> {
     if (this.closed) throw this.closedError();
     let h = this.handles.get(file);
     if (!h) {
-      h = open(file, 'r');
+      h = this.opener(file);
       this.handles.set(file, h);
       // A failed open is not cached, so a later read can try again.
       h.catch(() => this.handles.delete(file));
@@ -257,8 +275,12 @@ async function exists(path: string): Promise<boolean> {
   );
 }
 
-async function openFiles(origin: string, files: string[]): Promise<SafetensorsSource> {
-  const headers = await Promise.all(files.map(readSafetensorsHeader));
+/**
+ * Opens safetensors files as one checkpoint (tensor names unique across them). `opener` serves
+ * the bytes: the disk by default, or memory ({@link memoryOpener}) for tests that build files.
+ */
+export async function openSafetensorsFiles(origin: string, files: string[], opener: ByteSourceOpener = openFileSource): Promise<SafetensorsSource> {
+  const headers = await Promise.all(files.map((f) => readSafetensorsHeader(f, opener)));
   const tensors = new Map<string, TensorInfo>();
   const metadata: Record<string, string> = {};
   for (const h of headers) {
@@ -271,7 +293,7 @@ async function openFiles(origin: string, files: string[]): Promise<SafetensorsSo
     }
     for (const [k, v] of Object.entries(h.metadata)) if (!(k in metadata)) metadata[k] = v;
   }
-  return new SafetensorsWeights(origin, tensors, metadata);
+  return new SafetensorsWeights(origin, tensors, metadata, opener);
 }
 
 async function openSharded(dir: string, indexFile: string): Promise<SafetensorsSource> {
@@ -326,7 +348,7 @@ async function openSharded(dir: string, indexFile: string): Promise<SafetensorsS
   });
   // Index order, not shard order: it is the order the exporter wrote.
   const tensors = new Map(Object.keys(weightMap).map((n) => [n, found.get(n)!]));
-  return new SafetensorsWeights(dir, tensors, metadata);
+  return new SafetensorsWeights(dir, tensors, metadata, openFileSource);
 }
 
 /**
@@ -342,12 +364,12 @@ export async function openWeights(path: string): Promise<SafetensorsSource> {
   } catch (e) {
     throw new MoeflashError('WEIGHTS_MISSING', `${abs} does not exist; pass a .safetensors file or a model folder`, { cause: e });
   }
-  if (st.isFile()) return openFiles(abs, [abs]);
+  if (st.isFile()) return openSafetensorsFiles(abs, [abs]);
   if (!st.isDirectory()) throw invalid(abs, 'is neither a file nor a folder; pass a .safetensors file or a model folder');
   const index = join(abs, 'model.safetensors.index.json');
   if (await exists(index)) return openSharded(abs, index);
   const single = join(abs, 'model.safetensors');
-  if (await exists(single)) return openFiles(abs, [single]);
+  if (await exists(single)) return openSafetensorsFiles(abs, [single]);
   const files = (await readdir(abs)).filter((f) => f.endsWith('.safetensors')).sort();
   if (files.length === 0) {
     throw new MoeflashError(
@@ -355,7 +377,7 @@ export async function openWeights(path: string): Promise<SafetensorsSource> {
       `${abs} holds no .safetensors files (nor model.safetensors.index.json); point at a Hugging Face model folder or a .safetensors file`,
     );
   }
-  return openFiles(abs, files.map((f) => join(abs, f)));
+  return openSafetensorsFiles(abs, files.map((f) => join(abs, f)));
 }
 
 /** Every tensor's info, in the source's order (for progress: sizes and files). */

@@ -6,18 +6,21 @@ import { num, parse, required } from '../args.js';
 import { progressBar } from '../progress.js';
 
 export const chatHelp = `moeflash chat --model DIR [--backend auto|cpu|cuda] [--system TEXT] [--max-tokens N] [--temperature T] [--seed S]
-  Interactive chat with the model's chat template. Ctrl-C stops a reply; Ctrl-D or /exit quits.`;
+  Interactive chat with the model's chat template. Ctrl-C stops a reply; Ctrl-D or /exit quits.
+  --skip-finite-check  do not scan the weights for NaN and infinite values at load`;
 
 export async function chat(argv: string[]): Promise<void> {
   const { values: v } = parse('chat', argv, {
     model: { type: 'string' }, backend: { type: 'string' }, system: { type: 'string' },
     'max-tokens': { type: 'string' }, temperature: { type: 'string' }, seed: { type: 'string' },
+    'skip-finite-check': { type: 'boolean' },
   });
   if (v.help) return void console.log(chatHelp);
   const engine = await createEngine({
     model: required('chat', 'model', v.model),
     backend: (v.backend ?? 'auto') as BackendChoice,
     on: { 'load:progress': progressBar() },
+    checkFiniteWeights: !v['skip-finite-check'],
   });
   const rl = readline.createInterface({ input: process.stdin, output: process.stdout });
   const messages: ChatMessage[] = v.system ? [{ role: 'system', content: v.system }] : [];

@@ -14,7 +14,8 @@ export const runHelp = `moeflash run --model DIR --prompt TEXT [options]
   --speculative METHOD      dflash (with --draft DIR) or prompt-lookup
   --draft DIR               DFlash draft model folder
   --block-size B            drafted tokens a round (default 8, at most 16)
-  --stats                   print tokens/s and timings at the end`;
+  --stats                   print tokens/s and timings at the end
+  --skip-finite-check       do not scan the weights for NaN and infinite values at load`;
 
 export function speculativeOption(v: Record<string, any>): EngineOptions['speculative'] {
   const method = v.speculative ?? (v.draft ? 'dflash' : undefined);
@@ -32,6 +33,7 @@ export async function run(argv: string[]): Promise<void> {
     'top-p': { type: 'string' }, 'min-p': { type: 'string' }, seed: { type: 'string' },
     stop: { type: 'string', multiple: true }, chat: { type: 'boolean' }, stats: { type: 'boolean' },
     speculative: { type: 'string' }, draft: { type: 'string' }, 'block-size': { type: 'string' },
+    'skip-finite-check': { type: 'boolean' },
   });
   if (v.help) return void console.log(runHelp);
   const engine = await createEngine({
@@ -39,6 +41,8 @@ export async function run(argv: string[]): Promise<void> {
     backend: (v.backend ?? 'auto') as BackendChoice,
     on: { 'load:progress': progressBar() },
     speculative: speculativeOption(v),
+    // A corrupt checkpoint would otherwise load and print garbage (NaN logits sample token 0).
+    checkFiniteWeights: !v['skip-finite-check'],
   });
   const controller = new AbortController();
   const onSigint = () => controller.abort();
