@@ -4,6 +4,7 @@
  * layout, and opened by the same reader a model folder goes through.
  */
 import path from 'node:path';
+import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { loadModelSpec } from '../src/model/config.js';
 import type { ModelSpec } from '../src/model/spec.js';
@@ -31,7 +32,8 @@ export interface Fixture {
 }
 
 export const goldenRoot = path.resolve(__dirname, 'fixtures/golden');
-export const GOLDEN = ['qwen3_moe_fused', 'qwen3_moe_per_expert', 'mixtral_fused', 'mixtral_per_expert', 'gpt_oss_mxfp4', 'gpt_oss_bf16'];
+/** Every golden fixture (each family in each expert layout HF writes). */
+export const GOLDEN: string[] = (JSON.parse(readFileSync(path.join(goldenRoot, 'fixtures.json'), 'utf8')) as { fixtures: string[] }).fixtures;
 
 /** Every tensor of a model folder, read into memory (the fixtures are a few hundred KB). */
 export async function holdFolder(dir: string, name = path.basename(dir)): Promise<Fixture> {

@@ -76,6 +76,11 @@ export async function loadModelSpec(dir: string): Promise<ModelSpec> {
     throw new MoeflashError('CONFIG_INVALID', `could not read ${file}: ${(err as Error).message}`, { cause: err });
   }
 
+  return parseModelConfigText(text, file);
+}
+
+/** The text of a `config.json` (read from `file`, named in errors) -> {@link ModelSpec}. */
+export function parseModelConfigText(text: string, file: string): ModelSpec {
   let json: unknown;
   try {
     json = JSON.parse(text);

@@ -20,7 +20,11 @@ export async function readOptionalJsonObject(
   code: ErrorCode,
 ): Promise<Record<string, unknown> | null> {
   const text = await readOptionalText(path, code);
-  if (text === null) return null;
+  return text === null ? null : parseJsonObject(text, path, code);
+}
+
+/** Parses the text of a JSON file (read from `path`, named in errors) whose top level must be an object. */
+export function parseJsonObject(text: string, path: string, code: ErrorCode): Record<string, unknown> {
   let value: unknown;
   try {
     value = JSON.parse(text);

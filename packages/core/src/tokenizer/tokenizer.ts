@@ -8,7 +8,7 @@ import {
   type ChatTemplate,
   type ChatTemplateOptions,
 } from './chat.js';
-import { describe, isPlainObject, readOptionalJsonObject, tokenContent } from './files.js';
+import { describe, isPlainObject, parseJsonObject, readOptionalText, tokenContent } from './files.js';
 
 export interface EncodeOptions {
   /**
@@ -298,8 +298,19 @@ export class StreamDecoder {
  * Hugging Face model folder.
  */
 export async function loadTokenizer(dir: string): Promise<TextTokenizer> {
+  const tokenizerText = await readOptionalText(join(dir, 'tokenizer.json'), 'TOKENIZER_INVALID');
+  const configText = await readOptionalText(join(dir, 'tokenizer_config.json'), 'TOKENIZER_INVALID');
+  return tokenizerFromTexts(dir, tokenizerText, configText);
+}
+
+/**
+ * {@link loadTokenizer} from the texts of tokenizer.json and tokenizer_config.json (null: the file
+ * does not exist) of the model folder `dir`, named in errors; a `chat_template.jinja` in `dir`
+ * is still read from disk.
+ */
+export async function tokenizerFromTexts(dir: string, tokenizerText: string | null, configText: string | null): Promise<TextTokenizer> {
   const jsonPath = join(dir, 'tokenizer.json');
-  const tokenizerJson = await readOptionalJsonObject(jsonPath, 'TOKENIZER_INVALID');
+  const tokenizerJson = tokenizerText === null ? null : parseJsonObject(tokenizerText, jsonPath, 'TOKENIZER_INVALID');
   if (tokenizerJson === null) {
     throw new MoeflashError(
       'TOKENIZER_INVALID',
@@ -308,7 +319,8 @@ export async function loadTokenizer(dir: string): Promise<TextTokenizer> {
         `AutoTokenizer.from_pretrained(path).save_pretrained(path)`,
     );
   }
-  const config = (await readOptionalJsonObject(join(dir, 'tokenizer_config.json'), 'TOKENIZER_INVALID')) ?? {};
+  const configPath = join(dir, 'tokenizer_config.json');
+  const config = configText === null ? {} : parseJsonObject(configText, configPath, 'TOKENIZER_INVALID');
   const chatTemplate = await loadChatTemplate(dir, config);
   return TextTokenizer.fromJSON(tokenizerJson, config, { source: jsonPath, chatTemplate });
 }
