@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import fc from 'fast-check';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { createEngine, loadModel } from '@moeflash/core';
+import { CpuBackend, createEngine, loadModel } from '@moeflash/core';
 import { run } from '../src/cli/commands/run.js';
 import { MoeflashError, type ErrorCode } from '../src/errors.js';
 import { memoryOpener, type MemorySegment } from '../src/weights/byte-source.js';
@@ -225,6 +225,49 @@ describe('spec: every tensor config.json implies, at its shape and in a dtype th
     await expectError(check(q, fp8([2, 1])), 'WEIGHTS_INVALID', /q_proj\.weight_scale_inv' .* has shape \[2, 1\]/, /needs \[1, 1\]/, /weight_block_size/);
     const t = edited(q.tensors, (m) => void m.set('model.layers.0.mlp.experts.down_proj_scale_inv', { dtype: 'F32', shape: [1, 1], data: { zeros: 4 } }));
     await expectError(check(q, t), 'WEIGHTS_INVALID', /down_proj_scale_inv/, /2-D weights only/);
+  });
+
+  it('gpt_oss experts stored per expert keep their (fused) biases: same logits as the fused layout', async () => {
+    const f = fx.gpt_oss_bf16; // gate_up_proj [E, H, 2I] (gate and up interleaved), down_proj [E, I, H]
+    const [E, H, I] = [f.spec.moe.numExperts, f.spec.hiddenSize, f.spec.moe.intermediateSize];
+    const src = await openCheckpoint(f.tensors);
+    const perExpert = new Map(f.tensors);
+    for (let l = 0; l < f.spec.numLayers; l++) {
+      const ex = `model.layers.${l}.mlp.experts`;
+      const gu = await src.readFloat32(`${ex}.gate_up_proj`);
+      const down = await src.readFloat32(`${ex}.down_proj`);
+      perExpert.delete(`${ex}.gate_up_proj`);
+      perExpert.delete(`${ex}.down_proj`);
+      for (let j = 0; j < E; j++) {
+        const gate = new Float32Array(I * H);
+        const up = new Float32Array(I * H);
+        const dn = new Float32Array(H * I);
+        for (let i = 0; i < I; i++) {
+          for (let h = 0; h < H; h++) {
+            gate[i * H + h] = gu[(j * H + h) * 2 * I + 2 * i];
+            up[i * H + h] = gu[(j * H + h) * 2 * I + 2 * i + 1];
+            dn[h * I + i] = down[(j * I + i) * H + h];
+          }
+        }
+        const f32 = (a: Float32Array, shape: number[]) => ({ dtype: 'F32' as const, shape, data: new Uint8Array(a.buffer) });
+        perExpert.set(`${ex}.${j}.gate_proj.weight`, f32(gate, [I, H]));
+        perExpert.set(`${ex}.${j}.up_proj.weight`, f32(up, [I, H]));
+        perExpert.set(`${ex}.${j}.down_proj.weight`, f32(dn, [H, I]));
+      }
+    }
+    await check(f, perExpert);
+    await expectError(check(f, without({ ...f, tensors: perExpert }, 'model.layers.1.mlp.experts.gate_up_proj_bias')), 'WEIGHTS_MISSING', /gate_up_proj_bias/);
+    const logits = async (t: HeldCheckpoint) => {
+      const model = await new CpuBackend().load(f.spec, await openCheckpoint(t), {});
+      const res = await model.step({ sequences: [{ seq: 0, tokens: [1, 5, 9, 2], logits: 'all' }] });
+      await model.dispose();
+      return res.sequences[0].logits!;
+    };
+    const want = await logits(f.tensors);
+    const got = await logits(perExpert);
+    let maxDiff = 0;
+    for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
+    expect(maxDiff).toBeLessThan(1e-4);
   });
 
   it('non-finite weights, when asked: NaN in bf16, infinity in f32, an MXFP4 scale of 255', async () => {

@@ -260,14 +260,24 @@ async function loadExperts(rd: Reader, spec: ModelSpec, layout: ExpertLayout): P
   const ex = `${layout.prefix}.experts`;
   const experts: MlpWeights[] = [];
 
+  // gpt-oss experts carry biases in every layout; per-expert weights keep them fused ([E, 2I], [E, H]).
+  const readBiases = async () => ({
+    guBias: spec.moe.expertBias ? await rd.float(`${ex}.gate_up_proj_bias`, [E, 2 * I]) : await rd.optional(`${ex}.gate_up_proj_bias`, [E, 2 * I]),
+    dBias: spec.moe.expertBias ? await rd.float(`${ex}.down_proj_bias`, [E, H]) : await rd.optional(`${ex}.down_proj_bias`, [E, H]),
+  });
+
   if (layout.kind === 'per-expert') {
     const [g, u, d] = layout.names;
+    const { guBias, dBias } = await readBiases();
     for (let j = 0; j < E; j++) {
+      const [gateBias, upBias] = splitBias(guBias ? guBias.subarray(j * 2 * I, (j + 1) * 2 * I) : null, I, interleaved);
       experts.push({
         gate: await rd.float(`${ex}.${j}.${g}.weight`, [I, H]),
         up: await rd.float(`${ex}.${j}.${u}.weight`, [I, H]),
         down: await rd.float(`${ex}.${j}.${d}.weight`, [H, I]),
-        gateBias: null, upBias: null, downBias: null, inter: I, hidden: H,
+        gateBias, upBias,
+        downBias: dBias ? dBias.slice(j * H, (j + 1) * H) : null,
+        inter: I, hidden: H,
       });
     }
     return experts;
@@ -300,8 +310,7 @@ async function loadExperts(rd: Reader, spec: ModelSpec, layout: ExpertLayout): P
       down = await rd.float(`${ex}.down_proj`, [E, H, I]);
     }
   }
-  const guBias = spec.moe.expertBias ? await rd.float(`${ex}.gate_up_proj_bias`, [E, 2 * I]) : await rd.optional(`${ex}.gate_up_proj_bias`, [E, 2 * I]);
-  const dBias = spec.moe.expertBias ? await rd.float(`${ex}.down_proj_bias`, [E, H]) : await rd.optional(`${ex}.down_proj_bias`, [E, H]);
+  const { guBias, dBias } = await readBiases();
   for (let j = 0; j < E; j++) {
     const [gate, up] = splitGateUp(gateUp.subarray(j * 2 * I * H, (j + 1) * 2 * I * H), I, H, interleaved);
     const [gateBias, upBias] = splitBias(guBias ? guBias.subarray(j * 2 * I, (j + 1) * 2 * I) : null, I, interleaved);
