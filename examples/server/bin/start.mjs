@@ -8,7 +8,7 @@ const help = `usage: moeflash-server --model DIR [options]
 
   --model DIR            Hugging Face model folder (required)
   --backend NAME         auto | cpu | cuda (default auto)
-  --host HOST            address to listen on (default 127.0.0.1)
+  --host HOST            address to listen on (default 127.0.0.1: this machine only)
   --port N               port (default 8000; 0 picks a free one)
   --model-id ID          the id clients pass as "model" (default: the folder name)
   --max-batch N          most sequences in one step (default 16)
@@ -19,6 +19,10 @@ const help = `usage: moeflash-server --model DIR [options]
   --draft DIR            speculative decoding with this DFlash draft model
   --body-limit BYTES     largest request body (default 1048576)
   --max-tokens-limit N   largest max_tokens accepted (default: the model's context)
+  --api-key KEY          require "Authorization: Bearer KEY" (default: $MOEFLASH_API_KEY, else none)
+  --max-concurrent N     most requests generating at once; more get a 429 (default 256)
+  --header-timeout MS    time a client has to send its request headers (default 10000)
+  --idle-timeout MS      time a connection may be silent, or a stream unread (default 30000)
   -h, --help             this text
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (stream: true for server-sent
@@ -41,6 +45,10 @@ try {
       draft: { type: 'string' },
       'body-limit': { type: 'string' },
       'max-tokens-limit': { type: 'string' },
+      'api-key': { type: 'string' },
+      'max-concurrent': { type: 'string' },
+      'header-timeout': { type: 'string' },
+      'idle-timeout': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   }));
@@ -79,6 +87,11 @@ const running = await startServer({
   speculative: values.draft ? { method: 'dflash', draft: values.draft } : undefined,
   bodyLimit: int('body-limit'),
   maxTokensLimit: int('max-tokens-limit'),
+  // From the environment, the key stays out of the process list.
+  apiKey: values['api-key'] ?? (process.env.MOEFLASH_API_KEY || undefined),
+  maxConcurrentRequests: int('max-concurrent'),
+  headerTimeoutMs: int('header-timeout'),
+  idleTimeoutMs: int('idle-timeout'),
 }).catch((e) => {
   console.error(`moeflash-server: ${e.message}`);
   process.exit(1);

@@ -21,12 +21,27 @@ export interface ServerOptions {
   maxTokensLimit?: number;
   /** max_tokens when a request leaves it out (default: generation_config.json, else 256). */
   defaultMaxTokens?: number;
+  /**
+   * Requests must send `Authorization: Bearer <apiKey>` (or `x-api-key`); compared in constant
+   * time. `GET /health` stays open. Default: no key.
+   */
+  apiKey?: string;
+  /** Most requests generating at once; more get a 429 at once (default 256). */
+  maxConcurrentRequests?: number;
+  /** Time a client has to send its request headers, in ms (default 10 000; then 408). */
+  headerTimeoutMs?: number;
+  /**
+   * Time a connection may be silent, in ms (default 30 000): while it sends a request, between
+   * requests, or while it does not read a stream (then its request is aborted and freed).
+   */
+  idleTimeoutMs?: number;
   log?: (line: string) => void;
 }
 
 export interface StartOptions extends Omit<ServerOptions, 'engine'> {
   model: string;
   backend?: BackendChoice;
+  /** Address to listen on (default 127.0.0.1: this machine only; anything else logs a warning without apiKey). */
   host?: string;
   /** 0 picks a free port. */
   port?: number;
@@ -66,4 +81,6 @@ export declare function parseChatRequest(body: unknown, limits: ServerLimits): P
 export declare function parseCompletionRequest(body: unknown, limits: ServerLimits): ParsedCommon & { prompt: string | number[] };
 export declare function toApiError(e: unknown): ApiError;
 export declare function createServer(opts: ServerOptions): Server;
+/** Server-sent events onto `res` with back-pressure; a reader that takes nothing for `idleMs` is cut off (res.destroy()). */
+export declare function sseWriter(res: import('node:http').ServerResponse, idleMs: number): (event: unknown) => Promise<void>;
 export declare function startServer(opts: StartOptions): Promise<RunningServer>;

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { createEngine } from '@moeflash/core';
 import { ApiError, parseChatRequest, parseCompletionRequest } from './validate.mjs';
+import { ConcurrencyGate, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONCURRENT, apiKeyCheck, applyTimeouts, holdOpen, isLoopback } from './guard.mjs';
 
 export { ApiError, parseChatRequest, parseCompletionRequest };
 
@@ -46,7 +47,8 @@ function sendError(res, err, log) {
     res.end(`data: ${JSON.stringify(api.toJSON())}\n\n`);
     return;
   }
-  sendJson(res, api.status, api.toJSON(), api.status === 413 ? { connection: 'close' } : {});
+  const headers = api.status === 413 ? { connection: 'close' } : api.status === 401 ? { 'www-authenticate': 'Bearer' } : api.status === 429 ? { 'retry-after': '1' } : {};
+  sendJson(res, api.status, api.toJSON(), headers);
 }
 
 /** The request body, refusing more than `limit` bytes with a 413. */
@@ -102,13 +104,17 @@ function parseJson(buf) {
 /**
  * Writes server-sent events with back-pressure: when the socket's buffer is full, waits for it to
  * drain (the engine then pauses this request once its own buffer fills) or for the client to go.
+ * A client that reads nothing for `idleMs` is cut off, which aborts its request and frees its
+ * KV pages: a paused request would otherwise hold them as long as the connection stays open.
  */
-function sseWriter(res) {
+export function sseWriter(res, idleMs) {
   return async (obj) => {
     if (res.destroyed) return;
     if (res.write(`data: ${typeof obj === 'string' ? obj : JSON.stringify(obj)}\n\n`)) return;
     await new Promise((resolve) => {
+      const timer = setTimeout(() => res.destroy(), idleMs);
       const done = () => {
+        clearTimeout(timer);
         res.off('drain', done);
         res.off('close', done);
         resolve();
@@ -117,6 +123,12 @@ function sseWriter(res) {
       res.on('close', done);
     });
   };
+}
+
+/** The prompt's token ids, as engine.chat and engine.generate would make them. */
+function promptIds(engine, kind, parsed) {
+  if (kind === 'chat') return engine.tokenizer.encodeChat(parsed.messages, { addGenerationPrompt: true, tools: parsed.tools });
+  return typeof parsed.prompt === 'string' ? engine.tokenizer.encode(parsed.prompt) : parsed.prompt;
 }
 
 const usageOf = (r) => ({ prompt_tokens: r.promptTokens, completion_tokens: r.tokens.length, total_tokens: r.promptTokens + r.tokens.length });
@@ -137,12 +149,23 @@ export function createServer(opts) {
     vocabSize: engine.spec.vocabSize,
   };
   const bodyLimit = opts.bodyLimit ?? DEFAULT_BODY_LIMIT;
+  const contextLength = engine.spec.attention.maxPositionEmbeddings;
+  const checkKey = apiKeyCheck(opts.apiKey);
+  const gate = new ConcurrencyGate(opts.maxConcurrentRequests ?? DEFAULT_MAX_CONCURRENT);
+  const idleMs = opts.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
   const created = Math.floor(Date.now() / 1000);
   const modelCard = { id: modelId, object: 'model', created, owned_by: 'moeflash' };
 
   async function generate(req, res, kind) {
+    gate.enter(res);
     const body = parseJson(await readBody(req, bodyLimit));
+    holdOpen(req);
     const parsed = kind === 'chat' ? parseChatRequest(body, limits) : parseCompletionRequest(body, limits);
+    const ids = promptIds(engine, kind, parsed);
+    if (ids.length >= contextLength) {
+      const param = kind === 'chat' ? 'messages' : 'prompt';
+      throw new ApiError(400, `the prompt is ${ids.length} tokens but this model's context is ${contextLength} tokens (the prompt and at least one new token must fit); shorten the ${param}`, { param, code: 'context_length_exceeded' });
+    }
     // A client that goes away aborts its request: the scheduler drops it at the next step.
     const ac = new AbortController();
     res.on('close', () => {
@@ -150,7 +173,8 @@ export function createServer(opts) {
     });
     if (res.destroyed) return;
     const genOpts = { ...parsed.options, signal: ac.signal };
-    const stream = kind === 'chat' ? engine.chat(parsed.messages, { ...genOpts, tools: parsed.tools }) : engine.generate(parsed.prompt, genOpts);
+    // The ids already hold the chat template's rendering: engine.chat would render and encode the same.
+    const stream = engine.generate(ids, genOpts);
     const id = `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
     const now = Math.floor(Date.now() / 1000);
     const object = kind === 'chat' ? 'chat.completion' : 'text_completion';
@@ -167,7 +191,7 @@ export function createServer(opts) {
     }
 
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' });
-    const send = sseWriter(res);
+    const send = sseWriter(res, idleMs);
     const chunkObject = kind === 'chat' ? 'chat.completion.chunk' : 'text_completion';
     const piece = (text, finish) =>
       kind === 'chat'
@@ -194,6 +218,12 @@ export function createServer(opts) {
     const only = (method) => {
       if (req.method !== method) throw new ApiError(405, `${req.method} is not allowed on ${p}; use ${method}`, { code: 'method_not_allowed' });
     };
+    if (p === '/health') {
+      only('GET');
+      return sendJson(res, 200, { status: 'ok' });
+    }
+    // Liveness stays open (load balancers probe it without a key); everything else needs the key.
+    checkKey(req);
     if (p === '/v1/chat/completions' || p === '/v1/completions') {
       only('POST');
       return generate(req, res, p === '/v1/chat/completions' ? 'chat' : 'completion');
@@ -208,10 +238,6 @@ export function createServer(opts) {
       if (name !== modelId) throw new ApiError(404, `The model '${name.slice(0, 200)}' does not exist`, { code: 'model_not_found', param: 'model' });
       return sendJson(res, 200, modelCard);
     }
-    if (p === '/health') {
-      only('GET');
-      return sendJson(res, 200, { status: 'ok' });
-    }
     if (p === '/metrics') {
       only('GET');
       return sendJson(res, 200, engine.stats());
@@ -219,9 +245,13 @@ export function createServer(opts) {
     throw new ApiError(404, `no route ${req.method} ${p.slice(0, 200)}; see POST /v1/chat/completions, POST /v1/completions, GET /v1/models`, { code: 'not_found' });
   }
 
-  return http.createServer((req, res) => {
+  // Node checks the header timeout on this interval: a quarter of it keeps the 408 within 25 % of the limit.
+  const checkEvery = Math.max(25, Math.min(1000, Math.floor((opts.headerTimeoutMs ?? 4000) / 4)));
+  const server = http.createServer({ connectionsCheckingInterval: checkEvery }, (req, res) => {
     route(req, res).catch((err) => sendError(res, err, log));
   });
+  applyTimeouts(server, { headerTimeoutMs: opts.headerTimeoutMs, idleTimeoutMs: idleMs });
+  return server;
 }
 
 /**
@@ -240,22 +270,32 @@ export async function startServer(opts) {
     speculative: opts.speculative,
   });
   const modelId = opts.modelId ?? path.basename(path.resolve(opts.model));
-  const server = createServer({ ...opts, engine, log, modelId });
+  const host = opts.host ?? '127.0.0.1';
+  if (!isLoopback(host) && !opts.apiKey) {
+    log(`moeflash-server: listening on ${host} without --api-key: anyone who can reach this address can use the model`);
+  }
+  let server;
+  try {
+    server = createServer({ ...opts, engine, log, modelId });
+  } catch (e) {
+    await engine.close();
+    throw e;
+  }
   await new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(opts.port ?? 8000, opts.host ?? '127.0.0.1', () => {
+    server.listen(opts.port ?? 8000, host, () => {
       server.off('error', reject);
       resolve();
     });
   });
   const addr = server.address();
-  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  const urlHost = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
   let closing = null;
   return {
     server,
     engine,
     modelId,
-    url: `http://${host}:${addr.port}`,
+    url: `http://${urlHost}:${addr.port}`,
     /** Stop listening, let running requests finish (up to `timeoutMs`), then free the model. */
     close({ timeoutMs = 30_000 } = {}) {
       closing ??= (async () => {
