@@ -12,6 +12,9 @@ export function parse<O extends Options>(command: string, argv: string[], option
   }
 }
 
+/** The help line of the CLI's NaN scan, on in every command that loads weights. */
+export const FINITE_CHECK_HELP = '--skip-finite-check  do not scan the weights for NaN and infinite values at load';
+
 export function num(command: string, name: string, v: string | undefined, fallback?: number): number | undefined {
   if (v === undefined) return fallback;
   const n = Number(v);

@@ -7,7 +7,8 @@ import { loadModelSpec } from '../../model/config.js';
 import { bytesPerToken, footprint } from '../../model/footprint.js';
 import type { ModelSpec } from '../../model/spec.js';
 import { openWeights } from '../../weights/safetensors.js';
-import { num, parse, required } from '../args.js';
+import { validateCheckpoint } from '../../weights/validate-checkpoint.js';
+import { FINITE_CHECK_HELP, num, parse, required } from '../args.js';
 import { EXPERTS_HELP, PRECISION_HELP, describeExpertLoad, expertLoadOf, expertsFlag, precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 
@@ -18,7 +19,8 @@ export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--bat
   peak memory. Prints the expert format the model was loaded with and a table; writes JSON
   (--out, default bench.json) and a markdown table next to it (same name, .md).
   ${EXPERTS_HELP}
-  ${PRECISION_HELP}`;
+  ${PRECISION_HELP}
+  ${FINITE_CHECK_HELP}`;
 
 /** What the CUDA backend adds for the benchmark (found at run time, as the registry does). */
 interface CudaBenchModule {
@@ -116,7 +118,7 @@ export async function bench(argv: string[]): Promise<void> {
   const { values: v } = parse('bench', argv, {
     model: { type: 'string' }, backend: { type: 'string' }, batch: { type: 'string' }, prompt: { type: 'string' },
     gen: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, experts: { type: 'string' },
-    precision: { type: 'string' },
+    precision: { type: 'string' }, 'skip-finite-check': { type: 'boolean' },
   });
   if (v.help) return void console.log(benchHelp);
   const dir = path.resolve(required('bench', 'model', v.model));
@@ -144,6 +146,8 @@ export async function bench(argv: string[]): Promise<void> {
   const t0 = performance.now();
   let model: LoadedModel;
   try {
+    // What engine loads check (loadModel): the checkpoint matches its config, and its weights are finite.
+    await validateCheckpoint(spec, weights, { checkFinite: !v['skip-finite-check'] });
     model = await backend.load(spec, weights, {
       ...experts,
       onProgress: progressBar(),

@@ -3,7 +3,7 @@ import type { BackendChoice } from '../../backends/registry.js';
 import { loadModel } from '../../engine/load.js';
 import { MoeflashError } from '../../errors.js';
 import { writeSafetensors } from '../../weights/safetensors-writer.js';
-import { parse, required } from '../args.js';
+import { FINITE_CHECK_HELP, parse, required } from '../args.js';
 import { EXPERTS_HELP, PRECISION_HELP, describeExpertLoad, expertLoadOf, expertsFlag, precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 
@@ -13,6 +13,7 @@ export const logitsHelp = `moeflash logits --model DIR --input IDS.json --output
   [len_i, vocab] per sequence: the logits at every position of sequence i from an empty cache.
   ${EXPERTS_HELP}
   ${PRECISION_HELP}
+  ${FINITE_CHECK_HELP}
     (compare with reference logits: --experts stored)`;
 
 export async function parseSequences(file: string, vocab: number): Promise<number[][]> {
@@ -37,7 +38,7 @@ export async function parseSequences(file: string, vocab: number): Promise<numbe
 export async function logits(argv: string[]): Promise<void> {
   const { values: v } = parse('logits', argv, {
     model: { type: 'string' }, input: { type: 'string' }, output: { type: 'string' }, backend: { type: 'string' },
-    experts: { type: 'string' }, precision: { type: 'string' },
+    experts: { type: 'string' }, precision: { type: 'string' }, 'skip-finite-check': { type: 'boolean' },
   });
   if (v.help) return void console.log(logitsHelp);
   const input = required('logits', 'input', v.input);
@@ -46,6 +47,7 @@ export async function logits(argv: string[]): Promise<void> {
     model: required('logits', 'model', v.model),
     backend: (v.backend ?? 'cpu') as BackendChoice,
     onProgress: progressBar(),
+    checkFiniteWeights: !v['skip-finite-check'],
     backendOptions: { ...expertsFlag('logits', v.experts), ...precisionFlag('logits', v.precision) },
   });
   try {
