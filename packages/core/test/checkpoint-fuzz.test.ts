@@ -22,6 +22,8 @@ import type { ModelSpec } from '../src/model/spec.js';
 import { tokenizerFromTexts } from '../src/tokenizer/tokenizer.js';
 import { loadModelWeights } from '../src/weights/layouts.js';
 import { validateCheckpoint } from '../src/weights/validate-checkpoint.js';
+import { memoryOpener } from '../src/weights/byte-source.js';
+import { openShardedCheckpoint } from '../src/weights/safetensors.js';
 import { GOLDEN, goldenRoot, holdFolder, openHeld } from './checkpoint-builder.js';
 import { MUTATORS, Rng, splitFile, prefixOf, type Base, type Mutant } from './checkpoint-mutations.js';
 import { repoRoot, TINY } from './helpers.js';
@@ -52,7 +54,10 @@ async function loadBases(): Promise<Base[]> {
   const tokenizerConfigText = readText(path.join(demoTokenizer, 'tokenizer_config.json'));
   for (const name of GOLDEN) {
     const f = await holdFolder(path.join(goldenRoot, name));
-    bases.push({ name, family: f.spec.family, tensors: f.tensors, configText: readText(path.join(f.dir, 'config.json'))!, tokenizerText, tokenizerConfigText });
+    const indexText = readText(path.join(f.dir, 'model.safetensors.index.json'));
+    const shardNames = fs.readdirSync(f.dir).filter((n) => n.endsWith('.safetensors') && n.startsWith('model-'));
+    const sharded = indexText === null ? undefined : { indexText, shards: new Map(shardNames.map((n) => [n, new Uint8Array(fs.readFileSync(path.join(f.dir, n)))])) };
+    bases.push({ name, family: f.spec.family, tensors: f.tensors, configText: readText(path.join(f.dir, 'config.json'))!, tokenizerText, tokenizerConfigText, sharded });
   }
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'moeflash-fuzz-'));
   for (const s of SYNTH) {
@@ -100,7 +105,9 @@ async function exerciseCheckpoint(base: Base, m: Mutant, baseFile: ReturnType<ty
   const dir = `/mem/${base.name}`;
   const spec: ModelSpec = parseModelConfigText(m.configText ?? base.configText, `${dir}/config.json`);
   const file = `${dir}/model.safetensors`;
-  const src = await openHeld(new Map([[file, m.file ?? baseFile.segments]]), dir);
+  const src = m.sharded
+    ? await openShardedCheckpoint(dir, `${dir}/model.safetensors.index.json`, m.sharded.indexText, memoryOpener(new Map([...m.sharded.shards].map(([n, segs]) => [`${dir}/${n}`, segs]))))
+    : await openHeld(new Map([[file, m.file ?? baseFile.segments]]), dir);
   try {
     await validateCheckpoint(spec, src, { checkFinite: m.checkFinite });
     if (baseFile.bytes < READ_ACCEPTED_BELOW_BYTES) await loadModelWeights(spec, src);
@@ -156,13 +163,13 @@ describe('fuzzing the load of a model folder', () => {
     const codes = new Map<string, number>();
     const failures: string[] = [];
     const baseFiles = new Map(bases.map((b) => [b.name, prefixedBase(b)]));
-    const totalWeight = MUTATORS.reduce((s, x) => s + x.weight, 0);
     const t0 = performance.now();
 
     for (let i = 0; i < RUNS; i++) {
       const base = bases[i % bases.length];
-      let pick = rng.next() * totalWeight;
-      const mutator = MUTATORS.find((x) => (pick -= x.weight) < 0) ?? MUTATORS[0];
+      const usable = base.sharded ? MUTATORS : MUTATORS.filter((x) => !x.sharded);
+      let pick = rng.next() * usable.reduce((s, x) => s + x.weight, 0);
+      const mutator = usable.find((x) => (pick -= x.weight) < 0) ?? usable[0];
       const m = mutator.make(base, rng);
       const out = await attempt(base, m, baseFiles.get(base.name)!);
       if (!byKind.has(m.kind)) byKind.set(m.kind, zero());

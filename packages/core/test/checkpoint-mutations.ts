@@ -45,6 +45,8 @@ export interface Base {
   configText: string;
   tokenizerText: string | null;
   tokenizerConfigText: string | null;
+  /** The folder as the exporter wrote it, when sharded: model.safetensors.index.json and its shards by file name. */
+  sharded?: { indexText: string; shards: Map<string, Uint8Array> };
 }
 
 /** A folder after one mutation: what changed, and the verdict a correct loader must reach. */
@@ -59,6 +61,8 @@ export interface Mutant {
   tokenizerConfigText?: string | null;
   /** Scan the weights for NaN and infinities (the data mutations). */
   checkFinite?: boolean;
+  /** Opens the sharded form of the base, with this index text and these shard bytes. */
+  sharded?: { indexText: string; shards: Map<string, MemorySegment[]> };
 }
 
 interface HeaderEntry {
@@ -530,8 +534,77 @@ function tokenizerField(base: Base, r: Rng): Mutant {
   return { kind: 'tokenizer-config-field', detail, verdict: 'either', tokenizerConfigText: JSON.stringify(doc) };
 }
 
+// ---- sharded folders: the index and its shards ----
+
+function shardedOf(base: Base) {
+  const s = base.sharded!;
+  return { index: JSON.parse(s.indexText) as { weight_map: Record<string, unknown>; [k: string]: unknown }, shards: new Map([...s.shards].map(([f, b]) => [f, [b] as MemorySegment[]])) };
+}
+
+function index(base: Base, r: Rng): Mutant {
+  const { index: doc, shards } = shardedOf(base);
+  const map = doc.weight_map;
+  const names = Object.keys(map);
+  const files = [...shards.keys()];
+  const name = r.pick(names);
+  let detail: string;
+  let verdict: Verdict = 'reject';
+  let text: string | undefined;
+  switch (r.int(0, 8)) {
+    case 0:
+      delete map[name];
+      detail = `drop ${name}`;
+      break;
+    case 1: {
+      const other = files.find((f) => f !== map[name])!;
+      map[name] = other;
+      detail = `${name} -> the other shard`;
+      break;
+    }
+    case 2:
+      map[name] = r.pick(['model-00009-of-00002.safetensors', '../model.safetensors', '/etc/hosts', '', 'model.safetensors']);
+      detail = `${name} -> ${JSON.stringify(map[name])}`;
+      break;
+    case 3:
+      map[`model.layers.0.extra_${r.int(0, 99)}.weight`] = r.pick(files);
+      detail = 'an entry for a tensor no shard holds';
+      break;
+    case 4:
+      map[name] = r.pick([3, null, [], { file: files[0] }]);
+      detail = `${name} -> ${JSON.stringify(map[name])}`;
+      break;
+    case 5:
+      (doc as Record<string, unknown>).weight_map = r.pick([[], 'x', null, 7]);
+      detail = `weight_map = ${JSON.stringify(doc.weight_map)}`;
+      break;
+    case 6: {
+      // Fields besides weight_map are the exporter's notes (total_size, ...): ignored.
+      doc.metadata = r.pick([{ total_size: 1 }, { total_size: 'x' }, null, [], { format: 'pt' }]);
+      (doc as Record<string, unknown>)[`note_${r.int(0, 9)}`] = r.pick(['x', 1, {}]);
+      detail = 'other fields changed';
+      verdict = 'accept';
+      break;
+    }
+    case 7: {
+      const m = syntax(base.sharded!.indexText, r);
+      text = m.text;
+      detail = `syntax: ${m.detail}`;
+      verdict = m.verdict;
+      break;
+    }
+    default: {
+      // A shard cut short or grown: the file itself is malformed.
+      const f = r.pick(files);
+      const bytes = base.sharded!.shards.get(f)!;
+      shards.set(f, r.chance(0.5) ? [bytes.subarray(0, r.int(0, bytes.length - 1))] : [bytes, new Uint8Array(r.int(1, 64))]);
+      detail = `shard ${f} resized`;
+    }
+  }
+  return { kind: 'index', detail, verdict, sharded: { indexText: text ?? JSON.stringify(doc), shards } };
+}
+
 /** Mutation kinds and their share of a run. */
-export const MUTATORS: { kind: string; weight: number; tokenizer?: boolean; make: (b: Base, r: Rng) => Mutant }[] = [
+export const MUTATORS: { kind: string; weight: number; tokenizer?: boolean; sharded?: boolean; make: (b: Base, r: Rng) => Mutant }[] = [
   { kind: 'header-length', weight: 6, make: headerLength },
   { kind: 'header-bytes', weight: 14, make: headerBytes },
   { kind: 'offsets', weight: 8, make: offsets },
@@ -546,4 +619,5 @@ export const MUTATORS: { kind: string; weight: number; tokenizer?: boolean; make
   { kind: 'config-syntax', weight: 6, make: configSyntax },
   { kind: 'tokenizer-syntax', weight: 6, tokenizer: true, make: tokenizerSyntax },
   { kind: 'tokenizer-field', weight: 10, tokenizer: true, make: tokenizerField },
+  { kind: 'index', weight: 8, sharded: true, make: index },
 ];

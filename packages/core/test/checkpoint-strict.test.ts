@@ -13,7 +13,7 @@ import { memoryOpener, type MemorySegment } from '../src/weights/byte-source.js'
 import { decodeToFloat32 } from '../src/weights/dtypes.js';
 import { countNonFinite } from '../src/weights/finite.js';
 import { layoutSafetensors } from '../src/weights/safetensors-writer.js';
-import { openWeights, readSafetensorsHeader } from '../src/weights/safetensors.js';
+import { openShardedCheckpoint, openWeights, readSafetensorsHeader } from '../src/weights/safetensors.js';
 import type { DType } from '../src/weights/tensor.js';
 import { validateCheckpoint } from '../src/weights/validate-checkpoint.js';
 import { edited, fileSegments, GOLDEN, goldenRoot, holdFolder, openCheckpoint, type Fixture, type HeldCheckpoint } from './checkpoint-builder.js';
@@ -109,6 +109,20 @@ describe('format: the tensors tile the data section, and the file ends with the 
       }),
       { numRuns: 100 },
     );
+  });
+});
+
+describe('format: a sharded folder', () => {
+  it('a shard holding a tensor its index does not list', async () => {
+    const dir = path.join(goldenRoot, 'mixtral_per_expert');
+    const index = JSON.parse(fs.readFileSync(path.join(dir, 'model.safetensors.index.json'), 'utf8')) as { weight_map: Record<string, string> };
+    const files = new Map(
+      [...new Set(Object.values(index.weight_map))].map((n) => [`/mem/m/${n}`, [new Uint8Array(fs.readFileSync(path.join(dir, n)))] as MemorySegment[]]),
+    );
+    const open = (weightMap: Record<string, string>) => openShardedCheckpoint('/mem/m', '/mem/m/model.safetensors.index.json', JSON.stringify({ weight_map: weightMap }), memoryOpener(files));
+    expect((await open(index.weight_map)).names()).toHaveLength(Object.keys(index.weight_map).length);
+    const { ['model.norm.weight']: dropped, ...rest } = index.weight_map;
+    await expectError(open(rest), 'WEIGHTS_INVALID', `shard /mem/m/${dropped}`, "holds tensor 'model.norm.weight', which the index does not list", /different versions/);
   });
 });
 

@@ -296,11 +296,17 @@ export async function openSafetensorsFiles(origin: string, files: string[], open
   return new SafetensorsWeights(origin, tensors, metadata, opener);
 }
 
-async function openSharded(dir: string, indexFile: string): Promise<SafetensorsSource> {
+/**
+ * Opens a sharded checkpoint from the text of its `model.safetensors.index.json` (`indexFile`, in
+ * the folder `dir`): every tensor the index names must be in the shard it names, and every tensor
+ * of a shard must be in the index (else index and shards come from different exports). `opener`
+ * serves the shards: the disk by default.
+ */
+export async function openShardedCheckpoint(dir: string, indexFile: string, indexText: string, opener: ByteSourceOpener = openFileSource): Promise<SafetensorsSource> {
   const reDownload = 're-download model.safetensors.index.json';
   let index: unknown;
   try {
-    index = JSON.parse(await readFile(indexFile, 'utf8'));
+    index = JSON.parse(indexText);
   } catch (e) {
     throw invalid(indexFile, `not valid JSON (${(e as Error).message}); ${reDownload}`, e);
   }
@@ -321,7 +327,7 @@ async function openSharded(dir: string, indexFile: string): Promise<SafetensorsS
     if (rel.startsWith('..') || isAbsolute(rel)) {
       throw invalid(indexFile, `shard '${shard}' lies outside ${dir}; shard names must be files in the model folder`);
     }
-    if (!(await exists(file))) {
+    if (!(await canOpen(file, opener))) {
       const names = byShard.get(shard)!;
       throw new MoeflashError(
         'WEIGHTS_MISSING',
@@ -329,7 +335,7 @@ async function openSharded(dir: string, indexFile: string): Promise<SafetensorsS
       );
     }
   }
-  const headers = await Promise.all(shards.map((s) => readSafetensorsHeader(join(dir, s))));
+  const headers = await Promise.all(shards.map((s) => readSafetensorsHeader(join(dir, s), opener)));
   const found = new Map<string, TensorInfo>();
   const metadata: Record<string, string> = {};
   headers.forEach((h, i) => {
@@ -344,11 +350,25 @@ async function openSharded(dir: string, indexFile: string): Promise<SafetensorsS
       }
       found.set(name, t);
     }
+    const listed = new Set(byShard.get(shards[i]));
+    const unlisted = h.tensors.find((t) => !listed.has(t.name));
+    if (unlisted) {
+      throw invalid(indexFile, `shard ${h.file} holds tensor '${unlisted.name}', which the index does not list (or lists in another shard); the index and the shards come from different versions: re-download them`);
+    }
     for (const [k, v] of Object.entries(h.metadata)) if (!(k in metadata)) metadata[k] = v;
   });
   // Index order, not shard order: it is the order the exporter wrote.
   const tensors = new Map(Object.keys(weightMap).map((n) => [n, found.get(n)!]));
-  return new SafetensorsWeights(dir, tensors, metadata, openFileSource);
+  return new SafetensorsWeights(dir, tensors, metadata, opener);
+}
+
+async function canOpen(file: string, opener: ByteSourceOpener): Promise<boolean> {
+  try {
+    await (await opener(file)).close();
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -367,7 +387,15 @@ export async function openWeights(path: string): Promise<SafetensorsSource> {
   if (st.isFile()) return openSafetensorsFiles(abs, [abs]);
   if (!st.isDirectory()) throw invalid(abs, 'is neither a file nor a folder; pass a .safetensors file or a model folder');
   const index = join(abs, 'model.safetensors.index.json');
-  if (await exists(index)) return openSharded(abs, index);
+  if (await exists(index)) {
+    let text: string;
+    try {
+      text = await readFile(index, 'utf8');
+    } catch (e) {
+      throw ioError(index, e);
+    }
+    return openShardedCheckpoint(abs, index, text);
+  }
   const single = join(abs, 'model.safetensors');
   if (await exists(single)) return openSafetensorsFiles(abs, [single]);
   const files = (await readdir(abs)).filter((f) => f.endsWith('.safetensors')).sort();
