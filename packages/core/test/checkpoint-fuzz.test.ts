@@ -161,6 +161,7 @@ describe('fuzzing the load of a model folder', () => {
     const byKind = new Map<string, Counts>();
     const byBase = new Map<string, Counts>(bases.map((b) => [b.name, zero()]));
     const codes = new Map<string, number>();
+    const verdicts = { reject: 0, accept: 0, either: 0 };
     const failures: string[] = [];
     const baseFiles = new Map(bases.map((b) => [b.name, prefixedBase(b)]));
     const t0 = performance.now();
@@ -183,6 +184,7 @@ describe('fuzzing the load of a model folder', () => {
         if (out.result === 'rejected' && m.verdict === 'accept') c.wellFormedRefused++;
       }
       if (out.result === 'rejected') codes.set(out.code, (codes.get(out.code) ?? 0) + 1);
+      verdicts[m.verdict]++;
       const wrong =
         out.result === 'crash' || out.result === 'hang' || (out.result === 'accepted' && m.verdict === 'reject') || (out.result === 'rejected' && m.verdict === 'accept');
       if (wrong && failures.length < 20) {
@@ -202,12 +204,13 @@ describe('fuzzing the load of a model folder', () => {
       [
         `checkpoint fuzz: ${RUNS} mutated folders in ${seconds.toFixed(1)} s (seed ${SEED}; MOEFLASH_FUZZ_SEED / MOEFLASH_FUZZ_RUNS to change)`,
         head,
-        ...[...byKind].map(([k, c]) => row(k, c)),
+        ...[...byKind].sort(([a], [b]) => a.localeCompare(b)).map(([k, c]) => row(k, c)),
         row('all', sum),
         '',
         `${'base'.padEnd(24)} ${head.slice(25)}`,
         ...[...byBase].map(([k, c]) => row(k, c)),
         '',
+        `verdicts: ${verdicts.reject} must be rejected, ${verdicts.accept} must be accepted, ${verdicts.either} may go either way (only the kind of error is checked)`,
         `error codes of the rejections: ${[...codes].map(([k, n]) => `${k} ${n}`).join(', ')}`,
       ].join('\n'),
     );
