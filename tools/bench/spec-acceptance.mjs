@@ -63,8 +63,15 @@ for (const temperature of temps) {
 await engine.close();
 
 const commit = (() => { try { return execSync('git rev-parse --short HEAD').toString().trim(); } catch { return 'unknown'; } })();
+let gpu = v.backend;
+if (v.backend === 'cuda') {
+  try {
+    const a = (await import('@moeflash/cuda-backend')).isCudaAvailable();
+    if (a.ok) gpu = `${a.devices[0].name} (CUDA backend)`;
+  } catch {}
+}
 const meta = {
-  device: v.backend === 'cpu' ? `CPU: ${os.cpus()[0]?.model} x${os.cpus().length}` : v.backend,
+  device: v.backend === 'cpu' ? `CPU: ${os.cpus()[0]?.model} x${os.cpus().length}` : gpu,
   date: new Date().toISOString(),
   commit,
   command: `node tools/bench/spec-acceptance.mjs ${process.argv.slice(2).join(' ')}`,

@@ -353,6 +353,30 @@ inline int attention_prefill_make_tiles(const int32_t* seq_starts, int num_seqs,
 bool attention_prefill_supported(int num_heads, int num_kv_heads, int head_dim);
 cudaError_t attention_prefill(const AttentionPrefillArgs& a, cudaStream_t stream);
 
+// ---------------------------------------------------------------- dflash.cu
+// The DFlash drafter's context feature: feature row t, columns col0 .. col0 + hidden - 1, is
+// x[t] + mlp_out[t] (the residual stream after a target layer), RMS-normalized with norm_weight
+// when it is set (the target's final norm, for its last layer); rows are `stride` floats apart.
+cudaError_t dflash_feature(const float* x, const float* mlp_out, int tokens, int hidden, const bf16_bits* norm_weight, float eps,
+                           float* out, int stride, int col0, cudaStream_t stream);
+
+// Greedy acceptance of verified blocks: sequence s verified [anchor, d_1 .. d_b] at rows
+// verify_row0[s] .. + b of `tokens`, with the target's argmax of those rows at logit rows
+// logit_row0[s] .. + b of `target_ids`. accepted[s] = the longest n with d_1..d_n equal to the
+// target's first n argmax ids; emitted[s][0 .. n] = those drafts, then the target's id at row n.
+struct DflashAcceptArgs {
+  const int32_t* tokens;
+  const int32_t* target_ids;
+  const int32_t* verify_row0;
+  const int32_t* logit_row0;
+  const int32_t* block;
+  int seqs;
+  int stride;  // ints a sequence's emitted row holds (>= max block + 1)
+  int32_t* emitted;
+  int32_t* accepted;
+};
+cudaError_t dflash_accept_greedy(const DflashAcceptArgs& a, cudaStream_t stream);
+
 // How many times the step launches the kernels of class `cls`: 1, or 0 when MOEFLASH_PROFILE_SKIP
 // (a comma-separated list of classes) names it, 2 when MOEFLASH_PROFILE_TWICE does. A measurement
 // leaves a class out, or runs it twice (every class is idempotent), to find its share of the

@@ -120,6 +120,116 @@ struct SampleLayout {
   }
 };
 
+// A DFlash drafter beside the model (attachDrafter): its own layers and KV cache, the model's
+// embedding and LM head. Its cache has the model's pages and slots, a sequence's draft positions
+// being its target positions, so one block table serves both and src/model.ts pages nothing more.
+// packages/speculative/src/dflash/model.ts is the readable specification.
+enum DraftGlobal { kDFc, kDHiddenNorm, kDNorm, kDInvFreq, kDraftGlobals };
+enum DraftLayerField { kDInNorm, kDPostNorm, kDQkvW, kDQkvB, kDOW, kDOB, kDQNorm, kDKNorm, kDGateUp, kDDown, kDraftLayerFields };
+constexpr int kMaxDraftBlock = 16;
+
+struct DraftConfig {
+  int layers, heads, kv_heads, head_dim, rotary_dim, inter, mask_token;
+  double attention_factor;
+  float eps, scale;
+  std::vector<int> target_ids;  // target layers whose outputs, side by side, are the context feature
+  bool norm_last;               // the last target layer's feature goes through the target's final norm
+  size_t weights_bytes;
+  int q_dim() const { return heads * head_dim; }
+  int kv_dim() const { return kv_heads * head_dim; }
+  int qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+  int feature_dim(int hidden) const { return static_cast<int>(target_ids.size()) * hidden; }
+};
+
+struct Drafter {
+  DraftConfig d;
+  DeviceBuffer weights, kv, arena;
+  std::vector<LayerPtrs> layers;
+  const bf16_bits *fc = nullptr, *hidden_norm = nullptr, *norm = nullptr;
+  const float* inv_freq = nullptr;
+  // Arena views: the draft block's inputs (the model's input layout), activations, the context
+  // features of a step's rows, and acceptance.
+  int32_t *in_tokens, *in_pos, *in_slots, *in_lens, *in_logit_rows, *in_tables;
+  float *x, *normed, *qkv, *q, *attn, *proj, *mlp_out, *gate_up, *act, *feat, *fused, *ctx, *kvrow;
+  void* att_ws;
+  int32_t *spec, *emitted, *accepted;  // spec: [4][max_tokens] verify row0, logit row0, block, draft logit row0
+  bool kv_f32 = false;
+  size_t kv_layer_elems = 0;
+
+  template <typename F>
+  static size_t layout(const DraftConfig& d, int T, int H, int pages_per_seq, int max_seq_len, F&& part) {
+    size_t off = 0;
+    auto add = [&](size_t bytes, int id) {
+      part(id, off);
+      off += align256(bytes);
+    };
+    const size_t t = T;
+    add(sizeof(int32_t) * (5 * t + t * pages_per_seq), 0);
+    add(sizeof(float) * t * H, 1);                      // x
+    add(sizeof(float) * t * H, 2);                      // normed
+    add(sizeof(float) * t * d.qkv_dim(), 3);            // qkv
+    add(sizeof(float) * t * d.q_dim(), 4);              // q
+    add(sizeof(float) * t * d.q_dim(), 5);              // attn
+    add(sizeof(float) * t * H, 6);                      // proj
+    add(sizeof(float) * t * H, 7);                      // mlp_out
+    add(sizeof(float) * t * d.inter, 8);                // act
+    add(sizeof(float) * t * d.feature_dim(H), 9);       // feat
+    add(sizeof(float) * t * H, 10);                     // fused
+    add(sizeof(float) * t * H, 11);                     // ctx
+    add(sizeof(float) * t * 2 * d.kv_dim(), 12);        // kvrow
+    add(attention_decode_workspace_bytes(T, d.heads, d.head_dim, max_seq_len), 13);
+    add(sizeof(int32_t) * 4 * t, 14);                   // spec
+    add(sizeof(int32_t) * t * (kMaxDraftBlock + 1), 15);  // emitted
+    add(sizeof(int32_t) * t, 16);                       // accepted
+    add(sizeof(float) * t * 2 * d.inter, 17);           // gate | up
+    return off;
+  }
+
+  Drafter(Napi::Env env, const DraftConfig& cfg, int T, int H, int pages_per_seq, int max_seq_len, size_t kv_rows, bool f32)
+      : d(cfg),
+        weights(env, cfg.weights_bytes, "drafter weights"),
+        kv(env, 2 * static_cast<size_t>(cfg.layers) * kv_rows * cfg.kv_dim() * (f32 ? 4 : 2), "drafter KV cache"),
+        arena(env, layout(cfg, T, H, pages_per_seq, max_seq_len, [](int, size_t) {}), "drafter arena"),
+        kv_f32(f32),
+        kv_layer_elems(kv_rows * cfg.kv_dim()) {
+    char* base = arena.get<char>();
+    layout(d, T, H, pages_per_seq, max_seq_len, [&](int id, size_t off) {
+      void* p = base + off;
+      float* f = static_cast<float*>(p);
+      switch (id) {
+        case 0: {
+          auto* in = static_cast<int32_t*>(p);
+          in_tokens = in, in_pos = in + T, in_slots = in + 2 * T, in_lens = in + 3 * T, in_logit_rows = in + 4 * T,
+          in_tables = in + 5 * T;
+          break;
+        }
+        case 1: x = f; break;
+        case 2: normed = f; break;
+        case 3: qkv = f; break;
+        case 4: q = f; break;
+        case 5: attn = f; break;
+        case 6: proj = f; break;
+        case 7: mlp_out = f; break;
+        case 8: act = f; break;
+        case 9: feat = f; break;
+        case 10: fused = f; break;
+        case 11: ctx = f; break;
+        case 12: kvrow = f; break;
+        case 13: att_ws = p; break;
+        case 14: spec = static_cast<int32_t*>(p); break;
+        case 15: emitted = static_cast<int32_t*>(p); break;
+        case 16: accepted = static_cast<int32_t*>(p); break;
+        case 17: gate_up = f; break;
+      }
+    });
+    check_cuda(env, cudaMemset(kv.get(), 0xff, kv.bytes()), "cudaMemset (drafter KV cache)");
+  }
+  bf16_bits* k_cache(int l) const { return kv_f32 ? nullptr : kv.get<bf16_bits>() + static_cast<size_t>(2 * l) * kv_layer_elems; }
+  bf16_bits* v_cache(int l) const { return kv_f32 ? nullptr : kv.get<bf16_bits>() + static_cast<size_t>(2 * l + 1) * kv_layer_elems; }
+  float* k_cache_f32(int l) const { return kv_f32 ? kv.get<float>() + static_cast<size_t>(2 * l) * kv_layer_elems : nullptr; }
+  float* v_cache_f32(int l) const { return kv_f32 ? kv.get<float>() + static_cast<size_t>(2 * l + 1) * kv_layer_elems : nullptr; }
+};
+
 // Everything the device holds for one model. Built whole or not at all: a failed allocation
 // throws from the constructor, and the members already allocated free themselves.
 struct State {
@@ -136,6 +246,9 @@ struct State {
   std::vector<char> sample_host;
   bool sampling = false;
   std::vector<LayerPtrs> layers;
+  std::unique_ptr<Drafter> drafter;
+  // Whether the step being run leaves the context features of its rows in drafter->feat.
+  bool capture_features = false;
   const bf16_bits *embed = nullptr, *lm_head = nullptr, *final_norm = nullptr;
   const float* inv_freq = nullptr;
 
@@ -515,6 +628,15 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
       m.alpha = c.alpha;
       MF_TRY(mlp_bf16(m, st), "mlp_bf16");
     }
+    if (s.capture_features) {
+      const Drafter& dr = *s.drafter;
+      for (size_t j = 0; j < dr.d.target_ids.size(); ++j) {
+        if (dr.d.target_ids[j] != l) continue;
+        const bf16_bits* norm = dr.d.norm_last && l == c.layers - 1 ? s.final_norm : nullptr;
+        MF_TRY(dflash_feature(xc, s.mlp_out, T, H, norm, c.eps, dr.feat, dr.d.feature_dim(H), static_cast<int>(j) * H, st),
+               "dflash_feature");
+      }
+    }
     if (s.trace_logits != nullptr && !dense) {
       const size_t E = std::max(c.num_experts, 1), KS = c.slots();
       MF_TRY(cudaMemcpy2DAsync(s.trace_logits + static_cast<size_t>(l) * T * E, sizeof(float) * E, s.router_logits,
@@ -565,8 +687,150 @@ Status forward(State& s, int T, int n_logit, int max_len, const std::vector<int>
   return {};
 }
 
+// The drafter's context keys and values of a step's T rows, from the features the step left in
+// drafter->feat, at the rows' own positions and slots (the model's inputs): c = hidden_norm(fc f),
+// then per draft layer k = RoPE(k_norm(W_k c)), v = W_v c into the draft cache. Rows whose
+// position the request does not keep are overwritten by the next round's block before anything
+// reads them.
+Status draft_absorb(State& s, int T) {
+  Drafter& dr = *s.drafter;
+  const DraftConfig& d = dr.d;
+  const int H = s.c.hidden;
+  cudaStream_t st = s.stream;
+  MF_TRY(gemv_bf16(dr.fc, nullptr, dr.feat, dr.fused, H, d.feature_dim(H), T, st), "gemv_bf16 (drafter fc)");
+  MF_TRY(rmsnorm_residual(dr.fused, nullptr, dr.hidden_norm, d.eps, T, H, dr.ctx, st), "rmsnorm (drafter hidden_norm)");
+  for (int l = 0; l < d.layers; ++l) {
+    const LayerPtrs& w = dr.layers[l];
+    const size_t q_rows = static_cast<size_t>(d.q_dim());
+    MF_TRY(gemv_bf16(w.qkv_w + q_rows * H, w.qkv_b != nullptr ? w.qkv_b + q_rows : nullptr, dr.ctx, dr.kvrow, 2 * d.kv_dim(), H, T,
+                     st),
+           "gemv_bf16 (drafter context k/v)");
+    QkvPrepareArgs qa{};
+    qa.qkv = dr.kvrow;
+    qa.k_norm = w.k_norm;
+    qa.eps = d.eps;
+    qa.positions = s.in_pos;
+    qa.inv_freq = dr.inv_freq;
+    qa.attention_factor = d.attention_factor;
+    qa.rotary_dim = d.rotary_dim;
+    qa.slots = s.in_slots;
+    qa.k_cache = dr.k_cache(l), qa.v_cache = dr.v_cache(l);
+    qa.k_cache_f32 = dr.k_cache_f32(l), qa.v_cache_f32 = dr.v_cache_f32(l);
+    qa.tokens = T, qa.num_heads = 0, qa.num_kv_heads = d.kv_heads, qa.head_dim = d.head_dim;
+    MF_TRY(qkv_prepare(qa, st), "qkv_prepare (drafter context)");
+  }
+  return {};
+}
+
+// The draft block's forward pass over the drafter's inputs (T rows: per speculating sequence its
+// anchor and B masks, every row seeing the whole context and the whole block: seq_lens = L + B + 1),
+// through the model's LM head for the n_logit mask rows; their argmax ids are left in argmax_ids.
+Status draft_forward(State& s, int T, int n_logit, int max_len) {
+  Drafter& dr = *s.drafter;
+  const DraftConfig& d = dr.d;
+  const Config& c = s.c;
+  const int H = c.hidden;
+  cudaStream_t st = s.stream;
+  MF_TRY(embedding_bf16(s.embed, dr.in_tokens, T, H, dr.x, st), "embedding_bf16 (drafter)");
+  const bool tiled = attention_decode_supported(d.heads, d.kv_heads, d.head_dim);
+  for (int l = 0; l < d.layers; ++l) {
+    const LayerPtrs& w = dr.layers[l];
+    MF_TRY(rmsnorm_residual(dr.x, l == 0 ? nullptr : dr.mlp_out, w.in_norm, d.eps, T, H, dr.normed, st), "rmsnorm (drafter input)");
+    MF_TRY(gemv_bf16(w.qkv_w, w.qkv_b, dr.normed, dr.qkv, d.qkv_dim(), H, T, st), "gemv_bf16 (drafter qkv)");
+    QkvPrepareArgs qa{};
+    qa.qkv = dr.qkv;
+    qa.q_norm = w.q_norm, qa.k_norm = w.k_norm, qa.eps = d.eps;
+    qa.positions = dr.in_pos, qa.inv_freq = dr.inv_freq, qa.attention_factor = d.attention_factor, qa.rotary_dim = d.rotary_dim;
+    qa.slots = dr.in_slots, qa.q_out = dr.q;
+    qa.k_cache = dr.k_cache(l), qa.v_cache = dr.v_cache(l);
+    qa.k_cache_f32 = dr.k_cache_f32(l), qa.v_cache_f32 = dr.v_cache_f32(l);
+    qa.tokens = T, qa.num_heads = d.heads, qa.num_kv_heads = d.kv_heads, qa.head_dim = d.head_dim;
+    MF_TRY(qkv_prepare(qa, st), "qkv_prepare (drafter block)");
+    AttentionDecodeArgs aa{};
+    aa.q = dr.q;
+    aa.k_cache = dr.k_cache(l), aa.v_cache = dr.v_cache(l);
+    aa.k_cache_f32 = dr.k_cache_f32(l), aa.v_cache_f32 = dr.v_cache_f32(l);
+    aa.block_table = dr.in_tables, aa.seq_lens = dr.in_lens, aa.sinks = nullptr, aa.out = dr.attn, aa.workspace = dr.att_ws;
+    aa.num_seqs = T, aa.num_heads = d.heads, aa.num_kv_heads = d.kv_heads, aa.head_dim = d.head_dim;
+    aa.page_size = c.page_size, aa.max_pages_per_seq = c.max_pages_per_seq, aa.max_seq_len = max_len, aa.window = 0;
+    aa.scale = d.scale;
+    MF_TRY(tiled ? attention_decode(aa, st) : attention_generic(aa, st), "attention (drafter)");
+    MF_TRY(gemv_bf16(w.o_w, w.o_b, dr.attn, dr.proj, H, d.q_dim(), T, st), "gemv_bf16 (drafter o)");
+    MF_TRY(rmsnorm_residual(dr.x, dr.proj, w.post_norm, d.eps, T, H, dr.normed, st), "rmsnorm (drafter post-attention)");
+    // The dense SiLU MLP through the model's matrix kernels: gate | up in one product, then down.
+    MF_TRY(gemv_bf16(reinterpret_cast<const bf16_bits*>(w.gate_up), nullptr, dr.normed, dr.gate_up, 2 * d.inter, H, T, st),
+           "gemv_bf16 (drafter gate/up)");
+    MF_TRY(swiglu_f32(dr.gate_up, T, d.inter, dr.act, st), "swiglu_f32 (drafter)");
+    MF_TRY(gemv_bf16(reinterpret_cast<const bf16_bits*>(w.down), nullptr, dr.act, dr.mlp_out, H, d.inter, T, st),
+           "gemv_bf16 (drafter down)");
+  }
+  MF_TRY(rmsnorm_residual(dr.x, dr.mlp_out, dr.norm, d.eps, T, H, dr.normed, st), "rmsnorm (drafter final)");
+  MF_TRY(gather_rows(dr.normed, dr.in_logit_rows, n_logit, H, s.lm_in, st), "gather_rows (drafter)");
+  MF_TRY(gemv_bf16(s.lm_head, nullptr, s.lm_in, s.logits, c.vocab, H, n_logit, st), "gemv_bf16 (drafter lm head)");
+  MF_TRY(argmax_rows(s.logits, n_logit, c.vocab, s.argmax_ids, s.argmax_ws, st), "argmax_rows (drafter)");
+  return {};
+}
+
 const bf16_bits* at_bf16(const State& s, double off) {
   return off < 0 ? nullptr : reinterpret_cast<const bf16_bits*>(s.weights.get<uint8_t>() + static_cast<size_t>(off));
+}
+
+// Sampling settings of a step's logits rows ([rows][9], SampleField order) into the device buffers.
+void stage_sampling(const ArgReader& r, State& s, const Napi::Float64Array& sample_in, int n_logit) {
+  const Config& c = s.c;
+  const SampleLayout sl(c.max_logit_rows, c.vocab);
+  // Padding rows of a graph bucket stay greedy (all zeros).
+  std::fill(s.sample_host.begin(), s.sample_host.end(), 0);
+  char* h = s.sample_host.data();
+  const double* in_s = sample_in.Data();
+  for (int j = 0; j < n_logit; ++j) {
+    const double* f = in_s + static_cast<size_t>(j) * kSampleFields;
+    const double temperature = f[kSTemperature], top_p = f[kSTopP], min_p = f[kSMinP];
+    if (!(std::isfinite(temperature) && temperature >= 0) || !(top_p > 0 && top_p <= 1) || !(min_p >= 0 && min_p <= 1) ||
+        !(f[kSTopK] >= 0 && f[kSTopK] <= 2147483647.0))
+      r.fail("sample row " + std::to_string(j) + " has settings outside core's ranges");
+    reinterpret_cast<double*>(h + sl.temperature)[j] = temperature;
+    reinterpret_cast<double*>(h + sl.top_p)[j] = top_p;
+    reinterpret_cast<double*>(h + sl.min_p)[j] = min_p;
+    reinterpret_cast<int32_t*>(h + sl.top_k)[j] = static_cast<int32_t>(f[kSTopK]);
+    reinterpret_cast<uint32_t*>(h + sl.seed_lo)[j] = static_cast<uint32_t>(f[kSSeedLo]);
+    reinterpret_cast<uint32_t*>(h + sl.seed_hi)[j] = static_cast<uint32_t>(f[kSSeedHi]);
+    reinterpret_cast<uint32_t*>(h + sl.seqs)[j] = static_cast<uint32_t>(f[kSSeq]);
+    reinterpret_cast<uint32_t*>(h + sl.positions)[j] = static_cast<uint32_t>(f[kSPosition]);
+    reinterpret_cast<uint32_t*>(h + sl.purposes)[j] = static_cast<uint32_t>(f[kSPurpose]);
+  }
+  check_cuda(r.info.Env(), cudaMemcpyAsync(s.sample_buf.get(), h, sl.settings_bytes, cudaMemcpyHostToDevice, s.stream),
+             "cudaMemcpyAsync (sampling settings)");
+}
+
+// Several rows of one sequence in a step (a prefill chunk, a verify block) share their K/V reads
+// through attention_prefill. src/model.ts lays a sequence's rows out consecutively; a row
+// continues the previous row's sequence when it is the next position on the same pages. Sets
+// s.prefill_tiles (0: every row takes decode attention) and uploads the tiles.
+void plan_prefill_tiles(Napi::Env env, State& s, const int32_t* pin, int T) {
+  const Config& c = s.c;
+  s.prefill_tiles = 0;
+  if (c.kv_f32 || !attention_prefill_supported(c.heads, c.kv_heads, c.head_dim)) return;
+  const int MT = c.max_tokens;
+  const int P = c.max_pages_per_seq;
+  const int32_t* lens = pin + 3 * MT;
+  const int32_t* tables = pin + 5 * MT;
+  std::vector<int32_t> starts{0};
+  for (int t = 1; t < T; ++t) {
+    const int used = (lens[t - 1] + c.page_size - 1) / c.page_size;
+    const bool same = lens[t] == lens[t - 1] + 1 &&
+                      std::equal(tables + static_cast<size_t>(t - 1) * P, tables + static_cast<size_t>(t - 1) * P + used,
+                                 tables + static_cast<size_t>(t) * P);
+    if (!same) starts.push_back(t);
+  }
+  starts.push_back(T);
+  const int seqs = static_cast<int>(starts.size()) - 1;
+  if (seqs == T) return;
+  std::vector<int32_t> tiles(4 * static_cast<size_t>(T));
+  s.prefill_tiles = attention_prefill_make_tiles(starts.data(), seqs, attention_prefill_tile_rows(c.heads, c.kv_heads), tiles.data());
+  // Pageable source: the call returns once the data is staged, so `tiles` may go.
+  check_cuda(env, cudaMemcpyAsync(s.att_tiles, tiles.data(), sizeof(int32_t) * 2 * s.prefill_tiles, cudaMemcpyHostToDevice, s.stream),
+             "cudaMemcpyAsync (attention tiles)");
 }
 
 class Model : public Napi::ObjectWrap<Model> {
@@ -576,7 +840,9 @@ class Model : public Napi::ObjectWrap<Model> {
                        {InstanceMethod("upload", &Model::Upload), InstanceMethod("prepare", &Model::Prepare),
                         InstanceMethod("step", &Model::Step), InstanceMethod("timeGraphs", &Model::TimeGraphs),
                         InstanceMethod("dropGraphs", &Model::DropGraphs),
-                        InstanceMethod("dispose", &Model::Dispose), InstanceMethod("info", &Model::Info)});
+                        InstanceMethod("dispose", &Model::Dispose), InstanceMethod("info", &Model::Info),
+                        InstanceMethod("attachDrafter", &Model::AttachDrafter),
+                        InstanceMethod("uploadDrafter", &Model::UploadDrafter), InstanceMethod("round", &Model::Round)});
   }
 
   // new Model(config, layout: Float64Array [kGlobalFields + layers * kLayerFields])
@@ -728,7 +994,11 @@ class Model : public Napi::ObjectWrap<Model> {
       }
     }
     const bool trace = info.Length() > 8 && r.boolean(8, "traceRouting");
-    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T && !trace;
+    // absorb: the step's rows also feed the attached drafter's cache (prefill chunks and plain
+    // decodes of sequences that speculate).
+    const bool absorb = info.Length() > 9 && r.boolean(9, "absorb");
+    if (absorb && !s.drafter) r.fail("absorb needs a drafter (attachDrafter)");
+    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T && !trace && !absorb;
     const bool sampling = !r.is_null(7) && n_logit > 0;
     Napi::Float64Array sample_in;
     if (sampling) {
@@ -762,31 +1032,7 @@ class Model : public Napi::ObjectWrap<Model> {
     }
     cudaStream_t st = s.stream;
     s.sampling = sampling;
-    if (sampling) {
-      const SampleLayout sl(c.max_logit_rows, c.vocab);
-      // Padding rows of a graph bucket stay greedy (all zeros).
-      std::fill(s.sample_host.begin(), s.sample_host.end(), 0);
-      char* h = s.sample_host.data();
-      const double* in_s = sample_in.Data();
-      for (int j = 0; j < n_logit; ++j) {
-        const double* f = in_s + static_cast<size_t>(j) * kSampleFields;
-        const double temperature = f[kSTemperature], top_p = f[kSTopP], min_p = f[kSMinP];
-        if (!(std::isfinite(temperature) && temperature >= 0) || !(top_p > 0 && top_p <= 1) || !(min_p >= 0 && min_p <= 1) ||
-            !(f[kSTopK] >= 0 && f[kSTopK] <= 2147483647.0))
-          r.fail("sample row " + std::to_string(j) + " has settings outside core's ranges");
-        reinterpret_cast<double*>(h + sl.temperature)[j] = temperature;
-        reinterpret_cast<double*>(h + sl.top_p)[j] = top_p;
-        reinterpret_cast<double*>(h + sl.min_p)[j] = min_p;
-        reinterpret_cast<int32_t*>(h + sl.top_k)[j] = static_cast<int32_t>(f[kSTopK]);
-        reinterpret_cast<uint32_t*>(h + sl.seed_lo)[j] = static_cast<uint32_t>(f[kSSeedLo]);
-        reinterpret_cast<uint32_t*>(h + sl.seed_hi)[j] = static_cast<uint32_t>(f[kSSeedHi]);
-        reinterpret_cast<uint32_t*>(h + sl.seqs)[j] = static_cast<uint32_t>(f[kSSeq]);
-        reinterpret_cast<uint32_t*>(h + sl.positions)[j] = static_cast<uint32_t>(f[kSPosition]);
-        reinterpret_cast<uint32_t*>(h + sl.purposes)[j] = static_cast<uint32_t>(f[kSPurpose]);
-      }
-      check_cuda(env, cudaMemcpyAsync(s.sample_buf.get(), h, sl.settings_bytes, cudaMemcpyHostToDevice, st),
-                 "cudaMemcpyAsync (sampling settings)");
-    }
+    if (sampling) stage_sampling(r, s, sample_in, n_logit);
     // Inputs and block tables are one copy: the tables follow the 5 MT input rows on both sides.
     check_cuda(env,
                cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(rows) * c.max_pages_per_seq),
@@ -796,30 +1042,7 @@ class Model : public Napi::ObjectWrap<Model> {
     // reads through attention_prefill. src/model.ts lays a sequence's rows out consecutively; a
     // row continues the previous row's sequence when it is the next position on the same pages.
     s.prefill_tiles = 0;
-    if (bucket == 0 && !decode && !c.kv_f32 && attention_prefill_supported(c.heads, c.kv_heads, c.head_dim)) {
-      const int P = c.max_pages_per_seq;
-      const int32_t* lens = pin + 3 * MT;
-      const int32_t* tables = pin + 5 * MT;
-      std::vector<int32_t> starts{0};
-      for (int t = 1; t < T; ++t) {
-        const int used = (lens[t - 1] + c.page_size - 1) / c.page_size;
-        const bool same = lens[t] == lens[t - 1] + 1 &&
-                          std::equal(tables + static_cast<size_t>(t - 1) * P, tables + static_cast<size_t>(t - 1) * P + used,
-                                     tables + static_cast<size_t>(t) * P);
-        if (!same) starts.push_back(t);
-      }
-      starts.push_back(T);
-      const int seqs = static_cast<int>(starts.size()) - 1;
-      if (seqs < T) {
-        std::vector<int32_t> tiles(4 * static_cast<size_t>(T));
-        s.prefill_tiles = attention_prefill_make_tiles(starts.data(), seqs, attention_prefill_tile_rows(c.heads, c.kv_heads),
-                                                       tiles.data());
-        // Pageable source: the call returns once the data is staged, so `tiles` may go.
-        check_cuda(env,
-                   cudaMemcpyAsync(s.att_tiles, tiles.data(), sizeof(int32_t) * 2 * s.prefill_tiles, cudaMemcpyHostToDevice, st),
-                   "cudaMemcpyAsync (attention tiles)");
-      }
-    }
+    if (bucket == 0 && !decode) plan_prefill_tiles(env, s, pin, T);
 
     Napi::Float32Array hidden_out;
     if (!hidden.empty()) hidden_out = Napi::Float32Array::New(env, hidden.size() * static_cast<size_t>(T) * c.hidden);
@@ -840,7 +1063,10 @@ class Model : public Napi::ObjectWrap<Model> {
       ~TraceReset() { s.trace_logits = nullptr, s.trace_ids = nullptr; }
     } trace_reset{s};
     auto run_eager = [&](int t, int nl, int ml) {
-      const Status stt = forward(s, t, nl, ml, hidden, hidden.empty() ? nullptr : hidden_out.Data());
+      s.capture_features = absorb;
+      Status stt = forward(s, t, nl, ml, hidden, hidden.empty() ? nullptr : hidden_out.Data());
+      s.capture_features = false;
+      if (stt.ok() && absorb) stt = draft_absorb(s, t);
       if (!stt.ok()) check_cuda(env, stt.err, std::string("step: ") + stt.what);
     };
     if (bucket > 0) {
@@ -923,6 +1149,8 @@ class Model : public Napi::ObjectWrap<Model> {
     o.Set("activations", static_cast<double>(s.arena_bytes));
     o.Set("graphs", static_cast<double>(s.graphs.size()));
     o.Set("kvF32", s.c.kv_f32 != 0);
+    o.Set("drafter", s.drafter ? static_cast<double>(s.drafter->weights.bytes() + s.drafter->kv.bytes() + s.drafter->arena.bytes()) : 0.0);
+    o.Set("drafterKvCache", s.drafter ? static_cast<double>(s.drafter->kv.bytes()) : 0.0);
     return o;
   }
 
@@ -962,6 +1190,205 @@ class Model : public Napi::ObjectWrap<Model> {
     for (auto& g : s.graphs) cudaGraphExecDestroy(g.second);
     s.graphs.clear();
     return info.Env().Undefined();
+  }
+
+  // attachDrafter(config, layout: Float64Array [4 + layers * 10]): reserves a DFlash drafter's
+  // weights, KV cache (the model's pages, the drafter's layers and width) and arena. config:
+  // { layers, heads, kvHeads, headDim, rotaryDim, attentionFactor, inter, eps, scale, maskToken,
+  //   targetLayers: Int32Array, normLast: boolean, weightsBytes }. The hidden size is the model's.
+  Napi::Value AttachDrafter(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.attachDrafter"};
+    Napi::Env env = info.Env();
+    State& s = state(r);
+    if (s.drafter) r.fail("a drafter is already attached");
+    if (!info[0].IsObject()) r.fail("config must be an object");
+    const Napi::Object o = info[0].As<Napi::Object>();
+    auto num = [&](const char* k) {
+      const Napi::Value v = o.Get(k);
+      if (!v.IsNumber()) r.fail(std::string("config.") + k + " must be a number");
+      return v.As<Napi::Number>().DoubleValue();
+    };
+    DraftConfig d{};
+    d.layers = static_cast<int>(num("layers")), d.heads = static_cast<int>(num("heads"));
+    d.kv_heads = static_cast<int>(num("kvHeads")), d.head_dim = static_cast<int>(num("headDim"));
+    d.rotary_dim = static_cast<int>(num("rotaryDim")), d.attention_factor = num("attentionFactor");
+    d.inter = static_cast<int>(num("inter")), d.eps = static_cast<float>(num("eps")), d.scale = static_cast<float>(num("scale"));
+    d.mask_token = static_cast<int>(num("maskToken"));
+    d.weights_bytes = static_cast<size_t>(num("weightsBytes"));
+    d.norm_last = o.Get("normLast").ToBoolean().Value();
+    const Napi::Value ids = o.Get("targetLayers");
+    if (!ids.IsTypedArray()) r.fail("config.targetLayers must be an Int32Array");
+    const auto ia = ids.As<Napi::Int32Array>();
+    for (size_t k = 0; k < ia.ElementLength(); ++k) {
+      if (ia[k] < 0 || ia[k] >= s.c.layers) r.fail("config.targetLayers names a layer outside the model");
+      d.target_ids.push_back(ia[k]);
+    }
+    if (d.layers < 1 || d.target_ids.empty() || d.kv_heads < 1 || d.heads % d.kv_heads != 0 || d.head_dim % 8 != 0 ||
+        d.rotary_dim > d.head_dim || d.rotary_dim % 2 != 0 || d.inter < 1 || s.c.hidden % 8 != 0)
+      r.fail("drafter shapes outside what the kernels take");
+    const auto layout = info[1].As<Napi::Float64Array>();
+    r.length(layout.ElementLength(), kDraftGlobals + static_cast<size_t>(d.layers) * kDraftLayerFields, "layout", "4 + layers * 10");
+    const Config& c = s.c;
+    auto dr = std::make_unique<Drafter>(env, d, c.max_tokens, c.hidden, c.max_pages_per_seq, c.max_seq_len,
+                                        (static_cast<size_t>(c.num_pages) + 1) * c.page_size, c.kv_f32 != 0);
+    auto at = [&](double off) -> const bf16_bits* {
+      if (off < 0) return nullptr;
+      if (off >= static_cast<double>(d.weights_bytes)) r.fail("a drafter layout offset is outside its weights");
+      return reinterpret_cast<const bf16_bits*>(dr->weights.get<uint8_t>() + static_cast<size_t>(off));
+    };
+    dr->fc = at(layout[kDFc]), dr->hidden_norm = at(layout[kDHiddenNorm]), dr->norm = at(layout[kDNorm]);
+    dr->inv_freq = reinterpret_cast<const float*>(at(layout[kDInvFreq]));
+    for (int l = 0; l < d.layers; ++l) {
+      const double* f = layout.Data() + kDraftGlobals + static_cast<size_t>(l) * kDraftLayerFields;
+      LayerPtrs p{};
+      p.in_norm = at(f[kDInNorm]), p.post_norm = at(f[kDPostNorm]), p.qkv_w = at(f[kDQkvW]), p.qkv_b = at(f[kDQkvB]);
+      p.o_w = at(f[kDOW]), p.o_b = at(f[kDOB]), p.q_norm = at(f[kDQNorm]), p.k_norm = at(f[kDKNorm]);
+      p.gate_up = reinterpret_cast<const uint8_t*>(at(f[kDGateUp]));
+      p.down = reinterpret_cast<const uint8_t*>(at(f[kDDown]));
+      p.mlp_kind = kMlpDense, p.inter = d.inter;
+      dr->layers.push_back(p);
+    }
+    s.drafter = std::move(dr);
+    return env.Undefined();
+  }
+
+  // uploadDrafter(offset, bytes: Uint8Array): host -> drafter weights at a byte offset.
+  Napi::Value UploadDrafter(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.uploadDrafter"};
+    State& s = state(r);
+    if (!s.drafter) r.fail("no drafter attached");
+    const double off = r.number(0, "offset");
+    const auto data = r.u8(1, "bytes");
+    if (off < 0 || off + static_cast<double>(data.ByteLength()) > static_cast<double>(s.drafter->weights.bytes()))
+      r.fail("offset + bytes is outside the drafter's weights");
+    check_cuda(info.Env(),
+               cudaMemcpy(s.drafter->weights.get<uint8_t>() + static_cast<size_t>(off), data.Data(), data.ByteLength(),
+                          cudaMemcpyHostToDevice),
+               "cudaMemcpy (drafter weights upload)");
+    return info.Env().Undefined();
+  }
+
+  // round(verifyInputs: Int32Array, tokens, logitRows, maxLen, draftInputs: Int32Array, draftTokens,
+  //       draftLogitRows, draftMaxLen, spec: Int32Array [seqs][5], sample: Float64Array | null)
+  //   -> { ids: Int32Array [logitRows], sampled: Int32Array | null, emitted: Int32Array [seqs][17],
+  //        accepted: Int32Array [seqs] }
+  // One DFlash round in one call: the drafter's block forward over draftInputs (per speculating
+  // sequence its anchor and B masks; logit rows its masks), its argmax ids copied into the verify
+  // rows after each anchor (unless spec's `forced` is set: the host put the drafts there), the
+  // model's forward over verifyInputs (speculating sequences' [anchor, d_1..d_B] with every row's
+  // logits, plain decodes beside them) leaving every row's context feature, the drafter absorbing
+  // those rows, and greedy acceptance. spec per sequence: verify row of the anchor, its first
+  // logit row, B, the first draft logit row, forced. Only ids come back.
+  Napi::Value Round(const Napi::CallbackInfo& info) {
+    const ArgReader r{info, "Model.round"};
+    Napi::Env env = info.Env();
+    State& s = state(r);
+    if (!s.drafter) r.fail("no drafter attached");
+    Drafter& dr = *s.drafter;
+    const Config& c = s.c;
+    const int MT = c.max_tokens;
+    const size_t input_ints = c.input_ints();
+    const auto vin = r.i32(0, "verifyInputs");
+    r.length(vin.ElementLength(), input_ints, "verifyInputs", "5 * maxTokens + maxTokens * maxPagesPerSeq");
+    const int T = r.integer(1, "tokens", 1, MT);
+    const int n_logit = r.integer(2, "logitRows", 1, std::min(T, c.max_logit_rows));
+    const int max_len = r.integer(3, "maxLen", 1, c.max_seq_len);
+    const auto din = r.i32(4, "draftInputs");
+    r.length(din.ElementLength(), input_ints, "draftInputs", "5 * maxTokens + maxTokens * maxPagesPerSeq");
+    const int DT = r.integer(5, "draftTokens", 1, MT);
+    const int dn_logit = r.integer(6, "draftLogitRows", 1, std::min(DT, c.max_logit_rows));
+    const int dmax_len = r.integer(7, "draftMaxLen", 1, c.max_seq_len);
+    const auto spec = r.i32(8, "spec");
+    const int S = static_cast<int>(spec.ElementLength() / 5);
+    if (S < 1 || spec.ElementLength() != static_cast<size_t>(S) * 5) r.fail("spec must hold 5 ints a speculating sequence");
+    std::vector<int32_t> row0(S), logit0(S), block(S);
+    for (int k = 0; k < S; ++k) {
+      const int32_t* f = spec.Data() + 5 * k;
+      row0[k] = f[0], logit0[k] = f[1], block[k] = f[2];
+      if (f[2] < 1 || f[2] > kMaxDraftBlock || f[0] < 0 || f[0] + f[2] >= T || f[1] < 0 || f[1] + f[2] >= n_logit || f[3] < 0 ||
+          f[3] + f[2] > dn_logit)
+        r.fail("spec row " + std::to_string(k) + " is outside the round's rows");
+    }
+    const bool sampling = !r.is_null(9);
+    Napi::Float64Array sample_in;
+    if (sampling) {
+      sample_in = r.typed<Napi::Float64Array>(9, "sample", napi_float64_array, "Float64Array");
+      r.length(sample_in.ElementLength(), static_cast<size_t>(n_logit) * kSampleFields, "sample", "logitRows * 9");
+    }
+    int32_t* pin = s.in_host.get<int32_t>();
+    std::memcpy(pin, vin.Data(), sizeof(int32_t) * input_ints);
+    for (int t = 0; t < T; ++t) {
+      const int slot = pin[2 * MT + t];
+      if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a KV slot is outside the cache");
+    }
+    for (int t = 0; t < DT; ++t) {
+      const int slot = din[2 * MT + t];
+      if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a draft KV slot is outside the cache");
+    }
+    cudaStream_t st = s.stream;
+    s.sampling = sampling;
+    if (sampling) stage_sampling(r, s, sample_in, n_logit);
+    check_cuda(env,
+               cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(T) * c.max_pages_per_seq),
+                               cudaMemcpyHostToDevice, st),
+               "cudaMemcpyAsync (verify inputs)");
+    check_cuda(env,
+               cudaMemcpyAsync(dr.in_tokens, din.Data(), sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(DT) * c.max_pages_per_seq),
+                               cudaMemcpyHostToDevice, st),
+               "cudaMemcpyAsync (draft inputs)");
+    std::vector<int32_t> spec_dev(3 * static_cast<size_t>(S));
+    std::copy(row0.begin(), row0.end(), spec_dev.begin());
+    std::copy(logit0.begin(), logit0.end(), spec_dev.begin() + S);
+    std::copy(block.begin(), block.end(), spec_dev.begin() + 2 * S);
+    check_cuda(env, cudaMemcpyAsync(dr.spec, spec_dev.data(), sizeof(int32_t) * spec_dev.size(), cudaMemcpyHostToDevice, st),
+               "cudaMemcpyAsync (round spec)");
+    plan_prefill_tiles(env, s, pin, T);
+    auto fail = [&](const Status& stt) {
+      s.capture_features = false;
+      check_cuda(env, stt.err, std::string("round: ") + stt.what);
+    };
+    Status stt = draft_forward(s, DT, dn_logit, dmax_len);
+    if (!stt.ok()) fail(stt);
+    for (int k = 0; k < S; ++k) {
+      if (spec.Data()[5 * k + 4] != 0) continue;
+      check_cuda(env,
+                 cudaMemcpyAsync(s.in_tokens + row0[k] + 1, s.argmax_ids + spec.Data()[5 * k + 3], sizeof(int32_t) * block[k],
+                                 cudaMemcpyDeviceToDevice, st),
+                 "cudaMemcpyAsync (drafts into the verify rows)");
+    }
+    s.capture_features = true;
+    stt = forward(s, T, n_logit, max_len, {}, nullptr);
+    s.capture_features = false;
+    if (!stt.ok()) fail(stt);
+    stt = draft_absorb(s, T);
+    if (!stt.ok()) fail(stt);
+    DflashAcceptArgs aa{};
+    aa.tokens = s.in_tokens, aa.target_ids = s.argmax_ids;
+    aa.verify_row0 = dr.spec, aa.logit_row0 = dr.spec + S, aa.block = dr.spec + 2 * S;
+    aa.seqs = S, aa.stride = kMaxDraftBlock + 1, aa.emitted = dr.emitted, aa.accepted = dr.accepted;
+    check_cuda(env, dflash_accept_greedy(aa, st), "dflash_accept_greedy");
+    Napi::Int32Array ids = Napi::Int32Array::New(env, n_logit);
+    Napi::Int32Array emitted = Napi::Int32Array::New(env, static_cast<size_t>(S) * (kMaxDraftBlock + 1));
+    Napi::Int32Array accepted = Napi::Int32Array::New(env, S);
+    check_cuda(env, cudaMemcpyAsync(ids.Data(), s.argmax_ids, sizeof(int32_t) * n_logit, cudaMemcpyDeviceToHost, st), "cudaMemcpyAsync (ids)");
+    check_cuda(env, cudaMemcpyAsync(emitted.Data(), dr.emitted, sizeof(int32_t) * emitted.ElementLength(), cudaMemcpyDeviceToHost, st),
+               "cudaMemcpyAsync (emitted)");
+    check_cuda(env, cudaMemcpyAsync(accepted.Data(), dr.accepted, sizeof(int32_t) * S, cudaMemcpyDeviceToHost, st),
+               "cudaMemcpyAsync (accepted)");
+    Napi::Int32Array sampled;
+    if (sampling) {
+      sampled = Napi::Int32Array::New(env, n_logit);
+      const SampleLayout sl(c.max_logit_rows, c.vocab);
+      check_cuda(env, cudaMemcpyAsync(sampled.Data(), s.sample_buf.get<char>() + sl.ids, sizeof(int32_t) * n_logit, cudaMemcpyDeviceToHost, st),
+                 "cudaMemcpyAsync (sampled ids)");
+    }
+    check_cuda(env, cudaStreamSynchronize(st), "round (cudaStreamSynchronize)");
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("ids", ids);
+    out.Set("sampled", sampling ? Napi::Value(sampled) : Napi::Value(env.Null()));
+    out.Set("emitted", emitted);
+    out.Set("accepted", accepted);
+    return out;
   }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {

@@ -12,7 +12,21 @@ for step in ${STEPS:-tests parity bench}; do
   case "$step" in
     build) (cd packages/cuda-backend && node node_modules/node-gyp/bin/node-gyp.js rebuild -j 16) > "$O/build.log" 2>&1 || tail -30 "$O/build.log" ;;
     tests) timeout "${TESTS_S:-180}" vitest run packages/cuda-backend 2>&1 | tee "$O/tests.log" | grep -E "✓ |×|FAIL|Test Files|Tests |Error|expected" | tail -60 ;;
-    parity) timeout "${PARITY_S:-120}" node packages/cuda-backend/scripts/parity-report.mjs "$O/parity-h100.md" "${COMMIT:-unknown}" 2>&1 | tail -12 ;;
+    parity) timeout "${PARITY_S:-120}" node packages/cuda-backend/scripts/parity-report.mjs "$O/parity-h100${PRECISION:+-$PRECISION}.md" \
+      "${COMMIT:-unknown}" "${PRECISION:-auto}" 2>&1 | tail -12 ;;
+    parity-bf16) timeout "${PARITY_S:-120}" node packages/cuda-backend/scripts/parity-report.mjs "$O/parity-h100-bf16.md" \
+      "${COMMIT:-unknown}" bf16 2>&1 | tail -12 ;;
+    fixtures)
+      # Golden fixtures with HF logits (needs transformers): FIXTURES names them; they are also packed to bring back.
+      PYTHONUNBUFFERED=1 timeout "${FIXTURES_S:-240}" python3 tools/golden/make_fixtures.py --only "${FIXTURES:?}" > "$O/fixtures.log" 2>&1
+      tail -8 "$O/fixtures.log"
+      tar -czf "$O/golden-fixtures.tgz" -C packages/core/test/fixtures/golden fixtures.json ${FIXTURES//,/ } ;;
+    route-diff)
+      # Routing of the CUDA backend against the CPU at both precisions, on the fixtures named by FIXTURES.
+      for f in ${FIXTURES//,/ }; do for p in bf16 f32; do
+        timeout 120 node packages/core/dist/cli.js route-diff --model "packages/core/test/fixtures/golden/$f" \
+          --input "packages/core/test/fixtures/golden/$f/input.json" --experts stored --precision $p 2>&1
+      done; done | tee "$O/route-diff.log" | grep -E "^packages|=>|sequence" | head -40 ;;
     synth)
       [ -f /tmp/gpt-oss-20b/config.json ] || timeout "${SYNTH_S:-180}" node packages/core/dist/cli.js synth --preset gpt-oss-20b \
         --out /tmp/gpt-oss-20b ${SYNTH_ARGS:-} > "$O/synth.log" 2>&1

@@ -25,6 +25,8 @@ import {
   type LoadOptions,
   type MemoryReport,
   type ModelSpec,
+  type DeviceDrafterInfo,
+  type DeviceDrafterSpec,
   type RoutingTrace,
   type SeqId,
   type SequenceOutput,
@@ -34,6 +36,7 @@ import {
   type WeightSource,
 } from '@moeflash/core';
 
+import { MAX_DEVICE_BLOCK, planDrafter } from './drafter.js';
 import { isCudaAvailable, loadAddon, translateNativeError, type NativeModel } from './native.js';
 
 /** Options of {@link CudaBackend.load} beyond core's LoadOptions. */
@@ -721,6 +724,9 @@ export class CudaModel implements LoadedModel {
   readonly stats = { graphSteps: 0, eagerCalls: 0 };
   /** StepSequence.sample runs sample_rows (kernels/sample.cu), bit-exact with core's sampler. */
   readonly sampling = true;
+  /** The attached drafter's mask token (attachDrafter), or null. */
+  private drafterMask: number | null = null;
+  private draftInputs: Int32Array | null = null;
 
   constructor(
     readonly spec: ModelSpec,
@@ -787,10 +793,39 @@ export class CudaModel implements LoadedModel {
     this.seqs.delete(seq);
   }
 
-  memory(): MemoryReport {
-    if (!this.native) return { weights: 0, kvCache: 0, activations: 0, total: 0 };
+  memory(): MemoryReport & { drafter: number } {
+    if (!this.native) return { weights: 0, kvCache: 0, activations: 0, total: 0, drafter: 0 };
     const i = this.native.info();
-    return { weights: i.weights, kvCache: i.kvCache, activations: i.activations, total: i.weights + i.kvCache + i.activations };
+    return { weights: i.weights, kvCache: i.kvCache, activations: i.activations, drafter: i.drafter, total: i.weights + i.kvCache + i.activations + i.drafter };
+  }
+
+  /**
+   * Loads a DFlash drafter beside the model: its layers in device memory, its KV cache on the
+   * model's pages, the model's embedding and LM head shared. Then StepSequence.absorb feeds it and
+   * StepSequence.speculate runs a whole round (draft, verify, greedy acceptance) in one call.
+   */
+  async attachDrafter(spec: DeviceDrafterSpec): Promise<DeviceDrafterInfo> {
+    const native = this.native;
+    if (!native) throw new MoeflashError('CLOSED', 'attachDrafter() on a disposed model');
+    if (this.drafterMask !== null) throw new MoeflashError('INVALID_ARGUMENT', 'a drafter is already attached to this model');
+    if (spec.maskTokenId < 0 || spec.maskTokenId >= this.spec.vocabSize) {
+      throw new MoeflashError('CONFIG_INVALID', `${spec.source}: mask_token_id ${spec.maskTokenId} is outside the target's vocabulary`);
+    }
+    const plan = planDrafter(spec, this.spec);
+    try {
+      native.attachDrafter(plan.config, plan.layout);
+      for (const p of plan.pieces) {
+        const data = await p.fill();
+        if (data.byteLength !== p.bytes) throw new MoeflashError('WEIGHTS_INVALID', `${spec.source}: a drafter tensor of ${data.byteLength} bytes where ${p.bytes} were planned`);
+        native.uploadDrafter(p.offset, data);
+      }
+    } catch (e) {
+      throw translateNativeError(e);
+    }
+    this.drafterMask = spec.maskTokenId;
+    this.draftInputs = new Int32Array(this.inputs.length);
+    const i = native.info();
+    return { bytes: i.drafter, kvCacheBytes: i.drafterKvCache };
   }
 
   /**
@@ -803,6 +838,31 @@ export class CudaModel implements LoadedModel {
     let bucket = 1;
     while (bucket < batch) bucket *= 2;
     return this.native.timeGraphs(bucket, sampling, iters);
+  }
+
+  private round(plan: CudaStepPlan): Promise<StepResult & { sequences: CudaSequenceOutput[] }> {
+    if (this.drafterMask === null || !this.draftInputs) throw new MoeflashError('INVALID_ARGUMENT', 'StepSequence.speculate needs a drafter: call attachDrafter() first');
+    const seqs = this.seqs;
+    const free = this.freePages;
+    return runRound(this, this.native!, this.cfg, plan, {
+      inputs: this.inputs,
+      draftInputs: this.draftInputs,
+      maskToken: this.drafterMask,
+      pagesOf: (seq) => seqs.get(seq)?.pages.length ?? 0,
+      freePages: () => free.length,
+      reservePages: (seq, length) => {
+        const st = seqs.get(seq) ?? { pages: [], length: 0 };
+        seqs.set(seq, st);
+        while (st.pages.length < Math.ceil(length / this.cfg.pageSize)) st.pages.push(free.pop()!);
+        return st.pages;
+      },
+      setLength: (seq, length) => {
+        const st = seqs.get(seq)!;
+        st.length = length;
+        const keep = Math.ceil(length / this.cfg.pageSize);
+        while (st.pages.length > keep) free.push(st.pages.pop()!);
+      },
+    });
   }
 
   /** Forgets the captured decode graphs (the next decode step captures again); for benchmarks. */
@@ -819,6 +879,9 @@ export class CudaModel implements LoadedModel {
   async step(plan: CudaStepPlan): Promise<StepResult & { sequences: CudaSequenceOutput[] }> {
     const native = this.native;
     if (!native) throw new MoeflashError('CLOSED', 'step() on a disposed model');
+    if (plan.sequences.some((s) => s.speculate)) return this.round(plan);
+    const absorb = plan.sequences.some((s) => s.absorb);
+    if (absorb && this.drafterMask === null) throw new MoeflashError('INVALID_ARGUMENT', 'StepSequence.absorb needs a drafter: call attachDrafter() first');
     const { spec, cfg } = this;
     const V = spec.vocabSize;
     const H = spec.hiddenSize;
@@ -890,7 +953,7 @@ export class CudaModel implements LoadedModel {
     const hiddenLayers = [...new Set(plan.sequences.flatMap((s) => s.hiddenLayers ?? []))].sort((x, y) => x - y);
     const trace = plan.sequences.some((s) => s.traceRouting);
     const traces = plan.sequences.map((s): RoutingTrace | undefined => (s.traceRouting ? { logits: [], experts: [] } : undefined));
-    const decode = hiddenLayers.length === 0 && !trace && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
+    const decode = hiddenLayers.length === 0 && !trace && !absorb && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
 
     const MT = cfg.maxTokens;
     const inp = this.inputs;
@@ -934,7 +997,7 @@ export class CudaModel implements LoadedModel {
             if (r.sample) sample!.set(sampleFields(r.sample), j * SAMPLE_FIELDS);
           });
         }
-        const res = native.step(inp, T, li, maxLen, copy, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode, sample, trace);
+        const res = native.step(inp, T, li, maxLen, copy, hiddenLayers.length ? Int32Array.from(hiddenLayers) : null, decode, sample, trace, absorb);
         if (res.routing) appendRouting(traces, rows, c0, T, res.routing, spec);
         if (res.graph) this.stats.graphSteps++;
         else this.stats.eagerCalls++;
@@ -975,6 +1038,152 @@ export class CudaModel implements LoadedModel {
       })),
     };
   }
+}
+
+/**
+ * A step with speculative rounds (StepSequence.speculate) as one native call (Model.round): the
+ * drafter's rows ([anchor, mask x B] per speculating sequence), the verify rows ([anchor,
+ * d_1..d_B] with every row's logits, other sequences' rows beside them), and acceptance, all on
+ * the device; only the emitted ids come back. The cache keeps each speculating sequence's
+ * anchor and accepted drafts.
+ */
+async function runRound(m: CudaModel, native: NativeModel, cfg: NativeConfig, plan: CudaStepPlan, ctx: RoundContext): Promise<StepResult & { sequences: CudaSequenceOutput[] }> {
+  const MT = cfg.maxTokens;
+  const seen = new Set<SeqId>();
+  for (const s of plan.sequences) {
+    if (seen.has(s.seq)) throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq} appears twice in one step`);
+    seen.add(s.seq);
+    if (s.hiddenLayers?.length || s.traceRouting) throw new MoeflashError('INVALID_ARGUMENT', 'a step with speculative rounds returns no hidden states or routing traces');
+    if (s.logits !== 'none') throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq}: a step with speculative rounds returns no logits (logits: 'none'; use sample for a plain decode beside them)`);
+    for (const t of s.tokens) {
+      if (!Number.isInteger(t) || t < 0 || t >= m.spec.vocabSize) throw new MoeflashError('INVALID_ARGUMENT', `token id ${t} of sequence ${s.seq} is outside the vocabulary [0, ${m.spec.vocabSize})`);
+    }
+    if (s.sample) {
+      validateSamplingParams(s.sample.params);
+      rngKey(s.sample.key.seed, s.sample.key.seq, s.sample.key.position, s.sample.key.purpose);
+    }
+    const sp = s.speculate;
+    if (!sp) continue;
+    if (s.tokens.length !== 1) throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq}: a speculative round takes the anchor token alone (got ${s.tokens.length} tokens)`);
+    if (!Number.isInteger(sp.blockSize) || sp.blockSize < 1 || sp.blockSize > MAX_DEVICE_BLOCK) {
+      throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq}: speculate.blockSize must be an integer in [1, ${MAX_DEVICE_BLOCK}] (got ${sp.blockSize})`);
+    }
+    if (sp.forced && (sp.forced.length !== sp.blockSize || !sp.forced.every((t) => Number.isInteger(t) && t >= 0 && t < m.spec.vocabSize))) {
+      throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq}: speculate.forced must hold blockSize token ids`);
+    }
+    if (s.sample) throw new MoeflashError('INVALID_ARGUMENT', `sequence ${s.seq}: device rounds accept greedily; sampled speculation runs through the engine's host path`);
+  }
+  const rowsOf = (s: (typeof plan.sequences)[number]) => s.tokens.length + (s.speculate?.blockSize ?? 0);
+  const T = plan.sequences.reduce((n, s) => n + rowsOf(s), 0);
+  const DT = plan.sequences.reduce((n, s) => n + (s.speculate ? s.speculate.blockSize + 1 : 0), 0);
+  const nLogit = plan.sequences.reduce((n, s) => n + (s.speculate ? s.speculate.blockSize + 1 : s.sample && s.tokens.length ? 1 : 0), 0);
+  const dnLogit = plan.sequences.reduce((n, s) => n + (s.speculate?.blockSize ?? 0), 0);
+  if (T > MT || DT > MT || nLogit > cfg.maxLogitRows || dnLogit > cfg.maxLogitRows) {
+    throw new MoeflashError('INVALID_ARGUMENT', `the round needs ${T} verify rows (${nLogit} with logits) and ${DT} draft rows; one call takes ${MT} rows and ${cfg.maxLogitRows} logits rows: load with a larger maxStepTokens or speculate on fewer sequences at once`);
+  }
+  const lengths = plan.sequences.map((s) => m.length(s.seq));
+  const need = plan.sequences.map((s, i) => lengths[i] + rowsOf(s));
+  for (const [i, s] of plan.sequences.entries()) {
+    if (need[i] > cfg.maxSeqLen) throw new MoeflashError('OUT_OF_MEMORY', `sequence ${s.seq} would hold ${need[i]} positions; the KV cache was sized for ${cfg.maxSeqLen} a sequence: load with a larger maxSequenceLength`);
+  }
+  const extra = plan.sequences.reduce((n, s, i) => n + Math.max(0, Math.ceil(need[i] / cfg.pageSize) - ctx.pagesOf(s.seq)), 0);
+  if (extra > ctx.freePages()) {
+    throw new MoeflashError('OUT_OF_MEMORY', `the round needs ${extra} more KV pages and ${ctx.freePages()} are free: release finished sequences, or load with a larger maxSequences`);
+  }
+  const pagesBySeq = plan.sequences.map((s, i) => ctx.reservePages(s.seq, need[i]));
+  const vin = ctx.inputs;
+  const din = ctx.draftInputs;
+  const spec = new Int32Array(5 * plan.sequences.filter((s) => s.speculate).length);
+  const sampleRows: (StepSample | undefined)[] = [];
+  let t = 0, dt = 0, li = 0, dli = 0, k = 0, maxLen = 1, dMaxLen = 1;
+  const setRow = (arr: Int32Array, row: number, token: number, pos: number, len: number, pages: number[]) => {
+    arr[row] = token;
+    arr[MT + row] = pos;
+    arr[2 * MT + row] = pages[Math.floor(pos / cfg.pageSize)] * cfg.pageSize + (pos % cfg.pageSize);
+    arr[3 * MT + row] = len;
+    const base = 5 * MT + row * cfg.maxPagesPerSeq;
+    const used = Math.ceil(len / cfg.pageSize);
+    for (let p = 0; p < used; p++) arr[base + p] = pages[p];
+  };
+  plan.sequences.forEach((s, i) => {
+    const L = lengths[i];
+    const pages = pagesBySeq[i];
+    const sp = s.speculate;
+    if (sp) {
+      const B = sp.blockSize;
+      spec.set([t, li, B, dli, sp.forced ? 1 : 0], 5 * k++);
+      for (let j = 0; j <= B; j++) {
+        setRow(vin, t, j === 0 ? s.tokens[0] : sp.forced ? sp.forced[j - 1] : 0, L + j, L + j + 1, pages);
+        vin[4 * MT + li++] = t;
+        sampleRows.push(undefined);
+        t++;
+        // Every block row sees the whole context and the whole block (z-lab's is_causal = False).
+        setRow(din, dt, j === 0 ? s.tokens[0] : ctx.maskToken, L + j, L + B + 1, pages);
+        if (j > 0) din[4 * MT + dli++] = dt;
+        dt++;
+      }
+      maxLen = Math.max(maxLen, L + B + 1);
+      dMaxLen = Math.max(dMaxLen, L + B + 1);
+    } else {
+      s.tokens.forEach((token, j) => {
+        setRow(vin, t, token, L + j, L + j + 1, pages);
+        if (j === s.tokens.length - 1 && s.sample) {
+          vin[4 * MT + li++] = t;
+          sampleRows.push(s.sample);
+        }
+        t++;
+      });
+      maxLen = Math.max(maxLen, L + s.tokens.length);
+    }
+  });
+  let sample: Float64Array | null = null;
+  if (sampleRows.some((r) => r)) {
+    sample = new Float64Array(li * SAMPLE_FIELDS);
+    sampleRows.forEach((r, j) => {
+      if (r) sample!.set(sampleFields(r), j * SAMPLE_FIELDS);
+    });
+  }
+  let res;
+  try {
+    res = native.round(vin, T, li, maxLen, din, DT, dli, dMaxLen, spec, sample);
+  } catch (e) {
+    throw translateNativeError(e);
+  }
+  m.stats.eagerCalls++;
+  const outs: CudaSequenceOutput[] = [];
+  k = 0;
+  let logitAt = 0;
+  plan.sequences.forEach((s, i) => {
+    const base = { seq: s.seq, logits: new Float32Array(0), rows: 0, argmax: new Int32Array(0) };
+    if (s.speculate) {
+      const a = res.accepted[k];
+      const emitted = Array.from(res.emitted.subarray(k * (MAX_DEVICE_BLOCK + 1), k * (MAX_DEVICE_BLOCK + 1) + a + 1));
+      ctx.setLength(s.seq, lengths[i] + a + 1);
+      outs.push({ ...base, speculation: { emitted, accepted: a, blockSize: s.speculate.blockSize } });
+      k++;
+      logitAt += s.speculate.blockSize + 1;
+    } else {
+      ctx.setLength(s.seq, lengths[i] + s.tokens.length);
+      const out: CudaSequenceOutput = { ...base };
+      if (s.sample && s.tokens.length) out.sampled = res.sampled ? res.sampled[logitAt] : res.ids[logitAt];
+      if (s.sample && s.tokens.length) logitAt++;
+      outs.push(out);
+    }
+  });
+  return { sequences: outs };
+}
+
+/** What runRound needs of a CudaModel's page bookkeeping. */
+interface RoundContext {
+  inputs: Int32Array;
+  draftInputs: Int32Array;
+  maskToken: number;
+  pagesOf(seq: SeqId): number;
+  freePages(): number;
+  /** Pages for `length` positions (reserved: the caller checked there are enough). */
+  reservePages(seq: SeqId, length: number): number[];
+  /** The sequence now holds `length` positions; pages past them go back to the pool. */
+  setLength(seq: SeqId, length: number): void;
 }
 
 /**

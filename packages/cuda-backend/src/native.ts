@@ -233,6 +233,12 @@ export interface NativeModelConfig {
   expertMma?: number;
 }
 
+/** A DFlash drafter's shape for Model.attachDrafter (its hidden size is the model's). */
+export interface NativeDrafterConfig {
+  layers: number; heads: number; kvHeads: number; headDim: number; rotaryDim: number; attentionFactor: number;
+  inter: number; eps: number; scale: number; maskToken: number; targetLayers: Int32Array; normLast: boolean; weightsBytes: number;
+}
+
 /** A model's device memory and its step (native/model.cc). */
 export interface NativeModel {
   upload(offset: number, bytes: Uint8Array): void;
@@ -250,6 +256,8 @@ export interface NativeModel {
     sample: Float64Array | null,
     /** Return every MoE layer's router logits and chosen experts (the step runs kernel by kernel). */
     traceRouting?: boolean,
+    /** The rows also feed the attached drafter's cache (the step runs kernel by kernel). */
+    absorb?: boolean,
   ): {
     ids: Int32Array;
     logits: Float32Array | null;
@@ -259,7 +267,36 @@ export interface NativeModel {
     /** With traceRouting: logits [layers, tokens, numExperts] (NaN for dense layers), experts [layers, tokens, topK] (-1 there). */
     routing?: { logits: Float32Array; experts: Int32Array };
   };
-  info(): { weights: number; kvCache: number; activations: number; graphs: number; kvF32: boolean };
+  info(): {
+    weights: number;
+    kvCache: number;
+    activations: number;
+    graphs: number;
+    kvF32: boolean;
+    /** Bytes of the attached drafter (weights, KV cache, arena), and of its KV cache; 0 without one. */
+    drafter: number;
+    drafterKvCache: number;
+  };
+  /** Reserves a DFlash drafter beside the model (native/model.cc DraftConfig; layout [4 + layers * 10] byte offsets, -1 absent). */
+  attachDrafter(config: NativeDrafterConfig, layout: Float64Array): void;
+  uploadDrafter(offset: number, bytes: Uint8Array): void;
+  /**
+   * One DFlash round: the drafter's block forward, the verify forward, acceptance (native/model.cc
+   * Model::Round). spec: [seqs][5] verify row of the anchor, first logit row, B, first draft logit
+   * row, forced (1: the host wrote the drafts into verifyInputs).
+   */
+  round(
+    verifyInputs: Int32Array,
+    tokens: number,
+    logitRows: number,
+    maxLen: number,
+    draftInputs: Int32Array,
+    draftTokens: number,
+    draftLogitRows: number,
+    draftMaxLen: number,
+    spec: Int32Array,
+    sample: Float64Array | null,
+  ): { ids: Int32Array; sampled: Int32Array | null; emitted: Int32Array; accepted: Int32Array };
   /** Device milliseconds a replay of the captured decode graph of `bucket` rows (CUDA events). */
   timeGraphs(bucket: number, sampling: boolean, iters: number): number;
   /** Forgets the captured decode graphs; the next decode step of each size captures again. */

@@ -40,10 +40,15 @@ function fakeModel(graphTokens = 4) {
         graph: decode,
       };
     },
-    info: () => ({ weights: 0, kvCache: 0, activations: 0, graphs: 0, kvF32: false }),
+    info: () => ({ weights: 0, kvCache: 0, activations: 0, graphs: 0, kvF32: false, drafter: 0, drafterKvCache: 0 }),
     timeGraphs: () => 0,
     dropGraphs() {},
     dispose() {},
+    attachDrafter() {},
+    uploadDrafter() {},
+    round: () => {
+      throw new Error('no drafter in this fake');
+    },
   };
   const spec = { vocabSize: V, hiddenSize: H, numLayers: 2 } as unknown as ModelSpec;
   const Model = CudaModel as unknown as new (...a: unknown[]) => CudaModel;

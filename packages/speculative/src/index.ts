@@ -16,6 +16,7 @@ import { loadDflashConfig } from './dflash/config.js';
 import { DflashDraft } from './dflash/model.js';
 import { DflashSpeculator } from './dflash/speculator.js';
 import { loadDflashWeights } from './dflash/weights.js';
+import { attachDeviceDflash } from './dflash/device.js';
 import { PromptLookupSpeculator } from './prompt-lookup.js';
 import { MAX_BLOCK_SIZE, type BlockChoice } from './request.js';
 
@@ -28,6 +29,7 @@ export { parseDflashConfig, loadDflashConfig, defaultTargetLayerIds, type Dflash
 export { loadDflashWeights, type DflashWeights, type DflashLayerWeights } from './dflash/weights.js';
 export { DflashDraft, DflashKvCache } from './dflash/model.js';
 export { DflashRequest, DflashSpeculator } from './dflash/speculator.js';
+export { DeviceDflashRequest, DeviceDflashSpeculator, attachDeviceDflash, deviceDrafterSpec, deviceUnsupported } from './dflash/device.js';
 export { synthesizeDflashDraft, type SynthesizeDflashOptions } from './dflash/synthesize.js';
 
 /** Default drafted tokens a round. */
@@ -55,7 +57,10 @@ function intOption(options: Record<string, unknown>, key: string, fallback: numb
  * The speculator the engine asks for with `createEngine({ speculative: { method, ... } })`.
  *
  * - `method: 'dflash'`: `draft` (the drafter folder: config.json + model.safetensors as z-lab
- *   publishes them), `blockSize` (drafted tokens a round, default 8, at most 16).
+ *   publishes them), `blockSize` (drafted tokens a round, default 8, at most 16). On a backend
+ *   that runs drafters itself (the CUDA backend's attachDrafter) the drafter goes there and each
+ *   round is one call; greedy requests speculate that way, sampled ones decode plainly.
+ *   `device: false` keeps the drafter on the host (the reference path) anyway.
  * - `method: 'prompt-lookup'`: `blockSize` (default 8), `minNgram` (default 1), `maxNgram`
  *   (default 3).
  * - Both: `adaptive: true` lets the block-size policy choose B in 0..blockSize each round from
@@ -94,6 +99,11 @@ export async function createSpeculator(input: SpeculatorFactoryInput): Promise<S
     const bad = cfg.targetLayerIds.find((id) => id >= t.numLayers);
     if (bad !== undefined) throw mismatch(`target_layer_ids names layer ${bad} but the target has ${t.numLayers} layers`);
     if (cfg.maskTokenId >= t.vocabSize) throw mismatch(`mask_token_id ${cfg.maskTokenId} is outside the target's vocabulary of ${t.vocabSize}`);
+    // On a backend that runs drafters itself, the whole round happens there (one call a round).
+    if (o.device !== false) {
+      const onDevice = await attachDeviceDflash(cfg, draftDir, input.target, t, choice);
+      if (onDevice) return onDevice;
+    }
     const weights = await loadDflashWeights(cfg, draftDir, input.targetDir, t);
     const draft = new DflashDraft(cfg, weights, { hiddenSize: t.hiddenSize, numLayers: t.numLayers, rmsNormEps: t.rmsNormEps });
     return new DflashSpeculator(draft, choice);

@@ -1,4 +1,4 @@
-import type { ModelSpec } from '../model/spec.js';
+import type { ModelSpec, RopeSpec } from '../model/spec.js';
 import type { RngKey } from '../sampling/rng.js';
 import type { SamplingParams } from '../sampling/sample.js';
 import type { WeightSource } from '../weights/tensor.js';
@@ -27,8 +27,61 @@ export interface StepSequence {
    * cannot trace ignore it.
    */
   traceRouting?: boolean;
+  /**
+   * The step's rows also feed the drafter attached with LoadedModel.attachDrafter: their context
+   * features go into its cache at the same positions (prefill chunks and plain decodes of a
+   * sequence that speculates on the backend).
+   */
+  absorb?: boolean;
+  /**
+   * Run one speculative round on the backend (LoadedModel.attachDrafter): `tokens` is the anchor
+   * alone; the drafter proposes `blockSize` tokens, the model verifies [anchor, drafts] in the same
+   * step, acceptance runs where the model is, and the cache keeps the anchor and the accepted
+   * drafts. The output's `speculation` holds the emitted tokens; no logits come back.
+   * `forced` replaces the drafter's proposals by these tokens (the drafter still runs, for its
+   * cost): benchmarks that set the acceptance rate.
+   */
+  speculate?: { blockSize: number; forced?: number[] };
 }
 
+/** A drafter the backend runs itself (LoadedModel.attachDrafter): a DFlash drafter's shape and tensors. */
+export interface DeviceDrafterSpec {
+  method: 'dflash';
+  source: string;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  intermediateSize: number;
+  rmsNormEps: number;
+  rope: RopeSpec;
+  maskTokenId: number;
+  /** Target layers whose outputs, side by side, are the context feature. */
+  targetLayerIds: number[];
+  /** The target's final norm applies to the feature of its last layer (HF's hidden_states[L]). */
+  normLast: boolean;
+  /**
+   * A tensor as float32 by role: `fc`, `hidden_norm`, `norm`, and `layers.{l}.{input_norm,
+   * post_norm, q, k, v, o, q_bias, k_bias, v_bias, o_bias, q_norm, k_norm, gate, up, down}`; null
+   * for an absent bias.
+   */
+  tensor(name: string): Promise<Float32Array | null>;
+}
+
+/** What a backend reports of its attached drafter. */
+export interface DeviceDrafterInfo {
+  /** Bytes of the drafter's weights, KV cache and scratch on the device. */
+  bytes: number;
+  kvCacheBytes: number;
+}
+
+/** A speculative round's result (StepSequence.speculate). */
+export interface SpeculationOutput {
+  /** The accepted drafts, then the model's own next token. */
+  emitted: number[];
+  accepted: number;
+  blockSize: number;
+}
 /** Routing of one sequence's tokens in a step, per layer (StepSequence.traceRouting). */
 export interface RoutingTrace {
   /** Per layer: router logits, row-major [tokens, numExperts]; empty for dense layers. */
@@ -65,6 +118,8 @@ export interface SequenceOutput {
   sampled?: number;
   /** With StepSequence.traceRouting, on backends that trace. */
   routing?: RoutingTrace;
+  /** With StepSequence.speculate. */
+  speculation?: SpeculationOutput;
 }
 
 export interface StepResult {
@@ -165,6 +220,12 @@ export interface LoadedModel {
    * sequence, leaving at least the last token to run; returns the positions now cached.
    */
   reusePrefix?(seq: SeqId, tokens: readonly number[]): number;
+  /**
+   * Load a drafter beside the model, for StepSequence.speculate and .absorb: the whole
+   * speculative round (draft, verify, acceptance) then runs on the backend in one step. Backends
+   * without it speculate through the engine (drafts from the host).
+   */
+  attachDrafter?(spec: DeviceDrafterSpec): Promise<DeviceDrafterInfo>;
 }
 
 /** A compute backend, found by name. */

@@ -343,7 +343,11 @@ export class Engine extends EventEmitter<EngineEvents> {
     }
 
     const V = this.spec.vocabSize;
-    const speculator = opts.speculative === false ? null : this.speculator?.forRequest(opts.speculative ?? {}) ?? null;
+    let speculator = opts.speculative === false ? null : this.speculator?.forRequest(opts.speculative ?? {}) ?? null;
+    // Rounds on the backend accept greedily; a sampled request there decodes plainly.
+    if (speculator?.onDevice && params.temperature !== 0) speculator = null;
+    const device = speculator?.onDevice ?? null;
+    let roundStart = 0;
     const ctx = (cacheLength: number): SpeculationContext => ({
       tokens: context.slice(),
       cacheLength,
@@ -378,7 +382,14 @@ export class Engine extends EventEmitter<EngineEvents> {
       this.scheduler.submit({
         priority,
         maxPositions: ids.length + maxTokens,
-        hiddenLayers: speculator?.hiddenLayers.length ? speculator.hiddenLayers : undefined,
+        hiddenLayers: !device && speculator?.hiddenLayers.length ? speculator.hiddenLayers : undefined,
+        absorb: device ? true : undefined,
+        deviceRound: device
+          ? (_seq, max) => {
+              roundStart = performance.now();
+              return Math.max(0, Math.min(device.nextBlockSize(), maxTokens - generated.length - 1, max));
+            }
+          : undefined,
         context: () => context,
         ready: () => !stream.full(),
         cancelled: aborted,
@@ -407,7 +418,7 @@ export class Engine extends EventEmitter<EngineEvents> {
           // The drafter's cache mirrors the target's; both are rebuilt from the history.
           speculator?.release();
         },
-        draft: speculator
+        draft: speculator && !device
           ? async (seq, max) => {
               proposal = null;
               lengthBefore = seq.length;
@@ -422,8 +433,16 @@ export class Engine extends EventEmitter<EngineEvents> {
               return p.tokens;
             }
           : undefined,
-        chunk: speculator ? (out, seq) => void speculator.prefilled(ctx(seq.length), out) : undefined,
+        chunk: speculator && !device ? (out, seq) => void speculator!.prefilled(ctx(seq.length), out) : undefined,
         advance: (out, seq) => {
+          if (device) {
+            const ms = performance.now() - roundStart;
+            if (out.speculation) {
+              device.record(out.speculation.blockSize, out.speculation.accepted, ms);
+              return accept(out.speculation.emitted);
+            }
+            device.record(0, 0, ms);
+          }
           if (speculator && proposal) {
             const verdict = speculator.verify(ctx(lengthBefore), proposal, out);
             proposal = null;
@@ -446,7 +465,7 @@ export class Engine extends EventEmitter<EngineEvents> {
         },
         // A backend that samples draws the same token from the same key (position: the cache
         // length after the step, as seq.length above), so only the token has to come back.
-        sample: speculator ? undefined : (position) => ({ params, key: { seed: params.seed ?? 0, seq: opts.stream ?? 0, position } }),
+        sample: speculator && !device ? undefined : (position) => ({ params, key: { seed: params.seed ?? 0, seq: opts.stream ?? 0, position } }),
       });
     } catch (e) {
       settled = true;

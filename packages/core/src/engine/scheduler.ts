@@ -7,6 +7,8 @@ export interface StepWork {
   logits: 'none' | 'last' | 'all';
   hiddenLayers?: number[];
   sample?: StepSample;
+  absorb?: boolean;
+  speculate?: { blockSize: number };
 }
 
 /** A request's view of its own sequence in the model. */
@@ -33,6 +35,14 @@ export interface ScheduledRequest {
   readonly maxPositions: number;
   /** Layers whose hidden states every step must return for this request (turns off prefix reuse). */
   readonly hiddenLayers?: number[];
+  /** Every step's rows feed the model's attached drafter (StepSequence.absorb; turns off prefix reuse). */
+  readonly absorb?: boolean;
+  /**
+   * Speculation that runs on the backend: before a decode step, the tokens to draft (0: a plain
+   * decode), at most `max`; the step then carries StepSequence.speculate and `advance` gets
+   * SequenceOutput.speculation, the cache already holding what the round kept.
+   */
+  deviceRound?(seq: SequenceControl, max: number): number;
   /** The prompt, then every emitted token. */
   context(): readonly number[];
   /** False while the caller is behind on its stream: the request sits out steps and keeps its cache. */
@@ -322,7 +332,7 @@ export class Scheduler {
     const have = this.model.length(e.seq);
     const n = Math.min(ctx.length - have, budget, this.prefillChunk);
     const final = have + n === ctx.length;
-    const work: StepWork = { tokens: ctx.slice(have, have + n), logits: final ? 'last' : 'none', hiddenLayers: e.req.hiddenLayers };
+    const work: StepWork = { tokens: ctx.slice(have, have + n), logits: final ? 'last' : 'none', hiddenLayers: e.req.hiddenLayers, absorb: e.req.absorb };
     return { work: final ? this.withSample(e, work) : work, final };
   }
 
@@ -345,6 +355,30 @@ export class Scheduler {
       const e = decodes[i];
       if (e.state !== 'running') continue;
       const ctx = e.req.context();
+      if (e.req.deviceRound) {
+        const laterDecodes = decodes.length - i - 1;
+        const max = Math.max(0, budget - 1 - laterDecodes);
+        let b: number;
+        try {
+          b = Math.max(0, Math.min(max, e.req.deviceRound(e.control, max)));
+        } catch (err) {
+          this.retire(e, err);
+          continue;
+        }
+        if (!this.makeRoom(e, this.model.length(e.seq) + 1 + b, planned)) {
+          if (this.running.length > 1) this.preempt(e);
+          else this.retire(e, new MoeflashError('OUT_OF_MEMORY', `the KV cache cannot hold ${this.model.length(e.seq) + 1 + b} positions of one sequence`));
+          continue;
+        }
+        const anchor = [ctx[ctx.length - 1]];
+        const work: StepWork =
+          b > 0
+            ? { tokens: anchor, logits: 'none', absorb: true, speculate: { blockSize: b } }
+            : this.withSample(e, { tokens: anchor, logits: 'last', absorb: true });
+        planned.push({ e, work, prefill: false, final: true });
+        budget = this.opts.maxStepTokens - tokensOf();
+        continue;
+      }
       let drafts: number[] = [];
       if (e.req.draft) {
         const laterDecodes = decodes.length - i - 1;
@@ -384,7 +418,7 @@ export class Scheduler {
       if (e.state !== 'queued' || !e.req.ready()) continue;
       const ctx = e.req.context();
       let cached = 0;
-      if (this.model.reusePrefix && !e.req.hiddenLayers?.length) cached = this.model.reusePrefix(e.seq, ctx);
+      if (this.model.reusePrefix && !e.req.hiddenLayers?.length && !e.req.absorb) cached = this.model.reusePrefix(e.seq, ctx);
       const { work, final } = this.chunkWork(e, budget);
       const length = cached + work.tokens.length;
       const admitted = this.makeRoom(e, length, planned);
@@ -456,7 +490,7 @@ export class Scheduler {
       let decodeTokens = 0;
       for (const p of live) {
         if (p.prefill) prefillTokens += p.work.tokens.length;
-        else decodeTokens += p.work.tokens.length;
+        else decodeTokens += p.work.tokens.length + (p.work.speculate?.blockSize ?? 0);
       }
       live.forEach((p, i) => {
         const e = p.e;

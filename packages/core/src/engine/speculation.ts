@@ -49,6 +49,20 @@ export interface RequestSpeculator {
   release(): void;
   /** Statistics so far (accepted per round, per-position acceptance, timings). */
   stats(): SpeculationStats;
+  /**
+   * Set when the backend runs the whole round (a drafter attached to the target model with
+   * LoadedModel.attachDrafter): the engine then asks for B, steps with StepSequence.speculate and
+   * absorb instead of propose/verify, and reports each round here. Greedy requests only.
+   */
+  readonly onDevice?: DeviceRounds;
+}
+
+/** The engine's side of speculation that runs on the backend (RequestSpeculator.onDevice). */
+export interface DeviceRounds {
+  /** Tokens to draft next round (0: a plain decode step that still feeds the drafter). */
+  nextBlockSize(): number;
+  /** A round ran: `drafted` tokens drafted (0 for a plain step), `accepted` of them kept, in `ms`. */
+  record(drafted: number, accepted: number, ms: number): void;
 }
 
 export interface SpeculationStats {

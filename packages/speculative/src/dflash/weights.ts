@@ -37,7 +37,7 @@ export interface DflashWeights {
   targetNorm: Float32Array | null;
 }
 
-async function tensor(src: WeightSource, name: string, shape: number[]): Promise<Float32Array> {
+export async function tensor(src: WeightSource, name: string, shape: number[]): Promise<Float32Array> {
   if (!src.has(name)) {
     throw new MoeflashError('WEIGHTS_MISSING', `tensor ${name} is missing from ${src.origin}; is this a DFlash drafter checkpoint?`);
   }
@@ -69,7 +69,7 @@ async function optional(src: WeightSource, name: string, shape: number[]): Promi
 }
 
 /** Released checkpoints name tensors bare (`fc.weight`); some exporters add `model.`. */
-function prefixOf(src: WeightSource): string {
+export function prefixOf(src: WeightSource): string {
   if (src.has('fc.weight')) return '';
   if (src.has('model.fc.weight')) return 'model.';
   throw new MoeflashError('WEIGHTS_MISSING', `${src.origin} holds no fc.weight: it is not a DFlash drafter checkpoint (expected fc.weight, hidden_norm.weight, layers.N.*, norm.weight)`);
