@@ -1,6 +1,7 @@
 import type { ModelSpec, RopeSpec } from '../model/spec.js';
 import type { RngKey } from '../sampling/rng.js';
 import type { SamplingParams } from '../sampling/sample.js';
+import type { RowLogprobs } from '../sampling/logprobs.js';
 import type { WeightSource } from '../weights/tensor.js';
 
 /** Identifies one sequence (its KV cache) inside a loaded model. */
@@ -97,6 +98,17 @@ export interface RoutingTrace {
 export interface StepSample {
   params: SamplingParams;
   key: RngKey;
+  /**
+   * Grammar mask (sampling/token-mask.ts layout: bit i of word i >> 5 allows token i): the draw
+   * is made from the logits with every disallowed token at -Infinity (core's applyTokenMasks).
+   * Sent only to models whose `samplingFeatures.allowedTokens` is true.
+   */
+  allowedTokens?: Int32Array;
+  /**
+   * Also return SequenceOutput.logprobs for the drawn token with this many alternatives (core's
+   * rowLogprobs of the unmasked row). Sent only where `samplingFeatures.logprobs` is true.
+   */
+  logprobs?: number;
 }
 
 /** A whole step: several sequences of any lengths, run in one forward pass. */
@@ -118,6 +130,8 @@ export interface SequenceOutput {
   sampled?: number;
   /** With StepSequence.traceRouting, on backends that trace. */
   routing?: RoutingTrace;
+  /** With StepSample.logprobs: the drawn token's log-probability and the top alternatives. */
+  logprobs?: RowLogprobs;
   /** With StepSequence.speculate. */
   speculation?: SpeculationOutput;
 }
@@ -194,6 +208,11 @@ export interface LoadedModel {
   readonly spec: ModelSpec;
   /** True when step() honours StepSequence.sample. */
   readonly sampling?: boolean;
+  /**
+   * What a backend-side draw can do besides sampling: apply StepSample.allowedTokens, return
+   * StepSample.logprobs. Without them, requests that need them get logits and core does it.
+   */
+  readonly samplingFeatures?: { allowedTokens?: boolean; logprobs?: boolean };
   step(plan: StepPlan): Promise<StepResult>;
   /** Number of positions held in a sequence's cache (0 for an unknown sequence). */
   length(seq: SeqId): number;

@@ -13,6 +13,12 @@ import { ChunkStream } from './chunk-stream.js';
 import { Scheduler, type StepInfo } from './scheduler.js';
 import type { Proposal, SpeculationContext, SpeculationStats, Speculator, SpeculatorFactoryInput } from './speculation.js';
 import { StopStringFilter } from './stop-strings.js';
+import { GrammarCompiler } from '../grammar/grammar-compiler.js';
+import { outputGrammar, type GrammarOption, type ResponseFormat } from '../grammar/response-format.js';
+import { TokenConstraint } from '../grammar/token-constraint.js';
+import { tokenTable, type TokenTable } from '../grammar/token-bytes.js';
+import { logprobsRequest, rowLogprobs, type LogprobToken, type RowLogprobs, type TokenLogprob } from '../sampling/logprobs.js';
+import { applyTokenMasks, type TokenMask } from '../sampling/token-mask.js';
 
 export interface EngineOptions {
   /** Folder of an HF model: config.json, safetensors, tokenizer files. */
@@ -74,6 +80,19 @@ export interface GenerateOptions extends SamplingParams {
   speculative?: false | { blockSize?: number };
   /** Scheduling priority: higher runs first (default 0); equal priorities are first come, first served. */
   priority?: number;
+  /**
+   * Constrain the output to JSON (`{ type: 'json_object' }`) or to JSON under a schema
+   * (`{ type: 'json_schema', schema }`): at every step only tokens that keep the output a valid
+   * prefix can be drawn, and the request ends with the model's end-of-sequence token once the
+   * value is complete. OpenAI's `{ type: 'json_schema', json_schema: { schema } }` is taken too.
+   */
+  responseFormat?: ResponseFormat;
+  /** Constrain the output to an EBNF grammar (`root ::= "yes" | "no"`; xgrammar's dialect). */
+  grammar?: GrammarOption;
+  /** Report each generated token's log-probability (chunk.logprobs, result.logprobs). */
+  logprobs?: boolean;
+  /** With `logprobs`: also the this many most likely tokens at each position (0 to 20). */
+  topLogprobs?: number;
 }
 
 /** One streamed piece of output. */
@@ -82,6 +101,8 @@ export interface GenerateChunk {
   text: string;
   /** New token ids. */
   tokens: number[];
+  /** With GenerateOptions.logprobs: one entry a token of `tokens`. */
+  logprobs?: TokenLogprob[];
 }
 
 export type FinishReason = 'stop' | 'length' | 'abort';
@@ -102,6 +123,8 @@ export interface GenerateResult {
   preemptions: number;
   /** Speculative decoding statistics, when the engine speculates. */
   speculation?: SpeculationStats;
+  /** With GenerateOptions.logprobs: one entry a token of `tokens`. */
+  logprobs?: TokenLogprob[];
 }
 
 /** The stream `generate()` returns: iterate it for chunks; `result` settles when it ends. */
@@ -249,6 +272,8 @@ export class Engine extends EventEmitter<EngineEvents> {
     if (this.closed) throw new MoeflashError('CLOSED', 'the engine is closed; create a new one');
     const params = this.samplingDefaults(opts);
     validateSamplingParams(params);
+    const grammar = outputGrammar(opts.responseFormat, opts.grammar);
+    const topLogprobs = logprobsRequest(opts.logprobs, opts.topLogprobs);
     const ids = typeof prompt === 'string' ? this.tokenizer.encode(prompt) : [...prompt];
     if (ids.length === 0) throw new MoeflashError('INVALID_ARGUMENT', 'the prompt is empty: give at least one token');
     const requested = opts.maxTokens ?? this.generationConfig.maxNewTokens ?? 256;
@@ -269,6 +294,12 @@ export class Engine extends EventEmitter<EngineEvents> {
       throw new MoeflashError('INVALID_ARGUMENT', `priority must be a finite number, got ${String(opts.priority)}`);
     }
     const stopIds = new Set([...(opts.ignoreEos ? [] : this.stopIds), ...(opts.stopTokenIds ?? [])]);
+    if (grammar && stopIds.size === 0) {
+      throw new MoeflashError('INVALID_ARGUMENT', 'a constrained request ends with a stop token once its output is complete, but it has none (ignoreEos, or a model without eos_token_id): pass stopTokenIds');
+    }
+    /** The request's grammar state; disposed when the request ends, however it ends. */
+    const constraint = grammar ? new TokenConstraint(this.grammarCompiler(), grammar, stopIds) : null;
+    const logprobsOut: TokenLogprob[] | undefined = topLogprobs === null ? undefined : [];
     const stream = new ChunkStream<GenerateChunk>({ highWaterMark: this.streamBuffer, onPull: () => this.scheduler.wake() });
     const decoder = new StreamDecoder(this.tokenizer);
     const stops = new StopStringFilter(opts.stop ?? []);
@@ -302,6 +333,7 @@ export class Engine extends EventEmitter<EngineEvents> {
     const finish = () => {
       if (settled) return;
       settled = true;
+      constraint?.dispose();
       opts.signal?.removeEventListener('abort', wake);
       if (finishReason !== 'abort' && aborted()) finishReason = 'abort';
       let rest = '';
@@ -324,6 +356,7 @@ export class Engine extends EventEmitter<EngineEvents> {
         cachedPromptTokens,
         preemptions,
         speculation,
+        logprobs: logprobsOut,
       };
       const c = this.counters;
       if (finishReason === 'abort') c.aborted++;
@@ -346,6 +379,8 @@ export class Engine extends EventEmitter<EngineEvents> {
     let speculator = opts.speculative === false ? null : this.speculator?.forRequest(opts.speculative ?? {}) ?? null;
     // Rounds on the backend accept greedily; a sampled request there decodes plainly.
     if (speculator?.onDevice && params.temperature !== 0) speculator = null;
+    // They also check no grammar and report no logprobs: such requests speculate on the host or not at all.
+    if (speculator?.onDevice && (constraint || logprobsOut)) speculator = null;
     const device = speculator?.onDevice ?? null;
     let roundStart = 0;
     const ctx = (cacheLength: number): SpeculationContext => ({
@@ -356,19 +391,27 @@ export class Engine extends EventEmitter<EngineEvents> {
     });
     let proposal: Proposal | null = null;
     let lengthBefore = 0;
+    /** With a grammar: the allowed tokens of each verify row of the proposal (row i follows i drafts). */
+    let rowMasks: TokenMask[] = [];
 
-    /** Emit tokens in order until one ends the request; true while it goes on. */
-    const accept = (tokens: number[]): boolean => {
-      for (const token of tokens) {
+    /**
+     * Emit tokens in order until one ends the request; true while it goes on. `rows[i]` is the
+     * logits row tokens[i] was drawn from (for logprobs), or its log-probabilities from the backend.
+     */
+    const accept = (tokens: number[], rows?: Array<RowLogprobs | { logits: Float32Array; row: number }>): boolean => {
+      for (const [i, token] of tokens.entries()) {
         if (!tFirst) tFirst = performance.now();
         if (stopIds.has(token)) {
           finishReason = 'stop';
           return false;
         }
+        constraint?.accept(token);
         generated.push(token);
         context.push(token);
         const delta = stops.push(decoder.push([token]));
-        emit({ text: delta, tokens: [token] });
+        const lp = logprobsOut && rows ? this.tokenLogprob(token, rows[i]!, topLogprobs!) : undefined;
+        if (lp) logprobsOut!.push(lp);
+        emit(lp ? { text: delta, tokens: [token], logprobs: [lp] } : { text: delta, tokens: [token] });
         if (stops.stopped) {
           finishReason = 'stop';
           return false;
@@ -398,9 +441,11 @@ export class Engine extends EventEmitter<EngineEvents> {
           cachedPromptTokens = info.cachedTokens;
           this.emit('request:start', { queueTime: (tStart - t0) / 1000, promptTokens: ids.length, cachedPromptTokens });
         },
+        prepare: constraint ? () => constraint.prepare() : undefined,
         fail: (e) => {
           if (settled) return;
           settled = true;
+          constraint?.dispose();
           opts.signal?.removeEventListener('abort', wake);
           this.counters.failed++;
           speculator?.release();
@@ -429,6 +474,14 @@ export class Engine extends EventEmitter<EngineEvents> {
                 p.tokens = p.tokens.slice(0, keep);
                 if (p.q) p.q = p.q.subarray(0, keep * V);
               }
+              if (constraint) {
+                // Drafts are checked against the grammar: the first one outside its mask is rejected
+                // here, with the rest; the verify rows are then masked like any step's logits.
+                const checked = await constraint.draftMasks(p.tokens);
+                p.tokens = p.tokens.slice(0, checked.kept);
+                if (p.q) p.q = p.q.subarray(0, checked.kept * V);
+                rowMasks = checked.masks;
+              }
               proposal = p;
               return p.tokens;
             }
@@ -444,31 +497,49 @@ export class Engine extends EventEmitter<EngineEvents> {
             device.record(0, 0, ms);
           }
           if (speculator && proposal) {
-            const verdict = speculator.verify(ctx(lengthBefore), proposal, out);
+            const judged = constraint ? { ...out, logits: applyTokenMasks(out.logits, V, rowMasks.slice(0, out.rows)) } : out;
+            const verdict = speculator.verify(ctx(lengthBefore), proposal, judged);
             proposal = null;
             seq.truncate(lengthBefore + 1 + verdict.accepted);
-            return accept(verdict.emit);
+            return accept(verdict.emit, verdict.emit.map((_, row) => ({ logits: out.logits, row })));
           }
           if (out.sampled !== undefined) {
             // The backend drew the token with the key `sample` below gave it.
             if (out.sampled < 0) {
               throw new MoeflashError('INVALID_ARGUMENT', 'sampling: the step\'s logits hold NaN or +Infinity, or are all -Infinity, so no token can be sampled');
             }
-            return accept([out.sampled]);
+            return accept([out.sampled], out.logprobs ? [out.logprobs] : undefined);
           }
-          const logits = out.logits.subarray((out.rows - 1) * V, out.rows * V);
+          const raw = out.logits.subarray((out.rows - 1) * V, out.rows * V);
+          // The grammar's mask: disallowed tokens at -Infinity before any sampling transform.
+          const logits = constraint ? applyTokenMasks(raw, V, [constraint.mask()]) : raw;
           const token =
             params.temperature === 0
               ? argmax(logits)
               : sampleToken(logits, params, { seed: params.seed ?? 0, seq: opts.stream ?? 0, position: seq.length });
-          return accept([token]);
+          return accept([token], [{ logits: raw, row: 0 }]);
         },
         // A backend that samples draws the same token from the same key (position: the cache
         // length after the step, as seq.length above), so only the token has to come back.
-        sample: speculator && !device ? undefined : (position) => ({ params, key: { seed: params.seed ?? 0, seq: opts.stream ?? 0, position } }),
+        // A grammar mask or logprobs go with the draw only to a backend that can apply them; for
+        // any other, the logits come back and the lines above do it.
+        sample:
+          speculator && !device
+            ? undefined
+            : (position) => {
+                const can = this.model.samplingFeatures;
+                if ((constraint && !can?.allowedTokens) || (logprobsOut && !can?.logprobs)) return undefined;
+                return {
+                  params,
+                  key: { seed: params.seed ?? 0, seq: opts.stream ?? 0, position },
+                  ...(constraint ? { allowedTokens: constraint.mask() } : {}),
+                  ...(logprobsOut ? { logprobs: topLogprobs! } : {}),
+                };
+              },
       });
     } catch (e) {
       settled = true;
+      constraint?.dispose();
       opts.signal?.removeEventListener('abort', wake);
       this.counters.rejected++;
       speculator?.release();
@@ -484,6 +555,33 @@ export class Engine extends EventEmitter<EngineEvents> {
     }
     const prompt = this.chatTemplate.apply(messages, { addGenerationPrompt: true, tools: opts.tools });
     return this.generate(this.tokenizer.encode(prompt, { addSpecialTokens: false }), opts);
+  }
+
+  private grammars: GrammarCompiler | null = null;
+  private tokenBytes: TokenTable | null = null;
+
+  /** The engine's grammar compiler, made on the first constrained request. */
+  private grammarCompiler(): GrammarCompiler {
+    this.grammars ??= new GrammarCompiler(this.tokenizer, this.tokens(), [...this.stopIds]);
+    return this.grammars;
+  }
+
+  private tokens(): TokenTable {
+    this.tokenBytes ??= tokenTable(this.tokenizer, this.spec.vocabSize);
+    return this.tokenBytes;
+  }
+
+  /** A token's GenerateChunk.logprobs entry, from its logits row or from the backend's numbers. */
+  private tokenLogprob(token: number, from: RowLogprobs | { logits: Float32Array; row: number }, k: number): TokenLogprob {
+    const V = this.spec.vocabSize;
+    const lp = 'logits' in from ? rowLogprobs(from.logits, token, k, from.row * V, V) : from;
+    const describe = (id: number, logprob: number): LogprobToken => ({
+      token: id,
+      text: this.tokenizer.decode([id]),
+      bytes: [...(this.tokens().bytes[id] ?? [])],
+      logprob,
+    });
+    return { ...describe(token, lp.logprob), top: lp.top.map((t) => describe(t.token, t.logprob)) };
   }
 
   private samplingDefaults(opts: GenerateOptions): SamplingParams {

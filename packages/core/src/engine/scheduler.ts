@@ -54,6 +54,11 @@ export interface ScheduledRequest {
    * Awaited before the plan is built.
    */
   draft?(seq: SequenceControl, max: number): Promise<number[]>;
+  /**
+   * Host work the request's next token waits for (a grammar's allowed-token mask), or undefined
+   * when there is none: awaited before each plan is built; a rejection fails the request.
+   */
+  prepare?(): Promise<void> | undefined;
   /** A chunk of the history ran (every prefill chunk, the last one included, before `advance`). */
   chunk?(out: SequenceOutput, seq: SequenceControl): void;
   /** A step ran up to the end of the history (plus drafts): consume its logits; false when done. */
@@ -343,14 +348,40 @@ export class Scheduler {
     return sample ? { ...work, logits: 'none', sample } : work;
   }
 
+  /** Awaits the host work of every request that may step now (ScheduledRequest.prepare). */
+  private async prepareAll(): Promise<void> {
+    const waits: Promise<void>[] = [];
+    for (const e of [...this.running, ...this.queue]) {
+      if (!e.req.prepare || !e.req.ready()) continue;
+      let wait: Promise<void> | undefined;
+      try {
+        wait = e.req.prepare();
+      } catch (err) {
+        this.retire(e, err);
+        continue;
+      }
+      if (wait) waits.push(wait.catch((err) => this.retire(e, err)));
+    }
+    if (waits.length) await Promise.all(waits);
+  }
+
+  /**
+   * False while a request's host work is pending: one submitted while the plan awaited (drafts,
+   * other requests' work) waits for the next plan, whose prepareAll awaits it.
+   */
+  private prepared(e: Entry): boolean {
+    return !e.req.prepare || e.req.prepare() === undefined;
+  }
+
   private async plan(): Promise<Planned[]> {
+    await this.prepareAll();
     const { maxBatch } = this.opts;
     let budget = this.opts.maxStepTokens;
     const planned: Planned[] = [];
     const tokensOf = () => planned.reduce((s, p) => s + p.work.tokens.length, 0);
 
     // Decodes first, oldest first: each gets one token, drafts come out of what the others leave.
-    const decodes = this.running.filter((e) => !e.prefilling && e.req.ready()).slice(0, maxBatch);
+    const decodes = this.running.filter((e) => !e.prefilling && e.req.ready() && this.prepared(e)).slice(0, maxBatch);
     for (let i = 0; i < decodes.length && budget > 0; i++) {
       const e = decodes[i];
       if (e.state !== 'running') continue;
@@ -403,7 +434,7 @@ export class Scheduler {
     }
 
     // Then history chunks of admitted requests, oldest first.
-    for (const e of this.running.filter((x) => x.prefilling && x.req.ready())) {
+    for (const e of this.running.filter((x) => x.prefilling && x.req.ready() && this.prepared(x))) {
       if (planned.length >= maxBatch || budget <= 0) break;
       if (e.state !== 'running') continue;
       const { work, final } = this.chunkWork(e, budget);
@@ -415,7 +446,7 @@ export class Scheduler {
     // Then admissions, in order; a request that does not fit blocks those behind it.
     for (const e of [...this.queue]) {
       if (planned.length >= maxBatch || budget <= 0) break;
-      if (e.state !== 'queued' || !e.req.ready()) continue;
+      if (e.state !== 'queued' || !e.req.ready() || !this.prepared(e)) continue;
       const ctx = e.req.context();
       let cached = 0;
       if (this.model.reusePrefix && !e.req.hiddenLayers?.length && !e.req.absorb) cached = this.model.reusePrefix(e.seq, ctx);
@@ -473,6 +504,8 @@ export class Scheduler {
       this.sweep();
       const live = planned.filter((p) => p.e.state === 'running');
       if (!live.length) {
+        // Requests left out only because their host work is pending: the next plan awaits it.
+        if ([...this.running, ...this.queue].some((e) => e.req.ready() && !this.prepared(e))) continue;
         await this.idle();
         continue;
       }

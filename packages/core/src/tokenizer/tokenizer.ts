@@ -35,6 +35,22 @@ export interface TokenizerSourceOptions {
   chatTemplate?: ChatTemplate | null;
 }
 
+export type TokenByteEncoding = 'byte_level' | 'byte_fallback' | 'raw';
+
+/** Reads TextTokenizer.byteEncoding off tokenizer.json's decoder (possibly a Sequence of decoders). */
+function byteEncodingOf(decoder: unknown): TokenByteEncoding {
+  const types: string[] = [];
+  const walk = (d: unknown) => {
+    if (!isPlainObject(d)) return;
+    if (typeof d.type === 'string') types.push(d.type);
+    if (Array.isArray(d.decoders)) d.decoders.forEach(walk);
+  };
+  walk(decoder);
+  if (types.includes('ByteLevel')) return 'byte_level';
+  if (types.includes('ByteFallback')) return 'byte_fallback';
+  return 'raw';
+}
+
 /**
  * transformers' `clean_up_tokenization`. Applied after decoding when tokenizer_config.json sets
  * `clean_up_tokenization_spaces`; it is a chain of replacements whose longest pattern is 4 chars.
@@ -73,6 +89,12 @@ export class TextTokenizer {
   readonly config: Readonly<Record<string, unknown>>;
   /** Whether decode applies transformers' `clean_up_tokenization` (tokenizer_config.json). */
   readonly cleanUpTokenizationSpaces: boolean;
+  /**
+   * How a token's string in the vocabulary stands for bytes (tokenizer.json's decoder): GPT-2's
+   * byte-to-character map (`byte_level`), SentencePiece's `▁` and `<0xXX>` pieces
+   * (`byte_fallback`), or the text itself (`raw`). Grammar masks read token bytes through it.
+   */
+  readonly byteEncoding: TokenByteEncoding;
 
   private readonly inner: Tokenizer;
   private readonly specialIds: ReadonlySet<number>;
@@ -82,8 +104,10 @@ export class TextTokenizer {
     config: Record<string, unknown>,
     source: string,
     chatTemplate: ChatTemplate | null,
+    byteEncoding: TokenByteEncoding,
   ) {
     this.inner = inner;
+    this.byteEncoding = byteEncoding;
     this.config = config;
     this.source = source;
     this.chatTemplate = chatTemplate;
@@ -149,7 +173,7 @@ export class TextTokenizer {
     if (inner.model === null) {
       throw new MoeflashError('TOKENIZER_INVALID', `${source} has no tokenizer model`);
     }
-    return new TextTokenizer(inner, tokenizerConfig, source, options.chatTemplate ?? null);
+    return new TextTokenizer(inner, tokenizerConfig, source, options.chatTemplate ?? null, byteEncodingOf(full.decoder));
   }
 
   encode(text: string, options: EncodeOptions = {}): number[] {
