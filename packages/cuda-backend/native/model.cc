@@ -237,7 +237,8 @@ struct State {
   DeviceBuffer weights, kv, arena;
   PinnedBuffer in_host, out_host;
   cudaStream_t stream = nullptr;
-  std::map<int, cudaGraphExec_t> graphs;  // decode graphs by 2 * bucket + (samples ? 1 : 0)
+  std::map<int, cudaGraphExec_t> graphs;  // decode graphs by 4 * bucket + (absorbs ? 2 : 0) + (samples ? 1 : 0)
+  std::map<int, cudaGraphExec_t> round_graphs;  // one sequence's DFlash round by block size
   bool prepared = false;
   // Sampling buffers (SampleLayout), reserved with everything else at load (a step allocates
   // nothing); `sampling` says whether the step being run samples (forward then runs sample_rows
@@ -374,6 +375,7 @@ struct State {
   }
   ~State() {
     for (auto& g : graphs) cudaGraphExecDestroy(g.second);
+    for (auto& g : round_graphs) cudaGraphExecDestroy(g.second);
     if (stream != nullptr) {
       cudaStreamSynchronize(stream);
       cudaStreamDestroy(stream);
@@ -775,6 +777,35 @@ const bf16_bits* at_bf16(const State& s, double off) {
   return off < 0 ? nullptr : reinterpret_cast<const bf16_bits*>(s.weights.get<uint8_t>() + static_cast<size_t>(off));
 }
 
+// Replays the graph stored under `key`, or (first time) runs `body` eagerly and then records the
+// same launches into a graph for the next calls. `body` must launch the same kernels with the
+// same arguments every time; its inputs live in device buffers that the host refills.
+template <typename F>
+void replay_or_capture(Napi::Env env, State& s, std::map<int, cudaGraphExec_t>& graphs, int key, F&& body, const char* what) {
+  cudaStream_t st = s.stream;
+  auto g = graphs.find(key);
+  if (g != graphs.end()) {
+    check_cuda(env, cudaGraphLaunch(g->second, st), std::string("cudaGraphLaunch (") + what + ")");
+    return;
+  }
+  Status stt = body();
+  if (!stt.ok()) check_cuda(env, stt.err, std::string(what) + ": " + stt.what);
+  check_cuda(env, cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+  stt = body();
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(st, &graph);
+  if (!stt.ok()) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    check_cuda(env, stt.err, std::string(what) + " (graph capture): " + stt.what);
+  }
+  check_cuda(env, end, "cudaStreamEndCapture");
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check_cuda(env, inst, "cudaGraphInstantiate");
+  graphs[key] = exec;
+}
+
 // Sampling settings of a step's logits rows ([rows][9], SampleField order) into the device buffers.
 void stage_sampling(const ArgReader& r, State& s, const Napi::Float64Array& sample_in, int n_logit) {
   const Config& c = s.c;
@@ -998,7 +1029,7 @@ class Model : public Napi::ObjectWrap<Model> {
     // decodes of sequences that speculate).
     const bool absorb = info.Length() > 9 && r.boolean(9, "absorb");
     if (absorb && !s.drafter) r.fail("absorb needs a drafter (attachDrafter)");
-    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T && !trace && !absorb;
+    const bool decode = r.boolean(6, "decode") && hidden.empty() && n_logit == T && !trace;
     const bool sampling = !r.is_null(7) && n_logit > 0;
     Napi::Float64Array sample_in;
     if (sampling) {
@@ -1070,28 +1101,14 @@ class Model : public Napi::ObjectWrap<Model> {
       if (!stt.ok()) check_cuda(env, stt.err, std::string("step: ") + stt.what);
     };
     if (bucket > 0) {
-      const int graph_key = 2 * bucket + (sampling ? 1 : 0);
-      auto g = s.graphs.find(graph_key);
-      if (g != s.graphs.end()) {
-        check_cuda(env, cudaGraphLaunch(g->second, st), "cudaGraphLaunch (decode step)");
-      } else {
-        // First step of this size: run it, then record the same launches for the next ones.
-        run_eager(bucket, bucket, c.max_seq_len);
-        check_cuda(env, cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
-        const Status stt = forward(s, bucket, bucket, c.max_seq_len, {}, nullptr);
-        cudaGraph_t graph = nullptr;
-        const cudaError_t end = cudaStreamEndCapture(st, &graph);
-        if (!stt.ok()) {
-          if (graph != nullptr) cudaGraphDestroy(graph);
-          check_cuda(env, stt.err, std::string("step (graph capture): ") + stt.what);
-        }
-        check_cuda(env, end, "cudaStreamEndCapture");
-        cudaGraphExec_t exec = nullptr;
-        const cudaError_t inst = cudaGraphInstantiate(&exec, graph, 0);
-        cudaGraphDestroy(graph);
-        check_cuda(env, inst, "cudaGraphInstantiate");
-        s.graphs[graph_key] = exec;
-      }
+      const int graph_key = 4 * bucket + (absorb ? 2 : 0) + (sampling ? 1 : 0);
+      replay_or_capture(env, s, s.graphs, graph_key, [&]() {
+        s.capture_features = absorb;
+        Status stt = forward(s, bucket, bucket, c.max_seq_len, {}, nullptr);
+        s.capture_features = false;
+        if (stt.ok() && absorb) stt = draft_absorb(s, bucket);
+        return stt;
+      }, "decode step");
     } else {
       run_eager(T, n_logit, max_len);
     }
@@ -1164,7 +1181,7 @@ class Model : public Napi::ObjectWrap<Model> {
     const int bucket = info[0].As<Napi::Number>().Int32Value();
     const bool sampling = info[1].ToBoolean().Value();
     const int iters = std::max(1, info[2].As<Napi::Number>().Int32Value());
-    auto g = s.graphs.find(2 * bucket + (sampling ? 1 : 0));
+    auto g = s.graphs.find(4 * bucket + (sampling ? 1 : 0));
     if (g == s.graphs.end()) r.fail("no graph for this batch bucket yet: run a decode step of that size first");
     cudaEvent_t a = nullptr, b = nullptr;
     check_cuda(env, cudaEventCreate(&a), "cudaEventCreate");
@@ -1189,6 +1206,8 @@ class Model : public Napi::ObjectWrap<Model> {
     check_cuda(info.Env(), cudaStreamSynchronize(s.stream), "cudaStreamSynchronize");
     for (auto& g : s.graphs) cudaGraphExecDestroy(g.second);
     s.graphs.clear();
+    for (auto& g : s.round_graphs) cudaGraphExecDestroy(g.second);
+    s.round_graphs.clear();
     return info.Env().Undefined();
   }
 
@@ -1347,26 +1366,41 @@ class Model : public Napi::ObjectWrap<Model> {
       s.capture_features = false;
       check_cuda(env, stt.err, std::string("round: ") + stt.what);
     };
-    Status stt = draft_forward(s, DT, dn_logit, dmax_len);
-    if (!stt.ok()) fail(stt);
-    for (int k = 0; k < S; ++k) {
-      if (spec.Data()[5 * k + 4] != 0) continue;
-      check_cuda(env,
-                 cudaMemcpyAsync(s.in_tokens + row0[k] + 1, s.argmax_ids + spec.Data()[5 * k + 3], sizeof(int32_t) * block[k],
-                                 cudaMemcpyDeviceToDevice, st),
-                 "cudaMemcpyAsync (drafts into the verify rows)");
+    (void)fail;
+    // The round's launches; every input is already on the device. With max lengths at the
+    // cache's size (as decode graphs) the same launches serve every round of this shape.
+    auto body = [&](int ml, int dml) -> Status {
+      Status stt = draft_forward(s, DT, dn_logit, dml);
+      if (!stt.ok()) return stt;
+      for (int k = 0; k < S; ++k) {
+        if (spec.Data()[5 * k + 4] != 0) continue;
+        MF_TRY(cudaMemcpyAsync(s.in_tokens + row0[k] + 1, s.argmax_ids + spec.Data()[5 * k + 3], sizeof(int32_t) * block[k],
+                               cudaMemcpyDeviceToDevice, st),
+               "cudaMemcpyAsync (drafts into the verify rows)");
+      }
+      s.capture_features = true;
+      stt = forward(s, T, n_logit, ml, {}, nullptr);
+      s.capture_features = false;
+      if (!stt.ok()) return stt;
+      stt = draft_absorb(s, T);
+      if (!stt.ok()) return stt;
+      DflashAcceptArgs aa{};
+      aa.tokens = s.in_tokens, aa.target_ids = s.argmax_ids;
+      aa.verify_row0 = dr.spec, aa.logit_row0 = dr.spec + S, aa.block = dr.spec + 2 * S;
+      aa.seqs = S, aa.stride = kMaxDraftBlock + 1, aa.emitted = dr.emitted, aa.accepted = dr.accepted;
+      MF_TRY(dflash_accept_greedy(aa, st), "dflash_accept_greedy");
+      return {};
+    };
+    // One sequence speculating alone (batch 1): a graph per block size.
+    const bool single = S == 1 && T == block[0] + 1 && DT == block[0] + 1 && !sampling && spec.Data()[4] == 0 &&
+                        env_int("MOEFLASH_ROUND_GRAPHS", 1) != 0;
+    if (single) {
+      replay_or_capture(env, s, s.round_graphs, block[0], [&]() { return body(c.max_seq_len, c.max_seq_len); }, "round");
+    } else {
+      const Status stt = body(max_len, dmax_len);
+      if (!stt.ok()) fail(stt);
     }
-    s.capture_features = true;
-    stt = forward(s, T, n_logit, max_len, {}, nullptr);
     s.capture_features = false;
-    if (!stt.ok()) fail(stt);
-    stt = draft_absorb(s, T);
-    if (!stt.ok()) fail(stt);
-    DflashAcceptArgs aa{};
-    aa.tokens = s.in_tokens, aa.target_ids = s.argmax_ids;
-    aa.verify_row0 = dr.spec, aa.logit_row0 = dr.spec + S, aa.block = dr.spec + 2 * S;
-    aa.seqs = S, aa.stride = kMaxDraftBlock + 1, aa.emitted = dr.emitted, aa.accepted = dr.accepted;
-    check_cuda(env, dflash_accept_greedy(aa, st), "dflash_accept_greedy");
     Napi::Int32Array ids = Napi::Int32Array::New(env, n_logit);
     Napi::Int32Array emitted = Napi::Int32Array::New(env, static_cast<size_t>(S) * (kMaxDraftBlock + 1));
     Napi::Int32Array accepted = Napi::Int32Array::New(env, S);
@@ -1388,6 +1422,7 @@ class Model : public Napi::ObjectWrap<Model> {
     out.Set("sampled", sampling ? Napi::Value(sampled) : Napi::Value(env.Null()));
     out.Set("emitted", emitted);
     out.Set("accepted", accepted);
+    out.Set("graph", single);
     return out;
   }
 

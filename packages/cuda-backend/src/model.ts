@@ -953,7 +953,7 @@ export class CudaModel implements LoadedModel {
     const hiddenLayers = [...new Set(plan.sequences.flatMap((s) => s.hiddenLayers ?? []))].sort((x, y) => x - y);
     const trace = plan.sequences.some((s) => s.traceRouting);
     const traces = plan.sequences.map((s): RoutingTrace | undefined => (s.traceRouting ? { logits: [], experts: [] } : undefined));
-    const decode = hiddenLayers.length === 0 && !trace && !absorb && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
+    const decode = hiddenLayers.length === 0 && !trace && plan.sequences.every((s) => s.tokens.length === 1) && rows.length <= cfg.graphTokens;
 
     const MT = cfg.maxTokens;
     const inp = this.inputs;
@@ -1149,7 +1149,8 @@ async function runRound(m: CudaModel, native: NativeModel, cfg: NativeConfig, pl
   } catch (e) {
     throw translateNativeError(e);
   }
-  m.stats.eagerCalls++;
+  if (res.graph) m.stats.graphSteps++;
+  else m.stats.eagerCalls++;
   const outs: CudaSequenceOutput[] = [];
   k = 0;
   let logitAt = 0;

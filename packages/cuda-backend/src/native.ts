@@ -296,7 +296,7 @@ export interface NativeModel {
     draftMaxLen: number,
     spec: Int32Array,
     sample: Float64Array | null,
-  ): { ids: Int32Array; sampled: Int32Array | null; emitted: Int32Array; accepted: Int32Array };
+  ): { ids: Int32Array; sampled: Int32Array | null; emitted: Int32Array; accepted: Int32Array; graph: boolean };
   /** Device milliseconds a replay of the captured decode graph of `bucket` rows (CUDA events). */
   timeGraphs(bucket: number, sampling: boolean, iters: number): number;
   /** Forgets the captured decode graphs; the next decode step of each size captures again. */

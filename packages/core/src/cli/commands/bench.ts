@@ -11,6 +11,7 @@ import { validateCheckpoint } from '../../weights/validate-checkpoint.js';
 import { FINITE_CHECK_HELP, num, parse, required } from '../args.js';
 import { EXPERTS_HELP, PRECISION_HELP, describeExpertLoad, expertLoadOf, expertsFlag, precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
+import { benchSpeculative, benchSpeculativeHelp } from './bench-speculative.js';
 
 export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--batch 1,8,32] [--prompt 512] [--gen 256] [--out FILE.json] [--experts auto|stored|mxfp4] [--precision auto|bf16|f32]
   Prefill and decode throughput at each batch size (random prompts, greedy decoding): prefill
@@ -20,7 +21,9 @@ export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--bat
   (--out, default bench.json) and a markdown table next to it (same name, .md).
   ${EXPERTS_HELP}
   ${PRECISION_HELP}
-  ${FINITE_CHECK_HELP}`;
+  ${FINITE_CHECK_HELP}
+
+${benchSpeculativeHelp}`;
 
 /** What the CUDA backend adds for the benchmark (found at run time, as the registry does). */
 interface CudaBenchModule {
@@ -115,6 +118,7 @@ async function runBatch(model: LoadedModel, spec: ModelSpec, batch: number, prom
 }
 
 export async function bench(argv: string[]): Promise<void> {
+  if (argv.some((a) => a === '--speculative' || a.startsWith('--speculative='))) return benchSpeculative(argv);
   const { values: v } = parse('bench', argv, {
     model: { type: 'string' }, backend: { type: 'string' }, batch: { type: 'string' }, prompt: { type: 'string' },
     gen: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, experts: { type: 'string' },
