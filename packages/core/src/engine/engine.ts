@@ -19,6 +19,9 @@ import { TokenConstraint } from '../grammar/token-constraint.js';
 import { tokenTable, type TokenTable } from '../grammar/token-bytes.js';
 import { logprobsRequest, rowLogprobs, type LogprobToken, type RowLogprobs, type TokenLogprob } from '../sampling/logprobs.js';
 import { applyTokenMasks, type TokenMask } from '../sampling/token-mask.js';
+import { forcedCall, validateTools, type ToolChoice, type ToolDefinition } from '../tools/chat-tools.js';
+import { toolCallFormat } from '../tools/tool-calls.js';
+import { chatStream, type ChatStream } from '../tools/chat-stream.js';
 
 export interface EngineOptions {
   /** Folder of an HF model: config.json, safetensors, tokenizer files. */
@@ -93,6 +96,13 @@ export interface GenerateOptions extends SamplingParams {
   logprobs?: boolean;
   /** With `logprobs`: also the this many most likely tokens at each position (0 to 20). */
   topLogprobs?: number;
+}
+
+/** Options of `chat()`: those of `generate()`, and tools in OpenAI's shape. */
+export interface ChatOptions extends GenerateOptions {
+  tools?: ToolDefinition[];
+  /** 'auto' (default): the model decides; 'none': tools not offered; 'required' or a named function: the reply is a call. */
+  toolChoice?: ToolChoice;
 }
 
 /** One streamed piece of output. */
@@ -548,13 +558,29 @@ export class Engine extends EventEmitter<EngineEvents> {
     return { [Symbol.asyncIterator]: () => stream[Symbol.asyncIterator](), result };
   }
 
-  /** Apply the model's chat template to `messages` and generate the assistant's reply. */
-  chat(messages: ChatMessage[], opts: GenerateOptions & { tools?: unknown[] } = {}): GenerateStream {
+  /**
+   * Apply the model's chat template to `messages` and generate the assistant's reply. With
+   * `tools`, the template renders them and the reply is read for tool calls in the template's
+   * format (Qwen's <tool_call> blocks, gpt-oss's harmony): chunks carry `events` (content and
+   * tool-call deltas), `result` the parsed `toolCalls`. Feed results back as
+   * `{ role: 'tool', content }` messages after the assistant's `{ role: 'assistant', tool_calls }`.
+   */
+  chat(messages: ChatMessage[], opts: ChatOptions = {}): ChatStream {
     if (!this.chatTemplate) {
       throw new MoeflashError('TOKENIZER_INVALID', `the model in ${this.dir} has no chat template (tokenizer_config.json chat_template or chat_template.jinja); use generate() with a prompt instead`);
     }
-    const prompt = this.chatTemplate.apply(messages, { addGenerationPrompt: true, tools: opts.tools });
-    return this.generate(this.tokenizer.encode(prompt, { addSpecialTokens: false }), opts);
+    const { tools, toolChoice, ...gen } = opts;
+    validateTools(tools, toolChoice);
+    const offered = tools?.length && toolChoice !== 'none' ? tools : undefined;
+    let prompt = this.chatTemplate.apply(messages, { addGenerationPrompt: true, tools: offered });
+    const format = offered ? toolCallFormat(this.chatTemplate.source({ tools: offered })) : null;
+    if (offered && !format) {
+      throw new MoeflashError('INVALID_ARGUMENT', `the chat template (${this.chatTemplate.origin}) writes no tool calls this engine reads (Qwen's <tool_call> or gpt-oss's harmony): call chat() without tools`);
+    }
+    const forced = format ? forcedCall(format, offered!, toolChoice) : null;
+    if (forced) prompt += forced.prefix;
+    const inner = this.generate(this.tokenizer.encode(prompt, { addSpecialTokens: false }), forced ? { ...gen, responseFormat: forced.responseFormat } : gen);
+    return chatStream(inner, format, forced?.prefix ?? '');
   }
 
   private grammars: GrammarCompiler | null = null;
