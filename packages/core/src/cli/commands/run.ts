@@ -14,15 +14,19 @@ export const runHelp = `moeflash run --model DIR --prompt TEXT [options]
   --speculative METHOD      dflash (with --draft DIR) or prompt-lookup
   --draft DIR               DFlash draft model folder
   --block-size B            drafted tokens a round (default 8, at most 16)
-  --stats                   print tokens/s and timings at the end
+  --adaptive                let the block-size policy pick B in 0..block-size each round from the
+                            measured costs and acceptance (0: a plain step, when drafting does not pay)
+  --stats                   print tokens/s and timings at the end; with --speculative also decode
+                            the same prompt plainly and print both speeds
   --skip-finite-check       do not scan the weights for NaN and infinite values at load`;
 
 export function speculativeOption(v: Record<string, any>): EngineOptions['speculative'] {
   const method = v.speculative ?? (v.draft ? 'dflash' : undefined);
   if (!method) return undefined;
   const blockSize = num('run', 'block-size', v['block-size']);
-  if (method === 'dflash') return { method, draft: required('run', 'draft', v.draft), blockSize };
-  if (method === 'prompt-lookup') return { method, blockSize };
+  const adaptive = v.adaptive === true ? true : undefined;
+  if (method === 'dflash') return { method, draft: required('run', 'draft', v.draft), blockSize, adaptive };
+  if (method === 'prompt-lookup') return { method, blockSize, adaptive };
   throw new MoeflashError('INVALID_ARGUMENT', `--speculative must be dflash or prompt-lookup, got '${method}'`);
 }
 
@@ -33,7 +37,7 @@ export async function run(argv: string[]): Promise<void> {
     'top-p': { type: 'string' }, 'min-p': { type: 'string' }, seed: { type: 'string' },
     stop: { type: 'string', multiple: true }, chat: { type: 'boolean' }, stats: { type: 'boolean' },
     speculative: { type: 'string' }, draft: { type: 'string' }, 'block-size': { type: 'string' },
-    'skip-finite-check': { type: 'boolean' },
+    adaptive: { type: 'boolean' }, 'skip-finite-check': { type: 'boolean' },
   });
   if (v.help) return void console.log(runHelp);
   const engine = await createEngine({
@@ -66,9 +70,18 @@ export async function run(argv: string[]): Promise<void> {
     const r = await stream.result;
     if (v.stats) {
       if (r.speculation) {
-        const s = r.speculation;
+        const s = r.speculation as typeof r.speculation & { roundsByBlockSize?: number[] };
+        const byB = s.roundsByBlockSize?.map((n, b) => (n ? `B=${b}: ${n}` : '')).filter(Boolean).join(', ');
         console.error(
-          `[${s.method}] block ${s.blockSize}: ${s.rounds} verify rounds, ${s.meanAcceptedPerRound.toFixed(2)} tokens a round (${s.acceptedTokens}/${s.draftedTokens} drafts accepted)`,
+          `[${s.method}] block ${v.adaptive ? `up to ${s.blockSize}, adaptive` : s.blockSize}: ${s.rounds} rounds${byB ? ` (${byB})` : ''}, ${s.meanAcceptedPerRound.toFixed(2)} tokens a round (${s.acceptedTokens}/${s.draftedTokens} drafts accepted)`,
+        );
+        // The same prompt again without and with speculation, both warm, so that the speed-up
+        // printed is one measured here and not the first run's start-up.
+        const again = { ...opts, signal: undefined };
+        const plain = await engine.generate(prompt, { ...again, speculative: false }).result;
+        const spec = await engine.generate(prompt, again).result;
+        console.error(
+          `[${engine.backend.name}] measured again, warm: plain ${plain.tokensPerSecond.toFixed(1)} tokens/s, speculative ${spec.tokensPerSecond.toFixed(1)} tokens/s: ${(spec.tokensPerSecond / plain.tokensPerSecond).toFixed(2)}x`,
         );
       }
       console.error(
