@@ -502,6 +502,9 @@ export class Scheduler {
       if (!this.queue.length && !this.running.length) break;
       const planned = await this.plan();
       this.sweep();
+      // plan() retires requests whose host work failed (a schema that does not compile): when
+      // that was the last one, waiting below would hold close({ drain }) until its timeout.
+      if (!this.queue.length && !this.running.length) break;
       const live = planned.filter((p) => p.e.state === 'running');
       if (!live.length) {
         // Requests left out only because their host work is pending: the next plan awaits it.
