@@ -378,7 +378,8 @@ export class Scheduler {
     const { maxBatch } = this.opts;
     let budget = this.opts.maxStepTokens;
     const planned: Planned[] = [];
-    const tokensOf = () => planned.reduce((s, p) => s + p.work.tokens.length, 0);
+    // A device round runs its drafts through the step too (anchor + B rows).
+    const tokensOf = () => planned.reduce((s, p) => s + p.work.tokens.length + (p.work.speculate?.blockSize ?? 0), 0);
 
     // Decodes first, oldest first: each gets one token, drafts come out of what the others leave.
     const decodes = this.running.filter((e) => !e.prefilling && e.req.ready() && this.prepared(e)).slice(0, maxBatch);

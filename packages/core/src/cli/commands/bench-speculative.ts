@@ -86,7 +86,7 @@ async function verifyMs(m: Model, seqs: number[], b: number, vocab: number): Pro
  * How many drafts a round keeps so that rounds emit `tau` tokens on average: k accepted of b
  * drafted emits k + 1; a fraction of the rounds keep one more than the floor.
  */
-function acceptedFor(tau: number, b: number, round: number): number {
+export function acceptedFor(tau: number, b: number, round: number): number {
   const want = Math.max(0, tau - 1);
   const lo = Math.floor(want);
   const frac = want - lo;
