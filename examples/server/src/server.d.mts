@@ -1,5 +1,5 @@
 import type { Server } from 'node:http';
-import type { BackendChoice, ChatMessage, Engine, EngineOptions, GenerateOptions, KvCacheOptions } from '@moeflash/core';
+import type { BackendChoice, ChatMessage, Engine, EngineOptions, GenerateOptions, KvCacheOptions, ToolChoice, ToolDefinition } from '@moeflash/core';
 
 /** What validation needs to know about the served model. */
 export interface ServerLimits {
@@ -74,10 +74,11 @@ export declare class ApiError extends Error {
 export interface ParsedCommon {
   stream: boolean;
   includeUsage: boolean;
+  /** Sampling and limits, plus `responseFormat` and `logprobs` / `topLogprobs` when asked for. */
   options: GenerateOptions & { maxTokens: number };
 }
 
-export declare function parseChatRequest(body: unknown, limits: ServerLimits): ParsedCommon & { messages: ChatMessage[]; tools?: unknown[] };
+export declare function parseChatRequest(body: unknown, limits: ServerLimits): ParsedCommon & { messages: ChatMessage[]; tools?: ToolDefinition[]; toolChoice?: ToolChoice };
 export declare function parseCompletionRequest(body: unknown, limits: ServerLimits): ParsedCommon & { prompt: string | number[] };
 export declare function toApiError(e: unknown): ApiError;
 export declare function createServer(opts: ServerOptions): Server;

@@ -5,6 +5,8 @@ import path from 'node:path';
 import { randomUUID } from 'node:crypto';
 import { createEngine } from '@moeflash/core';
 import { ApiError, parseChatRequest, parseCompletionRequest } from './validate.mjs';
+import { toolPlan } from './validate-tools.mjs';
+import { chatLogprobsOf, completionLogprobsOf, deltaOf, finishReasonOf, tokenOffsets, toolCallsOf } from './openai-shape.mjs';
 import { ConcurrencyGate, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONCURRENT, apiKeyCheck, applyTimeouts, holdOpen, isLoopback } from './guard.mjs';
 
 export { ApiError, parseChatRequest, parseCompletionRequest };
@@ -125,14 +127,30 @@ export function sseWriter(res, idleMs) {
   };
 }
 
-/** The prompt's token ids, as engine.chat and engine.generate would make them. */
-function promptIds(engine, kind, parsed) {
-  if (kind === 'chat') return engine.tokenizer.encodeChat(parsed.messages, { addGenerationPrompt: true, tools: parsed.tools });
+/**
+ * The prompt's token ids, as engine.chat and engine.generate make them: for chat, the template's
+ * rendering with the tools it offers, then a forced call's opening.
+ */
+function promptIds(engine, kind, parsed, plan) {
+  if (kind === 'chat') {
+    const text = engine.tokenizer.applyChatTemplate(parsed.messages, { addGenerationPrompt: true, tools: plan.offered });
+    return engine.tokenizer.encode(text + (plan.forced?.prefix ?? ''), { addSpecialTokens: false });
+  }
   return typeof parsed.prompt === 'string' ? engine.tokenizer.encode(parsed.prompt) : parsed.prompt;
 }
 
+/**
+ * Output constraints compile when the request starts, after validation: a schema the grammar
+ * compiler refuses is the client's error, and names the field it came from.
+ */
+function constraintError(e, parsed, plan) {
+  if (!(e && e.name === 'MoeflashError' && e.code === 'INVALID_ARGUMENT')) return e;
+  if (parsed.options.responseFormat) return new ApiError(400, e.message, { param: 'response_format' });
+  if (plan?.forced) return new ApiError(400, `the called tool's 'parameters' schema cannot constrain its arguments: ${e.message}`, { param: 'tools' });
+  return e;
+}
+
 const usageOf = (r) => ({ prompt_tokens: r.promptTokens, completion_tokens: r.tokens.length, total_tokens: r.promptTokens + r.tokens.length });
-const finishOf = (r) => (r.finishReason === 'length' ? 'length' : 'stop');
 
 /**
  * @param {import('./server.d.mts').ServerOptions} opts
@@ -161,7 +179,8 @@ export function createServer(opts) {
     const body = parseJson(await readBody(req, bodyLimit));
     holdOpen(req);
     const parsed = kind === 'chat' ? parseChatRequest(body, limits) : parseCompletionRequest(body, limits);
-    const ids = promptIds(engine, kind, parsed);
+    const plan = kind === 'chat' ? toolPlan(engine.tokenizer.chatTemplate, parsed.tools, parsed.toolChoice) : null;
+    const ids = promptIds(engine, kind, parsed, plan);
     if (ids.length >= contextLength) {
       const param = kind === 'chat' ? 'messages' : 'prompt';
       throw new ApiError(400, `the prompt is ${ids.length} tokens but this model's context is ${contextLength} tokens (the prompt and at least one new token must fit); shorten the ${param}`, { param, code: 'context_length_exceeded' });
@@ -173,41 +192,81 @@ export function createServer(opts) {
     });
     if (res.destroyed) return;
     const genOpts = { ...parsed.options, signal: ac.signal };
-    // The ids already hold the chat template's rendering: engine.chat would render and encode the same.
-    const stream = engine.generate(ids, genOpts);
+    // engine.chat renders and encodes what promptIds counted, and reads the reply for tool calls.
+    const stream = kind === 'chat' ? engine.chat(parsed.messages, { ...genOpts, tools: parsed.tools, toolChoice: parsed.toolChoice }) : engine.generate(ids, genOpts);
     const id = `${kind === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID().replace(/-/g, '')}`;
     const now = Math.floor(Date.now() / 1000);
-    const object = kind === 'chat' ? 'chat.completion' : 'text_completion';
+    const head = (object) => ({ id, object, created: now, model: modelId });
+    const fail = (e) => {
+      throw constraintError(e, parsed, plan);
+    };
 
     if (!parsed.stream) {
-      const r = await stream.result;
+      // Text offsets of completion logprobs come from the chunks; everything else is in the result.
+      const offsets = [];
+      if (kind === 'completion' && parsed.options.logprobs) {
+        let length = 0;
+        try {
+          for await (const c of stream) {
+            offsets.push(...tokenOffsets(length, c));
+            length += c.text.length;
+          }
+        } catch (e) {
+          fail(e);
+        }
+      }
+      const r = await stream.result.catch(fail);
       if (r.finishReason === 'abort' || res.destroyed) return;
-      const choice =
-        kind === 'chat'
-          ? { index: 0, message: { role: 'assistant', content: r.text, refusal: null }, logprobs: null, finish_reason: finishOf(r) }
-          : { index: 0, text: r.text, logprobs: null, finish_reason: finishOf(r) };
-      sendJson(res, 200, { id, object, created: now, model: modelId, choices: [choice], usage: usageOf(r) });
+      let choice;
+      if (kind === 'chat') {
+        const calls = toolCallsOf(r.toolCalls);
+        const message = { role: 'assistant', content: calls.length && !r.content ? null : r.content, refusal: null };
+        if (calls.length) message.tool_calls = calls;
+        if (r.reasoning) message.reasoning_content = r.reasoning;
+        choice = { index: 0, message, logprobs: chatLogprobsOf(r.logprobs), finish_reason: finishReasonOf(r, r.toolCalls) };
+      } else {
+        choice = { index: 0, text: r.text, logprobs: r.logprobs ? completionLogprobsOf(r.logprobs, offsets) : null, finish_reason: finishReasonOf(r) };
+      }
+      sendJson(res, 200, { ...head(kind === 'chat' ? 'chat.completion' : 'text_completion'), choices: [choice], usage: usageOf(r) });
       return;
     }
 
+    // Headers wait for the first chunk, so that a request that fails to start (a schema the
+    // grammar compiler refuses) still gets its 4xx instead of a broken stream.
+    const chunks = stream[Symbol.asyncIterator]();
+    const next = () => chunks.next().catch(fail);
+    let step = await next();
+    if (res.destroyed) {
+      await chunks.return?.();
+      return;
+    }
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-accel-buffering': 'no' });
     const send = sseWriter(res, idleMs);
-    const chunkObject = kind === 'chat' ? 'chat.completion.chunk' : 'text_completion';
-    const piece = (text, finish) =>
-      kind === 'chat'
-        ? { id, object: chunkObject, created: now, model: modelId, choices: [{ index: 0, delta: text === null ? {} : { content: text }, logprobs: null, finish_reason: finish }] }
-        : { id, object: chunkObject, created: now, model: modelId, choices: [{ index: 0, text: text ?? '', logprobs: null, finish_reason: finish }] };
-    if (kind === 'chat') {
-      await send({ id, object: chunkObject, created: now, model: modelId, choices: [{ index: 0, delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null }] });
+    const object = kind === 'chat' ? 'chat.completion.chunk' : 'text_completion';
+    const event = (choice) => send({ ...head(object), choices: [{ index: 0, ...choice }] });
+    if (kind === 'chat') await event({ delta: { role: 'assistant', content: '' }, logprobs: null, finish_reason: null });
+    let length = 0;
+    for (; !step.done; step = await next()) {
+      if (res.destroyed) {
+        await chunks.return?.();
+        break;
+      }
+      const chunk = step.value;
+      const lps = chunk.logprobs?.length ? chunk.logprobs : null;
+      if (kind === 'chat') {
+        // Logprobs go with the chunk that generated their tokens; text the tool-call parser holds back follows later.
+        const delta = deltaOf(chunk.events);
+        if (Object.keys(delta).length || lps) await event({ delta, logprobs: chatLogprobsOf(lps ?? undefined), finish_reason: null });
+      } else if (chunk.text || lps) {
+        await event({ text: chunk.text, logprobs: lps ? completionLogprobsOf(lps, tokenOffsets(length, chunk)) : null, finish_reason: null });
+      }
+      length += chunk.text.length;
     }
-    for await (const chunk of stream) {
-      if (res.destroyed) break;
-      if (chunk.text) await send(piece(chunk.text, null));
-    }
-    const r = await stream.result;
+    const r = await stream.result.catch(fail);
     if (r.finishReason === 'abort' || res.destroyed) return;
-    await send(piece(null, finishOf(r)));
-    if (parsed.includeUsage) await send({ id, object: chunkObject, created: now, model: modelId, choices: [], usage: usageOf(r) });
+    const finish = finishReasonOf(r, r.toolCalls);
+    await event(kind === 'chat' ? { delta: {}, logprobs: null, finish_reason: finish } : { text: '', logprobs: null, finish_reason: finish });
+    if (parsed.includeUsage) await send({ ...head(object), choices: [], usage: usageOf(r) });
     await send('[DONE]');
     res.end();
   }

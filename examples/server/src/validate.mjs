@@ -2,71 +2,16 @@
 // JSON and the server's limits and return engine options, or throw an ApiError whose message
 // names the offending field, as OpenAI's API does.
 
-/** An error answered with OpenAI's error JSON: { error: { message, type, param, code } }. */
-export class ApiError extends Error {
-  /**
-   * @param {number} status
-   * @param {string} message
-   * @param {{ type?: string, param?: string | null, code?: string | null }} [opts]
-   */
-  constructor(status, message, opts = {}) {
-    super(message);
-    this.status = status;
-    this.type = opts.type ?? (status >= 500 ? 'server_error' : 'invalid_request_error');
-    this.param = opts.param ?? null;
-    this.code = opts.code ?? null;
-  }
+import { ApiError, bad, boolean, describe, given, integer, number, unsupported } from './fields.mjs';
+import { parseAssistantToolCalls, parseTools } from './validate-tools.mjs';
+import { checkFormatWithTools, checkIgnoreEos, parseChatLogprobs, parseCompletionLogprobs, parseResponseFormat } from './validate-output.mjs';
 
-  toJSON() {
-    return { error: { message: this.message, type: this.type, param: this.param, code: this.code } };
-  }
-}
+export { ApiError };
 
 const ROLES = new Set(['system', 'developer', 'user', 'assistant', 'tool']);
 const MAX_STOP = 4;
 const MAX_STOP_LENGTH = 256;
 const MAX_MESSAGES = 4096;
-
-const bad = (param, message, code = null) => new ApiError(400, message, { param, code });
-
-function describe(v) {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'an array';
-  if (typeof v === 'string') return v.length > 40 ? `a string of ${v.length} characters` : JSON.stringify(v);
-  if (typeof v === 'number') return String(v);
-  return typeof v === 'object' ? 'an object' : String(v);
-}
-
-/** Absent and null both mean "use the default", as in OpenAI's API. */
-const given = (body, key) => body[key] !== undefined && body[key] !== null;
-
-function number(body, key, { min, max, minExclusive = false }) {
-  if (!given(body, key)) return undefined;
-  const v = body[key];
-  if (typeof v !== 'number' || !Number.isFinite(v) || (minExclusive ? v <= min : v < min) || v > max) {
-    throw bad(key, `'${key}' must be a number in ${minExclusive ? '(' : '['}${min}, ${max}]; got ${describe(v)}`);
-  }
-  return v;
-}
-
-function integer(body, key, { min, max }) {
-  if (!given(body, key)) return undefined;
-  const v = body[key];
-  if (!Number.isSafeInteger(v) || v < min || v > max) {
-    throw bad(key, `'${key}' must be an integer in [${min}, ${max}]; got ${describe(v)}`);
-  }
-  return v;
-}
-
-function boolean(body, key) {
-  if (!given(body, key)) return undefined;
-  if (typeof body[key] !== 'boolean') throw bad(key, `'${key}' must be a boolean; got ${describe(body[key])}`);
-  return body[key];
-}
-
-function unsupported(param, what) {
-  return new ApiError(400, `${what} is not supported by this server`, { param, code: 'unsupported_parameter' });
-}
 
 /**
  * Fields shared by both endpoints: model, sampling, limits, streaming.
@@ -188,10 +133,7 @@ export function parseChatRequest(raw, limits) {
       if (typeof m.name !== 'string') throw bad(`messages[${i}].name`, `'messages[${i}].name' must be a string; got ${describe(m.name)}`);
       out.name = m.name;
     }
-    if (given(m, 'tool_calls')) {
-      if (!Array.isArray(m.tool_calls)) throw bad(`messages[${i}].tool_calls`, `'messages[${i}].tool_calls' must be an array; got ${describe(m.tool_calls)}`);
-      out.tool_calls = m.tool_calls;
-    }
+    if (given(m, 'tool_calls')) out.tool_calls = parseAssistantToolCalls(m.tool_calls, i);
     if (given(m, 'tool_call_id')) {
       if (typeof m.tool_call_id !== 'string') throw bad(`messages[${i}].tool_call_id`, `'messages[${i}].tool_call_id' must be a string; got ${describe(m.tool_call_id)}`);
       out.tool_call_id = m.tool_call_id;
@@ -199,24 +141,13 @@ export function parseChatRequest(raw, limits) {
     return out;
   });
   const c = common(body, limits, 'chat');
-  const lp = boolean(body, 'logprobs');
-  if (lp) throw unsupported('logprobs', `'logprobs'`);
-  if (given(body, 'top_logprobs')) throw unsupported('top_logprobs', `'top_logprobs'`);
-  if (given(body, 'response_format')) {
-    const rf = body.response_format;
-    if (rf === null || typeof rf !== 'object' || Array.isArray(rf) || typeof rf.type !== 'string') {
-      throw bad('response_format', `'response_format' must be an object with a 'type'; got ${describe(rf)}`);
-    }
-    if (rf.type !== 'text') throw unsupported('response_format', `'response_format' of type ${describe(rf.type)}`);
-  }
-  let tools;
-  if (given(body, 'tools')) {
-    if (!Array.isArray(body.tools) || !body.tools.every((t) => t !== null && typeof t === 'object' && !Array.isArray(t))) {
-      throw bad('tools', `'tools' must be an array of tool objects; got ${describe(body.tools)}`);
-    }
-    tools = body.tools;
-  }
-  return { ...c, messages, tools };
+  const { tools, toolChoice } = parseTools(body);
+  const responseFormat = parseResponseFormat(body);
+  checkFormatWithTools(responseFormat, tools, toolChoice);
+  const forced = tools?.length && toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none';
+  checkIgnoreEos(responseFormat ? 'response_format' : forced ? 'tool_choice' : null, c.options.ignoreEos);
+  const options = { ...c.options, ...parseChatLogprobs(body), ...(responseFormat && { responseFormat }) };
+  return { ...c, options, messages, tools, toolChoice };
 }
 
 /**
@@ -248,9 +179,8 @@ export function parseCompletionRequest(raw, limits) {
   if (given(body, 'suffix')) throw unsupported('suffix', `'suffix'`);
   const bestOf = integer(body, 'best_of', { min: 1, max: 128 });
   if (bestOf !== undefined && bestOf !== 1) throw unsupported('best_of', `'best_of' other than 1`);
-  if (given(body, 'logprobs')) {
-    const lp = integer(body, 'logprobs', { min: 0, max: 20 });
-    if (lp) throw unsupported('logprobs', `'logprobs'`);
-  }
-  return { ...c, prompt };
+  const responseFormat = parseResponseFormat(body);
+  checkIgnoreEos(responseFormat ? 'response_format' : null, c.options.ignoreEos);
+  const options = { ...c.options, ...parseCompletionLogprobs(body), ...(responseFormat && { responseFormat }) };
+  return { ...c, options, prompt };
 }

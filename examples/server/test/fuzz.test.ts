@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { validateSamplingParams, type GenerateOptions } from '@moeflash/core';
+import { logprobsRequest, outputGrammar, validateSamplingParams, validateTools, type GenerateOptions } from '@moeflash/core';
 import { tinyModel } from '../../../packages/core/test/helpers.js';
 import { ApiError, parseChatRequest, parseCompletionRequest, startServer, type RunningServer, type ServerLimits } from '../src/server.mjs';
 import { raw } from './helpers.js';
@@ -18,13 +18,15 @@ const validCompletion = () => ({ model: 'tiny', prompt: 'def f(x):', max_tokens:
 /** Values that break parsers: wrong types, extremes, nesting, odd strings. */
 const nasty = fc.oneof(
   fc.constantFrom(null, true, false, 0, -0, -1, 1.5, 1e308, -1e308, 2 ** 53, 2 ** 53 + 2, Number.MAX_SAFE_INTEGER, 1e-320, '', ' ', '0', 'NaN', '__proto__', '\u0000', '\ud800', [], {}, [[]], { type: 'text' }),
+  // Near-valid values of the tool and output fields, so that their parsers are reached past the type checks.
+  fc.constantFrom({ type: 'json_object' }, { type: 'json_schema', json_schema: { schema: {} } }, { type: 'json_schema', json_schema: { schema: { type: 'string' } } }, 'required', 'auto', 'none', { type: 'function', function: { name: 'f' } }, [{ type: 'function', function: { name: 'f' } }], [{ type: 'function', function: { name: 'f', parameters: { type: 'object' } } }, { type: 'function' }], [{ id: 'c', type: 'function', function: { name: 'f', arguments: '{}' } }], 20, 21),
   fc.integer(),
   fc.double({ noNaN: true }),
   fc.string({ unit: 'binary', maxLength: 20 }),
   fc.jsonValue({ maxDepth: 3 }),
 );
 
-const FIELDS = ['model', 'messages', 'prompt', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'top_k', 'min_p', 'seed', 'stop', 'stream', 'stream_options', 'n', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'logprobs', 'top_logprobs', 'response_format', 'tools', 'user', 'echo', 'suffix', 'best_of', 'ignore_eos', 'priority', 'unknown_field', '__proto__', 'constructor'];
+const FIELDS = ['model', 'messages', 'prompt', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'top_k', 'min_p', 'seed', 'stop', 'stream', 'stream_options', 'n', 'presence_penalty', 'frequency_penalty', 'logit_bias', 'logprobs', 'top_logprobs', 'response_format', 'tools', 'tool_choice', 'functions', 'user', 'echo', 'suffix', 'best_of', 'ignore_eos', 'priority', 'unknown_field', '__proto__', 'constructor'];
 
 /** A valid body with some fields replaced, deleted or added; messages mutated inside too. */
 const mutated = (base: () => Record<string, unknown>) =>
@@ -47,11 +49,15 @@ const mutated = (base: () => Record<string, unknown>) =>
       return body;
     });
 
-function checkParse(parse: (b: unknown, l: ServerLimits) => { options: GenerateOptions & { maxTokens: number } }, body: unknown) {
+function checkParse(parse: (b: unknown, l: ServerLimits) => { options: GenerateOptions & { maxTokens: number }; tools?: unknown; toolChoice?: unknown }, body: unknown) {
   try {
     const r = parse(body, limits);
     expect(Number.isSafeInteger(r.options.maxTokens) && r.options.maxTokens >= 1 && r.options.maxTokens <= limits.maxTokensLimit).toBe(true);
     validateSamplingParams(r.options);
+    // What passes validation, the engine takes: no engine error for a field the server let through.
+    outputGrammar(r.options.responseFormat, undefined);
+    logprobsRequest(r.options.logprobs, r.options.topLogprobs);
+    validateTools(r.tools, r.toolChoice);
   } catch (e) {
     expect(e).toBeInstanceOf(ApiError);
     const a = e as ApiError;
