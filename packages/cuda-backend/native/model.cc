@@ -238,7 +238,7 @@ struct State {
   PinnedBuffer in_host, out_host;
   cudaStream_t stream = nullptr;
   std::map<int, cudaGraphExec_t> graphs;  // decode graphs by 4 * bucket + (absorbs ? 2 : 0) + (samples ? 1 : 0)
-  std::map<int, cudaGraphExec_t> round_graphs;  // one sequence's DFlash round by block size
+  std::map<int, cudaGraphExec_t> round_graphs;  // DFlash rounds of uniform layout by (sequences, block size, forced)
   bool prepared = false;
   // Sampling buffers (SampleLayout), reserved with everything else at load (a step allocates
   // nothing); `sampling` says whether the step being run samples (forward then runs sample_rows
@@ -1391,11 +1391,16 @@ class Model : public Napi::ObjectWrap<Model> {
       MF_TRY(dflash_accept_greedy(aa, st), "dflash_accept_greedy");
       return {};
     };
-    // One sequence speculating alone (batch 1): a graph per block size.
-    const bool single = S == 1 && T == block[0] + 1 && DT == block[0] + 1 && !sampling && spec.Data()[4] == 0 &&
-                        env_int("MOEFLASH_ROUND_GRAPHS", 1) != 0;
+    // S sequences all speculating with the same B and nothing else in the step (the layout is
+    // then fixed by S and B): a graph per (S, B, whether the host forced the drafts: the graph then
+    // copies none).
+    bool single = !sampling && T == S * (block[0] + 1) && DT == T && env_int("MOEFLASH_ROUND_GRAPHS", 1) != 0;
+    for (int k = 0; k < S && single; ++k)
+      single = block[k] == block[0] && spec.Data()[5 * k + 4] == spec.Data()[4] && row0[k] == k * (block[0] + 1) &&
+               logit0[k] == k * (block[0] + 1) && spec.Data()[5 * k + 3] == k * block[0];
     if (single) {
-      replay_or_capture(env, s, s.round_graphs, block[0], [&]() { return body(c.max_seq_len, c.max_seq_len); }, "round");
+      const int key = (S * (kMaxDraftBlock + 1) + block[0]) * 2 + (spec.Data()[4] != 0 ? 1 : 0);
+      replay_or_capture(env, s, s.round_graphs, key, [&]() { return body(c.max_seq_len, c.max_seq_len); }, "round");
     } else {
       const Status stt = body(max_len, dmax_len);
       if (!stt.ok()) fail(stt);
