@@ -87,7 +87,7 @@ def require(cond: bool, msg: str) -> None:
 @dataclass
 class Spec:
     name: str
-    family: str  # "qwen3_moe" | "mixtral" | "gpt_oss"
+    family: str  # "qwen3_moe" | "mixtral" | "gpt_oss" | "deepseek_v3"
     layout: str  # "fused" | "per_expert" | "mxfp4" | "bf16"
     description: str
     seed: int
@@ -114,10 +114,32 @@ class Spec:
     # Smallest router top-k margin a draw may have. The near-tie fixtures take any draw (0): they
     # exist to hold the close calls a float32 engine must still route as HF does.
     min_router_margin: float = MIN_ROUTER_MARGIN
+    # deepseek_v3 only: multi-head latent attention, grouped sigmoid routing, shared experts, and
+    # block-scaled FP8 E4M3 projections when fp8_block is set (None: bf16).
+    mla: dict | None = None  # q_lora_rank (None: plain q_proj), kv_lora_rank, qk_nope/qk_rope/v_head_dim
+    rope_interleave: bool | None = None  # None: key not written (HF default true)
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling: float = 1.0
+    n_shared: int = 0
+    first_k_dense: int = 0
+    fp8_block: int | None = None
 
     @property
     def hd(self) -> int:
+        """The query/key head width (deepseek_v3: qk_nope_head_dim + qk_rope_head_dim)."""
+        if self.mla is not None:
+            return self.mla["qk_nope_head_dim"] + self.mla["qk_rope_head_dim"]
         return self.head_dim if self.head_dim is not None else self.hidden // self.heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims the RoPE table spans (deepseek_v3: qk_rope_head_dim, HF's config.head_dim there)."""
+        return self.mla["qk_rope_head_dim"] if self.mla is not None else self.hd
+
+    @property
+    def interleaved_rope(self) -> bool:
+        return self.rope_interleave is not False
 
     def window_for_layer(self, layer: int) -> int | None:
         if self.family == "gpt_oss":
@@ -128,14 +150,16 @@ class Spec:
         return None
 
     def is_sparse(self, layer: int) -> bool:
+        if self.family == "deepseek_v3":
+            return layer >= self.first_k_dense
         return not (self.family == "qwen3_moe" and layer in self.dense_layers)
 
     def validate(self) -> None:
         H, I = self.hidden, self.moe_inter
         require(self.layers >= 2, f"{self.name}: needs at least 2 layers")
         require(self.heads % self.kv_heads == 0, f"{self.name}: heads must be a multiple of kv_heads")
-        require(self.hd % 2 == 0, f"{self.name}: head_dim must be even for RoPE")
-        require(self.head_dim is not None or self.hidden % self.heads == 0, f"{self.name}: hidden % heads")
+        require(self.rope_dim % 2 == 0, f"{self.name}: the rotary dims must be even for RoPE")
+        require(self.head_dim is not None or self.mla is not None or self.hidden % self.heads == 0, f"{self.name}: hidden % heads")
         require(0 < self.top_k < self.experts, f"{self.name}: need 0 < top_k < experts")
         # Expert tensors must not be square in the dims a transpose would swap, so that a layout
         # mistake shows up as a shape error instead of silently loading transposed values.
@@ -148,6 +172,18 @@ class Spec:
             require(any(self.is_sparse(l) for l in range(self.layers)), f"{self.name}: no MoE layer")
         if self.family == "gpt_oss":
             require(self.layer_types is not None and len(self.layer_types) == self.layers, f"{self.name}: layer_types")
+        if self.family == "deepseek_v3":
+            require(self.mla is not None, f"{self.name}: deepseek_v3 needs mla dims")
+            require(self.heads == self.kv_heads, f"{self.name}: latent attention has kv_heads == heads")
+            require(self.dense_inter is not None or self.first_k_dense == 0, f"{self.name}: dense layers need dense_inter")
+            per_group = self.experts // self.n_group
+            require(self.experts % self.n_group == 0 and per_group >= 2, f"{self.name}: groups of >= 2 experts")
+            require(self.topk_group <= self.n_group and self.top_k <= self.topk_group * per_group,
+                    f"{self.name}: top_k must fit in the kept groups")
+            require(any(self.is_sparse(l) for l in range(self.layers)), f"{self.name}: no MoE layer")
+            if self.fp8_block is not None:
+                # Partial edge blocks must occur, so that the scale indexing of a ragged edge is tested.
+                require(H % self.fp8_block != 0, f"{self.name}: hidden must not be a multiple of the FP8 block")
         if self.rope.get("rope_type") == "yarn":
             # Old transformers releases derived the YaRN factor from max_position_embeddings /
             # original_max_position_embeddings; keep both readings identical.
@@ -367,6 +403,74 @@ SPECS: list[Spec] = [
 ]
 
 
+SPECS += [
+    Spec(
+        name="deepseek_v3_fp8",
+        family="deepseek_v3",
+        layout="per_expert",
+        description="DeepSeek-V3 as released: per-expert tensors, every projection in the layers block-scaled "
+        "FP8 E4M3 (weight_scale_inv, 32x32 blocks, ragged edges), router bf16 and e_score_correction_bias F32; "
+        "latent attention with q_lora_rank set; interleaved rotary dims (rope_interleave default); YaRN with "
+        "mscale 0.9 / mscale_all_dim 0.8 (both the cos/sin factor and the softmax scale); 8 experts in 4 "
+        "groups, 2 groups kept, top-3; one shared expert; layer 0 dense; legacy config keys.",
+        seed=909,
+        vocab=300,
+        hidden=80,
+        layers=3,
+        heads=4,
+        kv_heads=4,
+        experts=8,
+        top_k=3,
+        moe_inter=24,
+        dense_inter=112,
+        norm_topk=True,
+        rope={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "mscale": 0.9, "mscale_all_dim": 0.8, "original_max_position_embeddings": 64},
+        max_pos=256,
+        eps=1e-6,
+        shards=2,
+        config_style="released",
+        mla={"q_lora_rank": 40, "kv_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 20},
+        n_group=4,
+        topk_group=2,
+        routed_scaling=2.5,
+        n_shared=1,
+        first_k_dense=1,
+        fp8_block=32,
+    ),
+    Spec(
+        name="deepseek_v3_bf16",
+        family="deepseek_v3",
+        layout="fused",
+        description="deepseek_v3 in bf16 with transformers-5 fused experts; q_lora_rank null (plain q_proj); "
+        "rope_interleave false; default RoPE; 12 experts in one group, top-4; norm_topk_prob false with "
+        "routed_scaling_factor 1.5; two shared experts; layers 0-1 dense; 3 heads.",
+        seed=1010,
+        vocab=256,
+        hidden=64,
+        layers=4,
+        heads=3,
+        kv_heads=3,
+        experts=12,
+        top_k=4,
+        moe_inter=20,
+        dense_inter=96,
+        norm_topk=False,
+        rope={"rope_type": "default", "rope_theta": 10000.0},
+        eps=1e-6,
+        shards=1,
+        config_style="saved",
+        mla={"q_lora_rank": None, "kv_lora_rank": 40, "qk_nope_head_dim": 12, "qk_rope_head_dim": 16, "v_head_dim": 28},
+        rope_interleave=False,
+        n_group=1,
+        topk_group=1,
+        routed_scaling=1.5,
+        n_shared=2,
+        first_k_dense=2,
+    ),
+]
+
+
 # --------------------------------------------------------------------------------------------
 # bf16 and MXFP4 in numpy
 # --------------------------------------------------------------------------------------------
@@ -465,11 +569,72 @@ def mxfp4_self_test() -> None:
     require(bool(np.array_equal(dequantize_mxfp4(p2, s2), d)), "mxfp4 self-test: requantizing changed values")
 
 
+def decode_e4m3(codes: np.ndarray) -> np.ndarray:
+    """FP8 E4M3 ("e4m3fn") codes -> float64: bias 7, subnormals m * 2^-9, 0x7F / 0xFF NaN, no Inf."""
+    c = codes.astype(np.int64)
+    sign = np.where(c & 0x80, -1.0, 1.0)
+    e, m = (c >> 3) & 0xF, c & 7
+    mag = np.where(e == 0, m * 2.0**-9, (1.0 + m / 8.0) * np.exp2(e - 7.0))
+    return np.where((c & 0x7F) == 0x7F, np.nan, sign * mag)
+
+
+_E4M3_MAGNITUDES = decode_e4m3(np.arange(0x7F, dtype=np.uint8))  # codes 0..126, increasing
+
+
+def encode_e4m3(x: np.ndarray) -> np.ndarray:
+    """float -> nearest E4M3 code, ties to the even code (even mantissa); |x| must be <= 448."""
+    x = np.asarray(x, dtype=np.float64)
+    a = np.abs(x)
+    require(bool((a <= 448.0).all()), "encode_e4m3: value beyond 448 (the caller scales into range)")
+    hi = np.clip(np.searchsorted(_E4M3_MAGNITUDES, a), 0, 126)
+    lo = np.clip(hi - 1, 0, 126)
+    d_lo, d_hi = a - _E4M3_MAGNITUDES[lo], _E4M3_MAGNITUDES[hi] - a
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (hi % 2 == 0))
+    code = np.where(pick_hi, hi, lo).astype(np.uint8)
+    return code | np.where(np.signbit(x) & (code != 0), 0x80, 0).astype(np.uint8)
+
+
+def quantize_fp8_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block-scaled FP8 as DeepSeek-V3 ships it: codes uint8 [out, in], weight_scale_inv float32
+    [ceil(out/b), ceil(in/b)] with value = E4M3(code) * scale_inv of its block. Scales are rounded to
+    bf16 so that every value (4 significant bits times 8) is exact in float32, however HF multiplies.
+    Returns (codes, scale_inv, dequantized float32)."""
+    rows, cols = w.shape
+    br, bc = -(-rows // block), -(-cols // block)
+    scales = np.zeros((br, bc), dtype=np.float32)
+    codes = np.zeros((rows, cols), dtype=np.uint8)
+    for i in range(br):
+        for j in range(bc):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].astype(np.float64)
+            amax = float(np.abs(blk).max())
+            s = float(round_bf16(np.array([amax / 448.0 if amax > 0 else 1.0], dtype=np.float32))[0])
+            # A bf16-rounded scale can fall below amax / 448: clip into range (saturating at 448).
+            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = encode_e4m3(np.clip(blk / s, -448.0, 448.0))
+            scales[i, j] = s
+    deq = decode_e4m3(codes) * np.repeat(np.repeat(scales.astype(np.float64), block, 0), block, 1)[:rows, :cols]
+    deq32 = deq.astype(np.float32)
+    require(bool(np.array_equal(deq32.astype(np.float64), deq)), "FP8 dequantized values not exact in float32")
+    return codes, scales, deq32
+
+
+def fp8_self_test() -> None:
+    """Checks the E4M3 codec on hand-made values before anything depends on it."""
+    require(decode_e4m3(np.array([0x7E], dtype=np.uint8))[0] == 448.0, "fp8 self-test: max normal is not 448")
+    require(decode_e4m3(np.array([0x01], dtype=np.uint8))[0] == 2.0**-9, "fp8 self-test: smallest subnormal")
+    require(decode_e4m3(np.array([0x38], dtype=np.uint8))[0] == 1.0, "fp8 self-test: 1.0 is 0x38")
+    # 1.0625 lies halfway between 1.0 (0x38, even) and 1.125 (0x39): ties go to the even code.
+    got = encode_e4m3(np.array([1.0625, 1.1875, -2.0, 0.0, 448.0, 2.0**-10]))
+    require(got.tolist() == [0x38, 0x3A, 0xC0, 0x00, 0x7E, 0x00], f"fp8 self-test: codes {[hex(v) for v in got]}")
+    all_codes = np.array([c for c in range(256) if (c & 0x7F) != 0x7F], dtype=np.uint8)
+    require(bool(np.array_equal(encode_e4m3(decode_e4m3(all_codes)) | 0, np.where(all_codes == 0x80, 0, all_codes))),
+            "fp8 self-test: decode then encode is not the identity")
+
+
 # --------------------------------------------------------------------------------------------
 # Minimal safetensors writer / reader (little endian, dtype-size ordered, 8-byte aligned)
 # --------------------------------------------------------------------------------------------
 
-_ST = {"F32": (np.dtype("<f4"), 4), "BF16": (np.dtype("<u2"), 2), "U8": (np.dtype("u1"), 1)}
+_ST = {"F32": (np.dtype("<f4"), 4), "BF16": (np.dtype("<u2"), 2), "U8": (np.dtype("u1"), 1), "F8_E4M3": (np.dtype("u1"), 1)}
 
 
 def st_bf16(x: np.ndarray) -> tuple[str, np.ndarray]:
@@ -483,6 +648,11 @@ def st_u8(x: np.ndarray) -> tuple[str, np.ndarray]:
 
 def st_f32(x: np.ndarray) -> tuple[str, np.ndarray]:
     return ("F32", np.asarray(x, dtype=np.float32))
+
+
+def st_fp8(codes: np.ndarray) -> tuple[str, np.ndarray]:
+    require(codes.dtype == np.uint8, "st_fp8: expected uint8 E4M3 codes")
+    return ("F8_E4M3", codes)
 
 
 def tensor_nbytes(t: tuple[str, np.ndarray]) -> int:
@@ -552,6 +722,8 @@ class Draw:
 
 
 def make_weights(spec: Spec, seed: int) -> dict:
+    if spec.family == "deepseek_v3":
+        return make_deepseek_weights(spec, seed)
     d = Draw(seed)
     H, V, nh, nkv, hd = spec.hidden, spec.vocab, spec.heads, spec.kv_heads, spec.hd
     E, I = spec.experts, spec.moe_inter
@@ -627,6 +799,136 @@ def make_weights(spec: Spec, seed: int) -> dict:
     return W
 
 
+# deepseek_v3 logical form, per layer: input_norm, post_norm [H];
+#   q [nh*qk, H] (q_lora_rank null) or q_a [r_q, H], q_a_norm [r_q], q_b [nh*qk, r_q];
+#   kv_a [r_kv + rope, H], kv_a_norm [r_kv], kv_b [nh*(nope + v), r_kv], o [H, nh*v];
+#   dense layers: gate/up [Id, H], down [H, Id];
+#   MoE layers: router [E, H], e_bias [E], gate/up [E, I, H], down [E, H, I],
+#               shared_gate/shared_up [S, H], shared_down [H, S] with S = n_shared * I;
+#   fp8: lw["fp8"][key] = (codes, scale_inv) of each projection (experts: stacked over E), whose
+#   logical value above is the exact dequantized one.
+
+
+def make_deepseek_weights(spec: Spec, seed: int) -> dict:
+    d = Draw(seed)
+    H, V, nh, E, I = spec.hidden, spec.vocab, spec.heads, spec.experts, spec.moe_inter
+    m = spec.mla
+    assert m is not None
+    nope, r, v, c, rq = m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["v_head_dim"], m["kv_lora_rank"], m["q_lora_rank"]
+    qk = nope + r
+    W: dict = {
+        "embed": d.bf16((V, H), 1.0),
+        "lm_head": d.bf16((V, H), 1.5 / math.sqrt(H)),
+        "final_norm": d.bf16((H,), 0.1, 1.0),
+        "layers": [],
+    }
+    for l in range(spec.layers):
+        fp8: dict = {}
+
+        def proj(key: str, shape: tuple, std: float) -> np.ndarray:
+            """A projection in the layer: bf16 values, or FP8 codes + block scales and their exact values."""
+            if spec.fp8_block is None:
+                return d.bf16(shape, std)
+            raw = d.raw(shape, std)
+            if len(shape) == 2:
+                codes, scales, deq = quantize_fp8_blocks(raw, spec.fp8_block)
+            else:
+                parts = [quantize_fp8_blocks(raw[j], spec.fp8_block) for j in range(shape[0])]
+                codes, scales, deq = (np.stack([p[i] for p in parts]) for i in range(3))
+            fp8[key] = (codes, scales)
+            return deq
+
+        lw: dict = {"input_norm": d.bf16((H,), 0.1, 1.0), "post_norm": d.bf16((H,), 0.1, 1.0), "fp8": fp8}
+        if rq is None:
+            lw["q"] = proj("q", (nh * qk, H), 1.0 / math.sqrt(H))
+        else:
+            lw["q_a"] = proj("q_a", (rq, H), 1.0 / math.sqrt(H))
+            lw["q_a_norm"] = d.bf16((rq,), 0.1, 1.0)
+            lw["q_b"] = proj("q_b", (nh * qk, rq), 1.0 / math.sqrt(rq))
+        lw["kv_a"] = proj("kv_a", (c + r, H), 1.0 / math.sqrt(H))
+        lw["kv_a_norm"] = d.bf16((c,), 0.1, 1.0)
+        lw["kv_b"] = proj("kv_b", (nh * (nope + v), c), 1.0 / math.sqrt(c))
+        lw["o"] = proj("o", (H, nh * v), 1.0 / math.sqrt(nh * v))
+        if not spec.is_sparse(l):
+            Id = spec.dense_inter
+            assert Id is not None
+            lw["mlp"] = "dense"
+            lw["gate"] = proj("gate", (Id, H), 1.0 / math.sqrt(H))
+            lw["up"] = proj("up", (Id, H), 1.0 / math.sqrt(H))
+            lw["down"] = proj("down", (H, Id), 1.0 / math.sqrt(Id))
+        else:
+            S = spec.n_shared * I
+            lw["mlp"] = "moe"
+            lw["router"] = d.bf16((E, H), 2.5 / math.sqrt(H))
+            # Small against the sigmoid scores, positive on average, both signs: it must move choices
+            # without every choice value turning negative.
+            lw["e_bias"] = d.bf16((E,), 0.05, 0.02)
+            lw["gate"] = proj("gate", (E, I, H), 1.0 / math.sqrt(H))
+            lw["up"] = proj("up", (E, I, H), 1.0 / math.sqrt(H))
+            lw["down"] = proj("down", (E, H, I), 1.0 / math.sqrt(I))
+            if S > 0:
+                lw["shared_gate"] = proj("shared_gate", (S, H), 1.0 / math.sqrt(H))
+                lw["shared_up"] = proj("shared_up", (S, H), 1.0 / math.sqrt(H))
+                lw["shared_down"] = proj("shared_down", (H, S), 1.0 / math.sqrt(S))
+        W["layers"].append(lw)
+    return W
+
+
+def deepseek_tensors(spec: Spec, W: dict, as_disk: bool) -> dict:
+    """deepseek_v3 tensors: on disk (per-expert or fused, FP8 codes + weight_scale_inv where set), or
+    as transformers 5 holds them after loading (fused experts, dequantized values)."""
+    out: dict = {}
+
+    def put(name: str, lw: dict | None, key: str, value: np.ndarray, index: int | None = None) -> None:
+        if not as_disk:
+            out[name] = np.asarray(value, dtype=np.float32)
+            return
+        fp8 = lw["fp8"].get(key) if lw is not None else None
+        if fp8 is None:
+            out[name] = st_bf16(value)
+            return
+        codes, scales = fp8
+        if index is not None:
+            codes, scales = codes[index], scales[index]
+        out[name] = st_fp8(np.ascontiguousarray(codes))
+        out[name + "_scale_inv"] = st_f32(np.ascontiguousarray(scales))
+
+    put("model.embed_tokens.weight", None, "", W["embed"])
+    put("model.norm.weight", None, "", W["final_norm"])
+    put("lm_head.weight", None, "", W["lm_head"])
+    for l, lw in enumerate(W["layers"]):
+        p = f"model.layers.{l}."
+        put(p + "input_layernorm.weight", None, "", lw["input_norm"])
+        put(p + "post_attention_layernorm.weight", None, "", lw["post_norm"])
+        at = p + "self_attn."
+        for key, name in (("q", "q_proj"), ("q_a", "q_a_proj"), ("q_b", "q_b_proj"), ("kv_a", "kv_a_proj_with_mqa"),
+                          ("kv_b", "kv_b_proj"), ("o", "o_proj")):
+            if key in lw:
+                put(at + name + ".weight", lw, key, lw[key])
+        for key, name in (("q_a_norm", "q_a_layernorm"), ("kv_a_norm", "kv_a_layernorm")):
+            if key in lw:
+                put(at + name + ".weight", None, "", lw[key])
+        if lw["mlp"] == "dense":
+            for k in ("gate", "up", "down"):
+                put(p + f"mlp.{k}_proj.weight", lw, k, lw[k])
+            continue
+        put(p + "mlp.gate.weight", None, "", lw["router"])
+        # DeepSeek ships the selection bias in float32; HF keeps it float32 (_keep_in_fp32_modules_strict).
+        out[p + "mlp.gate.e_score_correction_bias"] = st_f32(lw["e_bias"]) if as_disk else lw["e_bias"]
+        if spec.layout == "per_expert" and as_disk:
+            for j in range(spec.experts):
+                for k in ("gate", "up", "down"):
+                    put(p + f"mlp.experts.{j}.{k}_proj.weight", lw, k, lw[k][j], index=j)
+        else:
+            require(not (as_disk and spec.fp8_block is not None), f"{spec.name}: FP8 experts are written per expert")
+            put(p + "mlp.experts.gate_up_proj", lw, "", np.concatenate([lw["gate"], lw["up"]], axis=1))
+            put(p + "mlp.experts.down_proj", lw, "", lw["down"])
+        if "shared_gate" in lw:
+            for k in ("gate", "up", "down"):
+                put(p + f"mlp.shared_experts.{k}_proj.weight", lw, "shared_" + k, lw["shared_" + k])
+    return out
+
+
 def make_inputs(spec: Spec, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed + 1_000_003)
     return [[int(t) for t in rng.integers(0, spec.vocab, size=n)] for n in spec.seq_lengths]
@@ -665,6 +967,8 @@ def _attn_and_norm_tensors(spec: Spec, W: dict, as_disk: bool) -> dict:
 
 def disk_tensors(spec: Spec, W: dict) -> dict[str, tuple[str, np.ndarray]]:
     """The checkpoint exactly as written to the safetensors file(s)."""
+    if spec.family == "deepseek_v3":
+        return deepseek_tensors(spec, W, as_disk=True)
     out = _attn_and_norm_tensors(spec, W, as_disk=True)
     for l, lw in enumerate(W["layers"]):
         if lw["mlp"] != "moe":
@@ -717,6 +1021,8 @@ def expected_hf_params(spec: Spec, W: dict) -> dict[str, np.ndarray]:
     gpt_oss: mlp.router.{weight,bias}; mlp.experts.gate_up_proj [E,H,2I] (interleaved columns),
     gate_up_proj_bias [E,2I], down_proj [E,I,H], down_proj_bias [E,H] (`is_transposed` True).
     """
+    if spec.family == "deepseek_v3":
+        return deepseek_tensors(spec, W, as_disk=False)
     out = {k: np.asarray(v, dtype=np.float32) for k, v in _attn_and_norm_tensors(spec, W, as_disk=False).items()}
     for l, lw in enumerate(W["layers"]):
         if lw["mlp"] != "moe":
@@ -768,8 +1074,12 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def rope_inv_freq(spec: Spec) -> tuple[np.ndarray, float]:
-    d = spec.hd
+    d = spec.rope_dim
     theta = float(spec.rope["rope_theta"])
     idx = np.arange(0, d, 2, dtype=np.float64) / d
     if spec.rope.get("rope_type", "default") == "default":
@@ -792,7 +1102,13 @@ def rope_inv_freq(spec: Spec) -> tuple[np.ndarray, float]:
     ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
     extrap_factor = 1.0 - ramp
     inv = interp * (1.0 - extrap_factor) + extrap * extrap_factor
-    attn_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    mscale, mscale_all_dim = spec.rope.get("mscale"), spec.rope.get("mscale_all_dim")
+    if spec.rope.get("attention_factor") is not None:
+        attn_factor = float(spec.rope["attention_factor"])
+    elif mscale and mscale_all_dim:
+        attn_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+    else:
+        attn_factor = yarn_get_mscale(factor)
     return inv, attn_factor
 
 
@@ -869,6 +1185,81 @@ def _moe(spec: Spec, lw: dict, x: np.ndarray) -> tuple[np.ndarray, float]:
     return y, margin
 
 
+def _deinterleave(x: np.ndarray) -> np.ndarray:
+    """Rotary dims stored as pairs (2i, 2i+1) -> (i, i + d/2), as HF's apply_rotary_pos_emb_interleave."""
+    d = x.shape[-1]
+    return x.reshape(*x.shape[:-1], d // 2, 2).swapaxes(-1, -2).reshape(x.shape)
+
+
+def mla_softmax_scale(spec: Spec) -> float:
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under a scaled RoPE (DeepseekV3Attention)."""
+    scale = spec.hd ** -0.5
+    if spec.rope.get("rope_type", "default") != "default" and spec.rope.get("mscale_all_dim"):
+        scale *= yarn_get_mscale(float(spec.rope["factor"]), float(spec.rope["mscale_all_dim"])) ** 2
+    return scale
+
+
+def _mla_attention(spec: Spec, lw: dict, h: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Multi-head latent attention in HF's expanded form (keys and values per head from the latent)."""
+    L, nh = h.shape[0], spec.heads
+    m = spec.mla
+    nope, r, v, c = m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["v_head_dim"], m["kv_lora_rank"]
+    q = h @ lw["q"].T if "q" in lw else _rms(h @ lw["q_a"].T, lw["q_a_norm"], spec.eps) @ lw["q_b"].T
+    q = q.reshape(L, nh, nope + r).transpose(1, 0, 2)
+    q_pass, q_rot = q[..., :nope], q[..., nope:]
+    kva = h @ lw["kv_a"].T
+    kv = (_rms(kva[:, :c], lw["kv_a_norm"], spec.eps) @ lw["kv_b"].T).reshape(L, nh, nope + v).transpose(1, 0, 2)
+    k_pass, values = kv[..., :nope], kv[..., nope:]
+    k_rot = kva[None, :, c:]
+    if spec.interleaved_rope:
+        q_rot, k_rot = _deinterleave(q_rot), _deinterleave(k_rot)
+    q_rot, k_rot = _rope(q_rot, cos, sin), _rope(k_rot, cos, sin)
+    allowed = np.arange(L)[None, :] <= np.arange(L)[:, None]
+    scale = mla_softmax_scale(spec)
+    out = np.zeros((nh, L, v))
+    for head in range(nh):
+        s = (q_pass[head] @ k_pass[head].T + q_rot[head] @ k_rot[0].T) * scale
+        out[head] = _softmax(np.where(allowed, s, -np.inf)) @ values[head]
+    return out.transpose(1, 0, 2).reshape(L, nh * v) @ lw["o"].T
+
+
+def _grouped_moe(spec: Spec, lw: dict, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """DeepSeek-V3 routing (shared/refs/FORMATS.md) with HF's details: dropped groups' experts get a
+    choice of 0.0; weights are the sigmoid scores, renormalized (+1e-20) iff norm_topk_prob, times
+    routed_scaling_factor; shared experts added unweighted. The margin is the smaller of the k-th vs
+    (k+1)-th choice and of the last kept vs first dropped group score."""
+    scores = 1.0 / (1.0 + np.exp(-(x @ lw["router"].T)))
+    choice = scores + lw["e_bias"]
+    T, E = choice.shape
+    G, k = spec.n_group, spec.top_k
+    per = E // G
+    group_scores = np.sort(choice.reshape(T, G, per), axis=-1)[..., -2:].sum(axis=-1)
+    g_order = np.argsort(-group_scores, axis=1, kind="stable")
+    keep = np.zeros((T, G), dtype=bool)
+    np.put_along_axis(keep, g_order[:, : spec.topk_group], True, axis=1)
+    masked = np.where(np.repeat(keep, per, axis=1), choice, 0.0)
+    order = np.argsort(-masked, axis=1, kind="stable")
+    top = order[:, :k]
+    ranked = np.take_along_axis(masked, order, axis=1)
+    margin = float((ranked[:, k - 1] - ranked[:, k]).min())
+    if spec.topk_group < G:
+        g_ranked = np.take_along_axis(group_scores, g_order, axis=1)
+        margin = min(margin, float((g_ranked[:, spec.topk_group - 1] - g_ranked[:, spec.topk_group]).min()))
+    weights = np.take_along_axis(scores, top, axis=1)
+    if spec.norm_topk:
+        weights = weights / (weights.sum(axis=1, keepdims=True) + 1e-20)
+    weights = weights * spec.routed_scaling
+    y = np.zeros_like(x)
+    for t in range(T):
+        xt = x[t]
+        for slot in range(k):
+            e = int(top[t, slot])
+            y[t] += weights[t, slot] * (lw["down"][e] @ (_silu(lw["gate"][e] @ xt) * (lw["up"][e] @ xt)))
+    if "shared_gate" in lw:
+        y = y + (lw["shared_down"] @ (_silu(lw["shared_gate"] @ x.T) * (lw["shared_up"] @ x.T))).T
+    return y, margin
+
+
 def reference_forward(spec: Spec, W: dict, ids: list[int]) -> tuple[np.ndarray, float]:
     """Logits [L, V] (float64) and the smallest router top-k margin met on the way."""
     W64 = _to_f64(W)
@@ -879,13 +1270,14 @@ def reference_forward(spec: Spec, W: dict, ids: list[int]) -> tuple[np.ndarray, 
     x = W64["embed"][np.asarray(ids)]
     margin = math.inf
     for l, lw in enumerate(W64["layers"]):
-        x = x + _attention(spec, lw, _rms(x, lw["input_norm"], spec.eps), l, cos, sin)
+        hn = _rms(x, lw["input_norm"], spec.eps)
+        x = x + (_mla_attention(spec, lw, hn, cos, sin) if spec.mla is not None else _attention(spec, lw, hn, l, cos, sin))
         h = _rms(x, lw["post_norm"], spec.eps)
         if lw["mlp"] == "dense":
             y = lw["down"] @ (_silu(lw["gate"] @ h.T) * (lw["up"] @ h.T))
             x = x + y.T
         else:
-            y, m = _moe(spec, lw, h)
+            y, m = _grouped_moe(spec, lw, h) if spec.family == "deepseek_v3" else _moe(spec, lw, h)
             margin = min(margin, m)
             x = x + y
     return _rms(x, W64["final_norm"], spec.eps) @ W64["lm_head"].T, margin
@@ -905,11 +1297,57 @@ def _to_f64(obj):
 # config.json
 # --------------------------------------------------------------------------------------------
 
-ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 GPT_OSS_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
 
+def deepseek_config_kwargs(spec: Spec) -> dict:
+    """DeepseekV3Config arguments; every field the engine reads is explicit."""
+    m = spec.mla
+    kw = dict(
+        architectures=[ARCHITECTURES[spec.family]],
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.dense_inter,
+        moe_intermediate_size=spec.moe_inter,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        n_shared_experts=spec.n_shared,
+        n_routed_experts=spec.experts,
+        routed_scaling_factor=spec.routed_scaling,
+        kv_lora_rank=m["kv_lora_rank"],
+        q_lora_rank=m["q_lora_rank"],
+        qk_rope_head_dim=m["qk_rope_head_dim"],
+        v_head_dim=m["v_head_dim"],
+        qk_nope_head_dim=m["qk_nope_head_dim"],
+        n_group=spec.n_group,
+        topk_group=spec.topk_group,
+        num_experts_per_tok=spec.top_k,
+        first_k_dense_replace=spec.first_k_dense,
+        norm_topk_prob=spec.norm_topk,
+        hidden_act="silu",
+        max_position_embeddings=spec.max_pos,
+        initializer_range=0.02,
+        rms_norm_eps=spec.eps,
+        use_cache=True,
+        tie_word_embeddings=False,
+        rope_parameters=dict(spec.rope),
+        attention_bias=False,
+        attention_dropout=0.0,
+    )
+    if spec.rope_interleave is not None:
+        kw["rope_interleave"] = spec.rope_interleave
+    if spec.fp8_block is not None:
+        kw["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [spec.fp8_block, spec.fp8_block]}
+    return kw
+
+
 def config_kwargs(spec: Spec) -> dict:
+    if spec.family == "deepseek_v3":
+        return deepseek_config_kwargs(spec)
     common = dict(
         architectures=[ARCHITECTURES[spec.family]],
         vocab_size=spec.vocab,
@@ -992,6 +1430,10 @@ def released_style(cfg: dict, spec: Spec) -> dict:
         del d["head_dim"]
     if spec.family == "qwen3_moe" and "num_local_experts" in d:
         d["num_experts"] = d.pop("num_local_experts")
+    if spec.family == "deepseek_v3" and isinstance(d["rope_scaling"], dict):
+        # DeepSeek's own config.json names the RoPE kind "type", with the keys of DeepSeek's code.
+        d["rope_scaling"]["type"] = d["rope_scaling"].pop("rope_type")
+        d.update(scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1)
     if spec.family == "gpt_oss":
         d.setdefault("experts_per_token", spec.top_k)
         d.setdefault("initial_context_length", int(spec.rope.get("original_max_position_embeddings", 4096)))
@@ -1034,6 +1476,10 @@ def write_config(spec: Spec, folder: Path, dry_run: bool) -> tuple[dict, list[st
         if key not in cfg and aliases.get(key) not in cfg and key != "rope_parameters":
             cfg[key] = value
             notes.append(f"added {key!r} (missing from save_pretrained output)")
+    if spec.fp8_block is not None:
+        if cfg.get("quantization_config") != kwargs["quantization_config"]:
+            notes.append("quantization_config set to the generator's fp8 dict")
+        cfg["quantization_config"] = kwargs["quantization_config"]
     if spec.layout == "mxfp4":
         qc = cfg.get("quantization_config")
         if not isinstance(qc, dict) or qc.get("quant_method") != "mxfp4":
@@ -1072,12 +1518,22 @@ def effective_config(spec: Spec) -> dict:
             "qwen3_moe": "p = softmax(router logits) over all experts; top-k of p; divide by their sum iff norm_topk_prob",
             "mixtral": "p = softmax(router logits); top-k of p, divided by their sum (= softmax over the top-k logits)",
             "gpt_oss": "logits = W_r x + b_r; top-k logits; softmax over those k",
+            "deepseek_v3": "s = sigmoid(router logits); choice = s + e_score_correction_bias; keep the topk_group best of "
+            "n_group groups (score: sum of a group's top-2 choices), others' choices set to 0.0; top-k by choice; "
+            "weights = s of those (divided by their sum + 1e-20 iff norm_topk_prob) * routed_scaling_factor; "
+            "plus the shared experts, unweighted",
         }[spec.family],
-        "norm_topk_prob": spec.norm_topk if spec.family == "qwen3_moe" else None,
+        "norm_topk_prob": spec.norm_topk if spec.family in ("qwen3_moe", "deepseek_v3") else None,
         "sliding_window_per_layer": [spec.window_for_layer(l) for l in range(spec.layers)],
         "rope": dict(spec.rope),
         "max_position_embeddings": spec.max_pos,
         "tie_word_embeddings": False,
+        **({"mla": dict(spec.mla), "rope_dim": spec.rope_dim, "rope_interleave": spec.interleaved_rope,
+            "softmax_scale": mla_softmax_scale(spec), "n_group": spec.n_group, "topk_group": spec.topk_group,
+            "routed_scaling_factor": spec.routed_scaling, "n_shared_experts": spec.n_shared,
+            "first_k_dense_replace": spec.first_k_dense,
+            "fp8_weight_block_size": None if spec.fp8_block is None else [spec.fp8_block, spec.fp8_block]}
+           if spec.family == "deepseek_v3" else {}),
     }
 
 
@@ -1094,14 +1550,30 @@ def check_loaded_config(spec: Spec, cfg) -> list[str]:
     chk("num_hidden_layers", cfg.num_hidden_layers, spec.layers)
     chk("num_attention_heads", cfg.num_attention_heads, spec.heads)
     chk("num_key_value_heads", cfg.num_key_value_heads, spec.kv_heads)
-    chk("head_dim", getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, spec.hd)
+    # DeepseekV3Config sets head_dim = qk_rope_head_dim (the span of its RoPE table).
+    chk("head_dim", getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, spec.rope_dim)
     n_exp = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     chk("num_experts", n_exp, spec.experts)
     chk("num_experts_per_tok", cfg.num_experts_per_tok, spec.top_k)
     chk("tie_word_embeddings", bool(getattr(cfg, "tie_word_embeddings", False)), False)
     if abs(float(cfg.rms_norm_eps) - spec.eps) > 1e-12:
         problems.append(f"config rms_norm_eps: HF has {cfg.rms_norm_eps}, expected {spec.eps}")
-    if spec.family == "qwen3_moe":
+    if spec.family == "deepseek_v3":
+        m = spec.mla
+        chk("moe_intermediate_size", cfg.moe_intermediate_size, spec.moe_inter)
+        chk("intermediate_size", cfg.intermediate_size, spec.dense_inter)
+        chk("norm_topk_prob", bool(cfg.norm_topk_prob), spec.norm_topk)
+        for key in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            chk(key, getattr(cfg, key, None), m[key])
+        chk("qk_head_dim", getattr(cfg, "qk_head_dim", None), spec.hd)
+        chk("n_group", cfg.n_group, spec.n_group)
+        chk("topk_group", cfg.topk_group, spec.topk_group)
+        chk("n_shared_experts", cfg.n_shared_experts, spec.n_shared)
+        chk("first_k_dense_replace", cfg.first_k_dense_replace, spec.first_k_dense)
+        chk("rope_interleave", bool(getattr(cfg, "rope_interleave", True)), spec.interleaved_rope)
+        if abs(float(cfg.routed_scaling_factor) - spec.routed_scaling) > 1e-12:
+            problems.append(f"config routed_scaling_factor: HF has {cfg.routed_scaling_factor}, expected {spec.routed_scaling}")
+    elif spec.family == "qwen3_moe":
         chk("moe_intermediate_size", cfg.moe_intermediate_size, spec.moe_inter)
         chk("norm_topk_prob", bool(cfg.norm_topk_prob), spec.norm_topk)
         chk("mlp_only_layers", list(cfg.mlp_only_layers or []), spec.dense_layers)
@@ -1126,7 +1598,7 @@ def check_loaded_config(spec: Spec, cfg) -> list[str]:
             elif got != want:
                 problems.append(f"config rope_parameters[{key}]: HF has {got!r}, expected {want!r}")
         if spec.rope.get("rope_type") == "yarn":
-            chk("rope truncate", rp.get("truncate", True), spec.rope["truncate"])
+            chk("rope truncate", rp.get("truncate", True), spec.rope.get("truncate", True))
     else:
         problems.append(f"config rope_parameters has unexpected type {type(rp).__name__}: {rp!r}")
     return problems
@@ -1189,7 +1661,32 @@ def _as_dict(obj) -> dict:
     return {"value": obj}
 
 
-def load_hf_model(spec: Spec, folder: Path) -> tuple[object, dict]:
+def write_dequantized_shadow(spec: Spec, W: dict, folder: Path) -> Path:
+    """The FP8 checkpoint's exact dequantized values as float32 at the same names, without
+    quantization_config: what HF loads when its FP8 integration cannot dequantize on this machine."""
+    shadow = folder.parent / f".{folder.name}-dequantized"
+    if shadow.exists():
+        shutil.rmtree(shadow)
+    shadow.mkdir()
+    tensors = {}
+    for name, (dt, arr) in disk_tensors(spec, W).items():
+        if name.endswith("_scale_inv"):
+            continue
+        if dt == "F8_E4M3":
+            scales = disk_tensors(spec, W)[name + "_scale_inv"][1].astype(np.float64)
+            b = spec.fp8_block
+            full = np.repeat(np.repeat(scales, b, 0), b, 1)[: arr.shape[0], : arr.shape[1]]
+            tensors[name] = st_f32((decode_e4m3(arr) * full).astype(np.float32))
+        else:
+            tensors[name] = (dt, arr)
+    write_safetensors(shadow / "model.safetensors", tensors)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (shadow / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return shadow
+
+
+def load_hf_model(spec: Spec, folder: Path, W: dict | None = None) -> tuple[object, dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -1203,6 +1700,19 @@ def load_hf_model(spec: Spec, folder: Path) -> tuple[object, dict]:
             from transformers.utils.quantization_config import Mxfp4Config  # type: ignore
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
         info["from_pretrained_kwargs"].append("quantization_config=Mxfp4Config(dequantize=True)")
+    if spec.fp8_block is not None:
+        # HF's FP8 kernels need a GPU; dequantize=True (transformers >= 4.57) computes in float32 on the
+        # CPU. Without it, HF loads the exact dequantized values from a float32 copy of the checkpoint.
+        try:
+            from transformers import FineGrainedFP8Config
+
+            kwargs["quantization_config"] = FineGrainedFP8Config(weight_block_size=[spec.fp8_block] * 2, dequantize=True)
+            info["from_pretrained_kwargs"].append("quantization_config=FineGrainedFP8Config(dequantize=True)")
+        except (ImportError, TypeError) as exc:
+            assert W is not None
+            folder = write_dequantized_shadow(spec, W, folder)
+            info["fp8"] = f"loaded the float32 dequantized copy ({type(exc).__name__}: {exc})"
+            log(f"  FP8: HF cannot dequantize here ({exc}); loading the float32 dequantized copy")
     try:
         result = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except TypeError as exc:
@@ -1365,6 +1875,10 @@ def verify_written(folder: Path, files: list[str], tensors: dict[str, tuple[str,
             if dt == "BF16":
                 require(t.dtype == torch.bfloat16, f"{n}: safetensors dtype {t.dtype}")
                 ok = np.array_equal(t.float().numpy(), (arr.astype(np.uint32) << 16).view(np.float32))
+            elif dt == "F8_E4M3":
+                require(t.dtype == torch.float8_e4m3fn, f"{n}: safetensors dtype {t.dtype}")
+                ok = np.array_equal(t.view(torch.uint8).numpy(), arr) and np.array_equal(
+                    t.float().numpy().astype(np.float64), decode_e4m3(arr))
             else:
                 ok = np.array_equal(t.numpy(), arr)
             require(ok and list(t.shape) == list(arr.shape), f"{n}: safetensors.torch read-back mismatch")
@@ -1441,7 +1955,19 @@ def make_fixture(spec: Spec, out_root: Path, args) -> dict:
             ),
         }
 
+    if spec.fp8_block is not None:
+        scales = np.concatenate([sc.ravel() for lw in W["layers"] for _, sc in lw["fp8"].values()])
+        meta["fp8"] = {
+            "format": "F8_E4M3 codes + F32 weight_scale_inv per block; value = E4M3(code) * scale_inv; codes rounded "
+            "to nearest, ties to even; scale_inv = bf16(amax / 448) (values exact in float32)",
+            "weight_block_size": [spec.fp8_block, spec.fp8_block],
+            "fp8_tensors": int(sum(1 for _, (dt, _) in tensors.items() if dt == "F8_E4M3")),
+            "scale_range": [float(scales.min()), float(scales.max())],
+        }
     if args.dry_run:
+        # The float64 reference's logits (rounded to float32): what CI holds the CPU backend to
+        # until HF's logits for the same checkpoint exist (packages/core/test/fixtures/reference).
+        write_safetensors(folder / "reference_logits.safetensors", {f"logits.{i}": st_f32(r) for i, r in enumerate(refs)})
         meta["dry_run"] = True
         meta["reference_logits_max_abs"] = float(max(np.abs(r).max() for r in refs))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -1457,7 +1983,7 @@ def make_fixture(spec: Spec, out_root: Path, args) -> dict:
     require(not problems, f"{spec.name}: AutoConfig read config.json differently:\n    " + "\n    ".join(problems))
 
     # 5. Load through HF and compare every parameter.
-    model, load_info = load_hf_model(spec, folder)
+    model, load_info = load_hf_model(spec, folder, W)
     problems = check_loaded_config(spec, model.config)
     require(not problems, f"{spec.name}: model.config differs:\n    " + "\n    ".join(problems))
     expected = expected_hf_params(spec, W)
@@ -1532,6 +2058,8 @@ def main(argv: list[str]) -> int:
     log(f"moeflash golden fixtures -> {out_root}")
     mxfp4_self_test()
     log("MXFP4 quantizer self-test passed")
+    fp8_self_test()
+    log("FP8 E4M3 codec self-test passed")
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     if not args.dry_run:
         import torch

@@ -46,6 +46,17 @@ const SYNTH: { name: string; preset: string; mxfp4?: boolean; overrides: Record<
     preset: 'qwen3-30b-a3b',
     overrides: { vocab_size: 256, hidden_size: 64, moe_intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, num_experts: 4, num_experts_per_tok: 2, bos_token_id: null, eos_token_id: 255 },
   },
+  {
+    // FP8 per-expert layout with latent attention, shared experts, one dense layer; an MTP layer
+    // declared but not stored.
+    name: 'synth-deepseek-v3-fp8',
+    preset: 'deepseek-v3',
+    overrides: {
+      vocab_size: 256, hidden_size: 64, intermediate_size: 96, moe_intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 2,
+      num_key_value_heads: 2, q_lora_rank: 24, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 12,
+      n_routed_experts: 4, n_group: 2, topk_group: 1, num_experts_per_tok: 2, first_k_dense_replace: 1, eos_token_id: 255,
+    },
+  },
 ];
 
 async function loadBases(): Promise<Base[]> {

@@ -176,7 +176,7 @@ describe('published configs', () => {
   });
 
   it('lists the supported model types', () => {
-    expect([...SUPPORTED_MODEL_TYPES].sort()).toEqual(['gpt_oss', 'mixtral', 'qwen3_moe']);
+    expect([...SUPPORTED_MODEL_TYPES].sort()).toEqual(['deepseek_v3', 'gpt_oss', 'mixtral', 'qwen3_moe']);
   });
 });
 

@@ -694,6 +694,7 @@ function checkSupported(spec: ModelSpec): void {
   const bad = (why: string) => {
     throw new MoeflashError('CONFIG_UNSUPPORTED', `the CUDA backend cannot run ${spec.source}: ${why}; use the CPU backend (--backend cpu)`);
   };
+  if (spec.family === 'deepseek_v3') bad('the deepseek_v3 family (latent attention, grouped sigmoid routing, shared experts) has no CUDA kernels yet');
   if (spec.hiddenSize % 8 !== 0) bad(`hidden_size ${spec.hiddenSize} is not a multiple of 8`);
   if ((a.numHeads * a.headDim) % 8 !== 0) bad(`num_heads * head_dim ${a.numHeads * a.headDim} is not a multiple of 8`);
   if (a.rope.rotaryDim % 2 !== 0 || a.rope.rotaryDim > a.headDim) bad(`rotary dim ${a.rope.rotaryDim} must be even and <= head_dim`);

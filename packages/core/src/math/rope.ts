@@ -59,3 +59,19 @@ export function applyRope(v: Float32Array, offset: number, position: number, tab
     v[offset + i + half] = x2 * c + x1 * s;
   }
 }
+
+/**
+ * HF `apply_rotary_pos_emb_interleave`'s reordering (deepseek_v3 with `rope_interleave`): rotary
+ * dims stored as pairs (2i, 2i+1) move to (i, i + dim/2), after which {@link applyRope} rotates
+ * them. Queries and keys are reordered alike, so their dot products are those of rotating each
+ * stored pair; doing it HF's way keeps the order of terms in those dot products HF's as well.
+ * `scratch` holds at least `dim` values.
+ */
+export function deinterleaveRotary(v: Float32Array, offset: number, dim: number, scratch: Float32Array): void {
+  const half = dim / 2;
+  for (let i = 0; i < half; i++) {
+    scratch[i] = v[offset + 2 * i];
+    scratch[half + i] = v[offset + 2 * i + 1];
+  }
+  v.set(scratch.subarray(0, dim), offset);
+}

@@ -1,4 +1,5 @@
 import type { MoeSpec } from '../model/spec.js';
+import { sigmoid } from './activations.js';
 
 /** The experts one token goes to and the weight of each. */
 export interface Routing {
@@ -8,9 +9,11 @@ export interface Routing {
 
 /**
  * Router logits -> top-k experts and their weights (refs/FORMATS.md, "Routing").
- * Ties in top-k go to the lower expert index.
+ * Ties in top-k go to the lower expert index. `correctionBias` is deepseek_v3's
+ * `e_score_correction_bias` (rule `sigmoid_grouped_topk` only; null reads as zeros).
  */
-export function route(logits: Float32Array, moe: MoeSpec): Routing {
+export function route(logits: Float32Array, moe: MoeSpec, correctionBias: Float32Array | null = null): Routing {
+  if (moe.rule === 'sigmoid_grouped_topk') return routeGrouped(logits, moe, correctionBias);
   const e = moe.numExperts;
   const k = moe.topK;
   const scores = new Float64Array(e);
@@ -56,4 +59,47 @@ export function topK(values: ArrayLike<number>, k: number): Int32Array {
     out[j] = i;
   }
   return out;
+}
+
+/**
+ * DeepSeek-V3's router, in float32 where HF is (`DeepseekV3MoE.route_tokens_to_experts`):
+ *   s = sigmoid(logits); choice = s + e_score_correction_bias;
+ *   a group's score is the sum of its two largest choice values; the `topkGroups` best groups stay;
+ *   the top-k experts by choice among them are taken (the bias steers selection only);
+ *   weights = s of those experts, divided by their sum (+1e-20) when `normTopkProb`, times
+ *   `routedScalingFactor`.
+ * HF masks the experts of dropped groups with a choice of 0.0, not -infinity, so an expert there
+ * can outrank a kept one whose choice is negative (possible with a negative bias): kept as HF has it.
+ */
+export function routeGrouped(logits: Float32Array, moe: MoeSpec, correctionBias: Float32Array | null): Routing {
+  const e = moe.numExperts;
+  const k = moe.topK;
+  const g = moe.grouped;
+  if (!g) throw new Error('routeGrouped: the spec has no grouped routing (rule sigmoid_grouped_topk needs moe.grouped)');
+  const scores = new Float64Array(e);
+  const choice = new Float64Array(e);
+  for (let i = 0; i < e; i++) {
+    scores[i] = Math.fround(sigmoid(logits[i]));
+    choice[i] = Math.fround(scores[i] + (correctionBias ? correctionBias[i] : 0));
+  }
+  const perGroup = e / g.numGroups;
+  const groupScores = new Float64Array(g.numGroups);
+  for (let grp = 0; grp < g.numGroups; grp++) {
+    const [a, b] = topK(choice.subarray(grp * perGroup, (grp + 1) * perGroup), 2);
+    groupScores[grp] = Math.fround(choice[grp * perGroup + a] + choice[grp * perGroup + b]);
+  }
+  const masked = new Float64Array(e);
+  for (const grp of topK(groupScores, g.topkGroups)) {
+    for (let i = grp * perGroup; i < (grp + 1) * perGroup; i++) masked[i] = choice[i];
+  }
+  const experts = topK(masked, k);
+  const weights = new Float32Array(k);
+  let sum = 0;
+  for (let j = 0; j < k; j++) sum = Math.fround(sum + scores[experts[j]]);
+  const denom = Math.fround(sum + 1e-20);
+  for (let j = 0; j < k; j++) {
+    const w = moe.normTopkProb ? Math.fround(scores[experts[j]] / denom) : scores[experts[j]];
+    weights[j] = w * g.routedScalingFactor;
+  }
+  return { experts, weights };
 }

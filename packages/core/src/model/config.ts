@@ -7,6 +7,7 @@ import { resolve } from 'node:path';
 import { MoeflashError } from '../errors.js';
 import type { ModelFamily, ModelSpec } from './spec.js';
 import { ConfigFields, describeValue, invalidConfig, isPlainObject, unsupportedConfig } from './fields.js';
+import { parseDeepseekV3 } from './families/deepseek-v3.js';
 import { parseGptOss } from './families/gpt-oss.js';
 import { parseMixtral } from './families/mixtral.js';
 import { parseQwen3Moe } from './families/qwen3-moe.js';
@@ -15,7 +16,14 @@ const PARSERS: ReadonlyMap<string, (f: ConfigFields) => ModelSpec> = new Map<Mod
   ['qwen3_moe', parseQwen3Moe],
   ['mixtral', parseMixtral],
   ['gpt_oss', parseGptOss],
+  ['deepseek_v3', parseDeepseekV3],
 ]);
+
+/**
+ * `model_type` values of other names for a family's architecture: Kimi-K2 ships `kimi_k2` with
+ * DeepseekV3ForCausalLM and DeepSeek-V3's config keys.
+ */
+const ALIASES: ReadonlyMap<string, ModelFamily> = new Map<string, ModelFamily>([['kimi_k2', 'deepseek_v3']]);
 
 /** The HF `model_type` values {@link parseModelConfig} accepts. */
 export const SUPPORTED_MODEL_TYPES: readonly ModelFamily[] = [...PARSERS.keys()] as ModelFamily[];
@@ -35,7 +43,7 @@ export function parseModelConfig(json: unknown, source: string): ModelSpec {
   }
   const f = new ConfigFields(json, source);
   const modelType = f.requireString('model_type');
-  const parse = PARSERS.get(modelType);
+  const parse = PARSERS.get(ALIASES.get(modelType) ?? modelType);
   if (parse === undefined) {
     throw unsupportedConfig(
       source,

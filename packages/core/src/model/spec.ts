@@ -4,7 +4,7 @@
  */
 
 /** Model families moeflash runs (HF `model_type`). */
-export type ModelFamily = 'qwen3_moe' | 'mixtral' | 'gpt_oss';
+export type ModelFamily = 'qwen3_moe' | 'mixtral' | 'gpt_oss' | 'deepseek_v3';
 
 /** Rotary position embedding parameters. */
 export interface RopeSpec {
@@ -42,6 +42,34 @@ export interface AttentionSpec {
   scale: number;
   rope: RopeSpec;
   maxPositionEmbeddings: number;
+  /**
+   * Multi-head latent attention (deepseek_v3). Then `headDim` is the query/key head width
+   * (qk_nope_head_dim + qk_rope_head_dim), `numKvHeads` equals `numHeads`, `rope.rotaryDim` is
+   * qk_rope_head_dim (the trailing dims of each query head, and one key part shared by all heads),
+   * and `scale` includes YaRN's mscale_all_dim correction.
+   */
+  mla?: MlaSpec;
+}
+
+/**
+ * DeepSeek-V2/V3 multi-head latent attention: keys and values of all heads come from one
+ * compressed latent per token (kv_lora_rank wide, RMS-normed) plus one rotary key part shared by
+ * the heads, which is all a KV cache has to hold.
+ */
+export interface MlaSpec {
+  /** Width of the query's low-rank bottleneck (q_a_proj, q_a_layernorm, q_b_proj); null: one q_proj. */
+  qLoraRank: number | null;
+  kvLoraRank: number;
+  /** Query/key dims per head without rotary position (compared through the latent). */
+  qkNopeHeadDim: number;
+  /** Query/key dims per head that rotate (the key part is shared by every head). */
+  qkRopeHeadDim: number;
+  vHeadDim: number;
+  /**
+   * HF `rope_interleave` (default true): the rotary dims come as pairs (2i, 2i+1), which HF
+   * de-interleaves to (i, i + d/2) before its rotate-half RoPE.
+   */
+  ropeInterleave: boolean;
 }
 
 /** How router logits become expert weights (exact formulas: refs/FORMATS.md, "Routing"). */
@@ -49,7 +77,13 @@ export type RoutingRule =
   /** softmax over all experts, then top-k of the probabilities (Qwen3-MoE). */
   | 'softmax_then_topk'
   /** top-k of the logits, then softmax over those k (Mixtral, gpt-oss). */
-  | 'topk_then_softmax';
+  | 'topk_then_softmax'
+  /**
+   * DeepSeek-V3: s = sigmoid(logits); experts are chosen by s + e_score_correction_bias inside the
+   * best `topkGroups` of `numGroups` groups; weights are the chosen s (renormalized when
+   * `normTopkProb`) times `routedScalingFactor`. See {@link GroupedRouting}.
+   */
+  | 'sigmoid_grouped_topk';
 
 /** Expert MLP activation. */
 export type ExpertActivation =
@@ -71,6 +105,23 @@ export interface MoeSpec {
   /** Hidden width of one expert. */
   intermediateSize: number;
   activation: ExpertActivation;
+  /** Rule `sigmoid_grouped_topk` only. */
+  grouped?: GroupedRouting;
+  /**
+   * Experts every token goes through besides the routed ones (DeepSeek's `n_shared_experts`), run
+   * as one SwiGLU MLP of `count * intermediateSize` width and added unweighted.
+   */
+  sharedExperts?: { count: number; intermediateSize: number };
+}
+
+/** DeepSeek-V3's grouped top-k (HF `DeepseekV3MoE.route_tokens_to_experts`). */
+export interface GroupedRouting {
+  /** `n_group`: the experts split into this many equal groups, in index order. */
+  numGroups: number;
+  /** `topk_group`: experts are chosen only inside this many groups (ranked by their top-2 sum). */
+  topkGroups: number;
+  /** Multiplies the routed experts' weights. */
+  routedScalingFactor: number;
 }
 
 /** One decoder layer. */
@@ -96,6 +147,12 @@ export interface ModelSpec {
   /** Width of dense (non-MoE) MLP layers, when any layer is dense. */
   denseIntermediateSize: number | null;
   layers: LayerSpec[];
+  /**
+   * Multi-token-prediction layers stored after the decoder layers (deepseek_v3's
+   * `num_nextn_predict_layers`, as `model.layers.{numLayers + i}.*`): not part of the forward pass,
+   * so loaders skip them. Absent: none.
+   */
+  mtpLayers?: number;
   bosTokenId: number | null;
   /** End-of-sequence ids from config.json (generation_config.json may add more). */
   eosTokenIds: number[];

@@ -55,6 +55,17 @@ function expertTensors(spec: ModelSpec, src: WeightSource, l: number): ExpectedT
   const router = routerPrefix(spec, src, layout.prefix);
   out.push({ name: `${router}.weight`, shapes: [[E, H]], kind: 'float', why: `the router of a MoE layer (${why})` });
   if (spec.moe.routerBias) out.push({ name: `${router}.bias`, shapes: [[E]], kind: 'float', why: `a ${spec.family} router carries a bias` });
+  if (spec.moe.rule === 'sigmoid_grouped_topk') {
+    out.push({ name: `${router}.e_score_correction_bias`, shapes: [[E]], kind: 'float', why: `the ${spec.family} router's expert-selection bias (n_routed_experts ${E})` });
+  }
+  const shared = spec.moe.sharedExperts;
+  if (shared) {
+    const S = shared.count * shared.intermediateSize;
+    const sw = `n_shared_experts ${shared.count} x moe_intermediate_size ${shared.intermediateSize}, hidden_size ${H}`;
+    out.push({ name: `${layout.prefix}.shared_experts.gate_proj.weight`, shapes: [[S, H]], kind: 'float', why: sw });
+    out.push({ name: `${layout.prefix}.shared_experts.up_proj.weight`, shapes: [[S, H]], kind: 'float', why: sw });
+    out.push({ name: `${layout.prefix}.shared_experts.down_proj.weight`, shapes: [[H, S]], kind: 'float', why: sw });
+  }
 
   if (layout.kind === 'per-expert') {
     const [g, u, d] = layout.names;
@@ -97,6 +108,29 @@ function expertTensors(spec: ModelSpec, src: WeightSource, l: number): ExpectedT
  *
  * @throws MoeflashError `WEIGHTS_MISSING` when a MoE layer has no experts in any known layout
  */
+/** deepseek_v3's latent attention (DeepseekV3Attention's modules). */
+function mlaTensors(spec: ModelSpec, at: string): ExpectedTensor[] {
+  const H = spec.hiddenSize;
+  const a = spec.attention;
+  const m = a.mla!;
+  const qDim = a.numHeads * a.headDim;
+  const dims = `num_attention_heads ${a.numHeads}, qk_nope_head_dim ${m.qkNopeHeadDim}, qk_rope_head_dim ${m.qkRopeHeadDim}, v_head_dim ${m.vHeadDim}, kv_lora_rank ${m.kvLoraRank}, hidden_size ${H}`;
+  const t: ExpectedTensor[] = [];
+  if (m.qLoraRank === null) {
+    t.push({ name: `${at}.q_proj.weight`, shapes: [[qDim, H]], kind: 'float', why: `q_lora_rank is null (${dims})` });
+  } else {
+    const why = `q_lora_rank ${m.qLoraRank} (${dims})`;
+    t.push({ name: `${at}.q_a_proj.weight`, shapes: [[m.qLoraRank, H]], kind: 'float', why });
+    t.push({ name: `${at}.q_a_layernorm.weight`, shapes: [[m.qLoraRank]], kind: 'float', why });
+    t.push({ name: `${at}.q_b_proj.weight`, shapes: [[qDim, m.qLoraRank]], kind: 'float', why });
+  }
+  t.push({ name: `${at}.kv_a_proj_with_mqa.weight`, shapes: [[m.kvLoraRank + m.qkRopeHeadDim, H]], kind: 'float', why: dims });
+  t.push({ name: `${at}.kv_a_layernorm.weight`, shapes: [[m.kvLoraRank]], kind: 'float', why: dims });
+  t.push({ name: `${at}.kv_b_proj.weight`, shapes: [[a.numHeads * (m.qkNopeHeadDim + m.vHeadDim), m.kvLoraRank]], kind: 'float', why: dims });
+  t.push({ name: `${at}.o_proj.weight`, shapes: [[H, a.numHeads * m.vHeadDim]], kind: 'float', why: dims });
+  return t;
+}
+
 export function expectedTensors(spec: ModelSpec, src: WeightSource): ExpectedCheckpoint {
   const H = spec.hiddenSize;
   const V = spec.vocabSize;
@@ -121,11 +155,17 @@ export function expectedTensors(spec: ModelSpec, src: WeightSource): ExpectedChe
     const t: ExpectedTensor[] = [
       { name: `${p}.input_layernorm.weight`, shapes: [[H]], kind: 'float', why: 'every layer has an input norm' },
       { name: `${p}.post_attention_layernorm.weight`, shapes: [[H]], kind: 'float', why: 'every layer has a post-attention norm' },
-      { name: `${at}.q_proj.weight`, shapes: [[qDim, H]], kind: 'float', why: heads },
-      { name: `${at}.k_proj.weight`, shapes: [[kvDim, H]], kind: 'float', why: heads },
-      { name: `${at}.v_proj.weight`, shapes: [[kvDim, H]], kind: 'float', why: heads },
-      { name: `${at}.o_proj.weight`, shapes: [[H, qDim]], kind: 'float', why: heads },
     ];
+    if (a.mla) {
+      t.push(...mlaTensors(spec, at));
+    } else {
+      t.push(
+        { name: `${at}.q_proj.weight`, shapes: [[qDim, H]], kind: 'float', why: heads },
+        { name: `${at}.k_proj.weight`, shapes: [[kvDim, H]], kind: 'float', why: heads },
+        { name: `${at}.v_proj.weight`, shapes: [[kvDim, H]], kind: 'float', why: heads },
+        { name: `${at}.o_proj.weight`, shapes: [[H, qDim]], kind: 'float', why: heads },
+      );
+    }
     if (a.bias) {
       const why = 'config.json sets attention_bias (or the family always has attention biases)';
       t.push({ name: `${at}.q_proj.bias`, shapes: [[qDim]], kind: 'float', why });
@@ -140,7 +180,7 @@ export function expectedTensors(spec: ModelSpec, src: WeightSource): ExpectedChe
     if (a.sinks) t.push({ name: `${at}.sinks`, shapes: [[a.numHeads]], kind: 'float', why: `${spec.family} attention has one sink logit per head` });
     if (spec.layers[l].mlp === 'dense') {
       const I = spec.denseIntermediateSize!;
-      const why = `layer ${l} is dense (mlp_only_layers / decoder_sparse_step), intermediate_size ${I}`;
+      const why = `layer ${l} is dense (${spec.family === 'deepseek_v3' ? 'first_k_dense_replace' : 'mlp_only_layers / decoder_sparse_step'}), intermediate_size ${I}`;
       t.push({ name: `${p}.mlp.gate_proj.weight`, shapes: [[I, H]], kind: 'float', why });
       t.push({ name: `${p}.mlp.up_proj.weight`, shapes: [[I, H]], kind: 'float', why });
       t.push({ name: `${p}.mlp.down_proj.weight`, shapes: [[H, I]], kind: 'float', why });

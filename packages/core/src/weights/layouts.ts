@@ -1,8 +1,10 @@
 import { MoeflashError } from '../errors.js';
 import type { MlpWeights } from '../math/experts.js';
+import { splitKvB, type MlaWeights } from '../math/mla.js';
 import type { ModelSpec } from '../model/spec.js';
 import type { LoadProgress } from '../backends/backend.js';
 import { dequantizeMxfp4Rows } from './mxfp4.js';
+import { mtpTensorNames } from './mtp.js';
 import type { WeightSource } from './tensor.js';
 
 /**
@@ -19,9 +21,21 @@ export interface AttentionWeights {
 export interface LayerWeights {
   inputNorm: Float32Array;
   postAttnNorm: Float32Array;
+  /**
+   * Grouped-query attention (every family but deepseek_v3). Where {@link mla} holds the layer's
+   * attention this is {@link NO_ATTENTION}, all arrays empty.
+   */
   attn: AttentionWeights;
-  router: { weight: Float32Array; bias: Float32Array | null } | null;
+  /** Multi-head latent attention (deepseek_v3), else null. */
+  mla: MlaWeights | null;
+  /**
+   * `bias` joins the logits (gpt-oss); `correctionBias` (deepseek_v3's `e_score_correction_bias`)
+   * only steers which experts are chosen.
+   */
+  router: { weight: Float32Array; bias: Float32Array | null; correctionBias?: Float32Array | null } | null;
   experts: MlpWeights[] | null;
+  /** Shared experts every token goes through (deepseek_v3), as one MLP. */
+  shared?: MlpWeights | null;
   dense: MlpWeights | null;
 }
 
@@ -31,6 +45,12 @@ export interface ModelWeights {
   finalNorm: Float32Array;
   layers: LayerWeights[];
 }
+
+/** The `attn` of a latent-attention layer: no grouped-query weights (zero-length arrays). */
+export const NO_ATTENTION: Readonly<AttentionWeights> = Object.freeze({
+  q: new Float32Array(0), k: new Float32Array(0), v: new Float32Array(0), o: new Float32Array(0),
+  qBias: null, kBias: null, vBias: null, oBias: null, qNorm: null, kNorm: null, sinks: null,
+});
 
 /** Where a layer's MoE block keeps its experts, and in which form. */
 export type ExpertLayout =
@@ -136,17 +156,28 @@ class Reader {
 }
 
 /** The tensors a load will read, to size progress reports before reading. */
-function tensorsToRead(src: WeightSource): string[] {
-  return src.names().filter((n) => !n.includes('rotary_emb'));
+function tensorsToRead(src: WeightSource, skipped: ReadonlySet<string>): string[] {
+  return src.names().filter((n) => !n.includes('rotary_emb') && !skipped.has(n));
 }
 
-/** Reads a checkpoint of any supported family and layout into canonical float32 weights. */
+/**
+ * Reads a checkpoint of any supported family and layout into canonical float32 weights.
+ * Multi-token-prediction layers stored with the model are skipped, with one `log` line.
+ */
 export async function loadModelWeights(
   spec: ModelSpec,
   src: WeightSource,
   onProgress?: (p: LoadProgress) => void,
+  log?: (line: string) => void,
 ): Promise<ModelWeights> {
-  const names = tensorsToRead(src);
+  const mtp = mtpTensorNames(spec, src);
+  if (mtp.length > 0) {
+    log?.(
+      `moeflash: ignoring ${mtp.length} tensors of the multi-token-prediction layer${spec.mtpLayers === 1 ? '' : 's'} ` +
+        `(model.layers.${spec.numLayers}${spec.mtpLayers === 1 ? '' : `..${spec.numLayers + spec.mtpLayers! - 1}`}, num_nextn_predict_layers ${spec.mtpLayers}): they are not part of the forward pass`,
+    );
+  }
+  const names = tensorsToRead(src, new Set(mtp));
   const total = names.reduce((s, n) => s + src.info(n).byteLength, 0);
   const q = spec.quantization;
   const fp8Block = q?.method === 'fp8' ? q.weightBlockSize : q?.dense?.weightBlockSize;
@@ -154,8 +185,6 @@ export async function loadModelWeights(
   const H = spec.hiddenSize;
   const V = spec.vocabSize;
   const a = spec.attention;
-  const qDim = a.numHeads * a.headDim;
-  const kvDim = a.numKvHeads * a.headDim;
 
   const embed = await rd.float('model.embed_tokens.weight', [V, H]);
   const finalNorm = await rd.float('model.norm.weight', [H]);
@@ -170,7 +199,63 @@ export async function loadModelWeights(
   for (let l = 0; l < spec.numLayers; l++) {
     const p = `model.layers.${l}`;
     const at = `${p}.self_attn`;
-    const attn: AttentionWeights = {
+    const layer: LayerWeights = {
+      inputNorm: await rd.float(`${p}.input_layernorm.weight`, [H]),
+      postAttnNorm: await rd.float(`${p}.post_attention_layernorm.weight`, [H]),
+      attn: a.mla ? NO_ATTENTION : await loadAttention(rd, spec, at),
+      mla: a.mla ? await loadMla(rd, spec, at) : null,
+      router: null,
+      experts: null,
+      dense: null,
+    };
+    if (spec.layers[l].mlp === 'dense') {
+      const I = spec.denseIntermediateSize!;
+      layer.dense = await loadMlp(rd, `${p}.mlp`, I, H);
+    } else {
+      const layout = detectExpertLayout(src, l);
+      layer.router = await loadRouter(rd, spec, layout.prefix);
+      layer.experts = await loadExperts(rd, spec, layout);
+      const shared = spec.moe.sharedExperts;
+      if (shared) layer.shared = await loadMlp(rd, `${layout.prefix}.shared_experts`, shared.count * shared.intermediateSize, H);
+    }
+    layers.push(layer);
+  }
+  return { embed, lmHead, finalNorm, layers };
+}
+
+/** A SwiGLU MLP stored as `{prefix}.{gate,up,down}_proj.weight` (dense layers, shared experts). */
+async function loadMlp(rd: Reader, prefix: string, inter: number, hidden: number): Promise<MlpWeights> {
+  return {
+    gate: await rd.float(`${prefix}.gate_proj.weight`, [inter, hidden]),
+    up: await rd.float(`${prefix}.up_proj.weight`, [inter, hidden]),
+    down: await rd.float(`${prefix}.down_proj.weight`, [hidden, inter]),
+    gateBias: null, upBias: null, downBias: null, inter, hidden,
+  };
+}
+
+/** deepseek_v3's latent attention projections (names as HF's DeepseekV3Attention has them). */
+async function loadMla(rd: Reader, spec: ModelSpec, at: string): Promise<MlaWeights> {
+  const H = spec.hiddenSize;
+  const a = spec.attention;
+  const m = a.mla!;
+  const qDim = a.numHeads * a.headDim;
+  const q = m.qLoraRank === null ? await rd.float(`${at}.q_proj.weight`, [qDim, H]) : null;
+  const qA = m.qLoraRank === null ? null : await rd.float(`${at}.q_a_proj.weight`, [m.qLoraRank, H]);
+  const qANorm = m.qLoraRank === null ? null : await rd.float(`${at}.q_a_layernorm.weight`, [m.qLoraRank]);
+  const qB = m.qLoraRank === null ? null : await rd.float(`${at}.q_b_proj.weight`, [qDim, m.qLoraRank]);
+  const kvA = await rd.float(`${at}.kv_a_proj_with_mqa.weight`, [m.kvLoraRank + m.qkRopeHeadDim, H]);
+  const kvANorm = await rd.float(`${at}.kv_a_layernorm.weight`, [m.kvLoraRank]);
+  const kvB = await rd.float(`${at}.kv_b_proj.weight`, [a.numHeads * (m.qkNopeHeadDim + m.vHeadDim), m.kvLoraRank]);
+  const o = await rd.float(`${at}.o_proj.weight`, [H, a.numHeads * m.vHeadDim]);
+  return { q, qA, qANorm, qB, kvA, kvANorm, ...splitKvB(kvB, a.numHeads, m), o };
+}
+
+async function loadAttention(rd: Reader, spec: ModelSpec, at: string): Promise<AttentionWeights> {
+  const H = spec.hiddenSize;
+  const a = spec.attention;
+  const qDim = a.numHeads * a.headDim;
+  const kvDim = a.numKvHeads * a.headDim;
+  return {
       q: await rd.float(`${at}.q_proj.weight`, [qDim, H]),
       k: await rd.float(`${at}.k_proj.weight`, [kvDim, H]),
       v: await rd.float(`${at}.v_proj.weight`, [kvDim, H]),
@@ -182,31 +267,7 @@ export async function loadModelWeights(
       qNorm: a.qkNorm ? await rd.float(`${at}.q_norm.weight`, [a.headDim]) : null,
       kNorm: a.qkNorm ? await rd.float(`${at}.k_norm.weight`, [a.headDim]) : null,
       sinks: a.sinks ? await rd.float(`${at}.sinks`, [a.numHeads]) : null,
-    };
-    const layer: LayerWeights = {
-      inputNorm: await rd.float(`${p}.input_layernorm.weight`, [H]),
-      postAttnNorm: await rd.float(`${p}.post_attention_layernorm.weight`, [H]),
-      attn,
-      router: null,
-      experts: null,
-      dense: null,
-    };
-    if (spec.layers[l].mlp === 'dense') {
-      const I = spec.denseIntermediateSize!;
-      layer.dense = {
-        gate: await rd.float(`${p}.mlp.gate_proj.weight`, [I, H]),
-        up: await rd.float(`${p}.mlp.up_proj.weight`, [I, H]),
-        down: await rd.float(`${p}.mlp.down_proj.weight`, [H, I]),
-        gateBias: null, upBias: null, downBias: null, inter: I, hidden: H,
-      };
-    } else {
-      const layout = detectExpertLayout(src, l);
-      layer.router = await loadRouter(rd, spec, layout.prefix);
-      layer.experts = await loadExperts(rd, spec, layout);
-    }
-    layers.push(layer);
-  }
-  return { embed, lmHead, finalNorm, layers };
+  };
 }
 
 async function loadRouter(rd: Reader, spec: ModelSpec, prefix: string): Promise<LayerWeights['router']> {
@@ -216,6 +277,7 @@ async function loadRouter(rd: Reader, spec: ModelSpec, prefix: string): Promise<
   return {
     weight: await rd.float(`${name}.weight`, [E, H]),
     bias: spec.moe.routerBias ? await rd.float(`${name}.bias`, [E]) : await rd.optional(`${name}.bias`, [E]),
+    ...(spec.moe.rule === 'sigmoid_grouped_topk' ? { correctionBias: await rd.float(`${name}.e_score_correction_bias`, [E]) } : {}),
   };
 }
 

@@ -10,6 +10,7 @@ import type { ModelSpec } from '../model/spec.js';
 import { similarNames } from './safetensors.js';
 import { expectedTensors, type ExpectedTensor } from './expected-tensors.js';
 import { countNonFinite } from './finite.js';
+import { mtpTensorNames } from './mtp.js';
 import type { DType, TensorInfo, WeightSource } from './tensor.js';
 
 /** Dtypes a weight can be stored in (decoded exactly to float32 by every backend). */
@@ -82,10 +83,27 @@ function checkTensor(spec: ModelSpec, src: WeightSource, want: ExpectedTensor, p
   checkScale(spec, src, info, problems);
 }
 
-/** A block-scale companion (`W_scale_inv`) must match its weight: 2-D, one scale a block. */
+/** Whether config.json declares block-scaled FP8 weights (`quant_method: fp8`, or nested in an mxfp4 config). */
+function declaresBlockFp8(spec: ModelSpec): boolean {
+  const q = spec.quantization;
+  return q?.method === 'fp8' || q?.dense?.method === 'fp8';
+}
+
+/**
+ * A block-scale companion (`W_scale_inv`) must match its weight: 2-D, one scale a block. Where
+ * config.json declares block-scaled FP8, an FP8 weight without its scales would be read unscaled.
+ */
 function checkScale(spec: ModelSpec, src: WeightSource, info: TensorInfo, problems: Problem[]): void {
   const scaleName = `${info.name}_scale_inv`;
-  if (!src.has(scaleName)) return;
+  if (!src.has(scaleName)) {
+    if (declaresBlockFp8(spec) && (info.dtype === 'F8_E4M3' || info.dtype === 'F8_E5M2')) {
+      problems.push({
+        code: 'WEIGHTS_MISSING',
+        message: `tensor '${scaleName}' is missing from ${src.origin}: '${info.name}' in ${info.file} is ${info.dtype} and config.json (${spec.source}) declares block-scaled FP8, so its values need their block scales; the checkpoint is incomplete or ${mismatch}`,
+      });
+    }
+    return;
+  }
   const scale = src.info(scaleName);
   if (info.shape.length !== 2) {
     problems.push({
@@ -116,14 +134,18 @@ function checkScale(spec: ModelSpec, src: WeightSource, info: TensorInfo, proble
  * disagree.
  */
 function checkLayerExtras(spec: ModelSpec, src: WeightSource, listed: ReadonlySet<string>, problems: Problem[]): void {
+  const mtp = new Set(mtpTensorNames(spec, src));
   for (const name of src.names()) {
     const m = /^model\.layers\.(\d+)\./.exec(name);
-    if (m === null || listed.has(name) || name.includes('rotary_emb')) continue;
+    if (m === null || listed.has(name) || name.includes('rotary_emb') || mtp.has(name)) continue;
     if (name.endsWith('_scale_inv') && listed.has(name.slice(0, -'_scale_inv'.length))) continue;
     const layer = Number(m[1]);
     const file = src.info(name).file;
     let why: string;
-    if (layer >= spec.numLayers) why = `config.json (${spec.source}) has num_hidden_layers ${spec.numLayers}`;
+    if (layer >= spec.numLayers) {
+      why = `config.json (${spec.source}) has num_hidden_layers ${spec.numLayers}` +
+        (spec.mtpLayers ? ` and num_nextn_predict_layers ${spec.mtpLayers} (multi-token-prediction layers ${spec.numLayers}..${spec.numLayers + spec.mtpLayers - 1})` : '');
+    }
     else if (/\.self_attn\.[qkvo]_proj\.bias$/.test(name)) why = `config.json (${spec.source}) sets no attention_bias, so the model has no attention biases`;
     else if (/\.experts\.\d+\./.test(name)) why = `config.json (${spec.source}) has ${spec.moe.numExperts} experts a layer (numbered from 0)`;
     else why = `config.json (${spec.source}) describes no such tensor in a ${spec.family} layer`;

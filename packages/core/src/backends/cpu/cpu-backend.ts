@@ -1,3 +1,4 @@
+import { kvCacheValuesPerToken } from '../../model/footprint.js';
 import { loadModelWeights } from '../../weights/layouts.js';
 import { MoeflashError } from '../../errors.js';
 import type { ModelSpec } from '../../model/spec.js';
@@ -20,7 +21,8 @@ export class CpuBackend implements Backend {
 
   async load(spec: ModelSpec, weights: WeightSource, opts: LoadOptions = {}): Promise<LoadedModel> {
     const kv = cpuKvOptions(spec, opts);
-    const w = await loadModelWeights(spec, weights, opts.onProgress);
+    const log = typeof opts.log === 'function' ? (opts.log as (line: string) => void) : console.warn;
+    const w = await loadModelWeights(spec, weights, opts.onProgress, log);
     return new CpuModel(spec, w, kv, { adoptWeights: true, simd: opts.simd !== false });
   }
 }
@@ -31,8 +33,7 @@ export function cpuKvOptions(spec: ModelSpec, opts: LoadOptions): CpuKvOptions {
   if (!Number.isInteger(pageSize) || pageSize < 1) {
     throw new MoeflashError('INVALID_ARGUMENT', `kvCache.pageSize must be a positive integer, got ${String(o.pageSize)}`);
   }
-  const a = spec.attention;
-  const pageBytes = spec.numLayers * 2 * pageSize * a.numKvHeads * a.headDim * 4;
+  const pageBytes = kvCacheValuesPerToken(spec) * pageSize * 4;
   let pages: number;
   if (o.pages !== undefined) {
     if (!Number.isInteger(o.pages) || o.pages < 1) throw new MoeflashError('INVALID_ARGUMENT', `kvCache.pages must be a positive integer, got ${String(o.pages)}`);

@@ -10,7 +10,10 @@ import type { KvPageStats, LoadedModel, MemoryReport, RoutingTrace, SeqId, Seque
 import { attendInterleaved } from './attention.js';
 import { linearBatch, mlpBatch, MlpBatchScratch } from './batched.js';
 import { KvPagePool, PagedSequence } from './kv-cache.js';
+import { MlaAttention } from './mla-attention.js';
 import { WasmLinear } from './wasm-linear.js';
+import { latentRowSize } from '../../math/mla.js';
+import type { AttentionWeights, LayerWeights } from '../../weights/layouts.js';
 
 /** The KV page pool of a CPU model. */
 export interface CpuKvOptions {
@@ -58,6 +61,8 @@ export class CpuModel implements LoadedModel {
   private readonly mlp = new MlpBatchScratch();
   /** The matrix-product kernels over this model's weights, when WebAssembly SIMD is in use. */
   private readonly simd: WasmLinear | null;
+  /** Latent attention (deepseek_v3), else null. */
+  private readonly mla: MlaAttention | null;
   private keyRun = new Float32Array(0);
   private valueRun = new Float32Array(0);
   private disposed = false;
@@ -75,7 +80,10 @@ export class CpuModel implements LoadedModel {
     this.simd = opts.simd === false ? null : placeWeights(spec, w, opts.adoptWeights === true);
     this.shape = { numHeads: a.numHeads, numKvHeads: a.numKvHeads, headDim: a.headDim, scale: a.scale };
     this.weightBytes = countWeightBytes(w);
-    this.pool = new KvPagePool({ numLayers: spec.numLayers, rowSize: a.numKvHeads * a.headDim, ...kv });
+    this.mla = a.mla ? new MlaAttention(spec, this.rope, this.simd) : null;
+    // Latent attention caches one compressed row a position, serving as key and value.
+    const rows = a.mla ? { rowSize: latentRowSize(a.mla), valueRowSize: 0 } : { rowSize: a.numKvHeads * a.headDim };
+    this.pool = new KvPagePool({ numLayers: spec.numLayers, ...rows, ...kv });
   }
 
   /** Where matrix products run: WebAssembly SIMD or plain JavaScript (same results either way). */
@@ -134,14 +142,78 @@ export class CpuModel implements LoadedModel {
     return s;
   }
 
+  /**
+   * One grouped-query attention layer over the step's tokens: q, and k/v into the cache, for every
+   * token before any attention (later tokens of a sequence see earlier ones of the same step
+   * exactly as if those had come in earlier steps), then attention and o_proj into proj [n, H].
+   */
+  private attendGqa(l: number, attn: AttentionWeights, normed: Float32Array, n: number, spans: readonly Span[], pos: Int32Array, proj: Float32Array): void {
+    const { spec, pool } = this;
+    const H = spec.hiddenSize;
+    const a = spec.attention;
+    const qDim = a.numHeads * a.headDim;
+    const kvDim = a.numKvHeads * a.headDim;
+    const P = pool.pageSize;
+    const window = spec.layers[l].slidingWindow;
+    const q = new Float32Array(n * qDim);
+    const k = new Float32Array(n * kvDim);
+    const v = new Float32Array(n * kvDim);
+    const attnOut = new Float32Array(n * qDim);
+    let maxLen = 0;
+    for (const sp of spans) maxLen = Math.max(maxLen, sp.start + sp.count);
+    const scores = new Float64Array(maxLen);
+    if (this.keyRun.length < maxLen * kvDim) {
+      this.keyRun = new Float32Array(maxLen * kvDim);
+      this.valueRun = new Float32Array(maxLen * kvDim);
+    }
+    const keyRun = this.keyRun;
+    const valueRun = this.valueRun;
+    linearBatch(normed, n, attn.q, qDim, H, attn.qBias, q, this.simd);
+    linearBatch(normed, n, attn.k, kvDim, H, attn.kBias, k, this.simd);
+    linearBatch(normed, n, attn.v, kvDim, H, attn.vBias, v, this.simd);
+    const layerOff = l * pool.layerStride;
+    for (const sp of spans) {
+      for (let i = sp.first; i < sp.first + sp.count; i++) {
+        for (let h = 0; h < a.numHeads; h++) {
+          const off = i * qDim + h * a.headDim;
+          if (attn.qNorm) rmsNorm(q, attn.qNorm, spec.rmsNormEps, q, off);
+          applyRope(q, off, pos[i], this.rope);
+        }
+        for (let h = 0; h < a.numKvHeads; h++) {
+          const off = i * kvDim + h * a.headDim;
+          if (attn.kNorm) rmsNorm(k, attn.kNorm, spec.rmsNormEps, k, off);
+          applyRope(k, off, pos[i], this.rope);
+        }
+        const page = pool.page(sp.seq.pages[Math.floor(pos[i] / P)]);
+        const at = layerOff + (pos[i] % P) * kvDim;
+        page.set(k.subarray(i * kvDim, (i + 1) * kvDim), at);
+        page.set(v.subarray(i * kvDim, (i + 1) * kvDim), at + pool.valueOffset);
+      }
+    }
+    // Attention reads a sequence's rows from a contiguous run, gathered from its pages once per
+    // layer for all its tokens of the step.
+    for (const sp of spans) {
+      const end = sp.start + sp.count;
+      const lo = window === null ? 0 : Math.max(0, sp.start - window + 1);
+      for (let pg = Math.floor(lo / P); pg * P < end; pg++) {
+        const page = pool.page(sp.seq.pages[pg]);
+        const rows = Math.min(P, end - pg * P);
+        keyRun.set(page.subarray(layerOff, layerOff + rows * kvDim), pg * P * kvDim);
+        valueRun.set(page.subarray(layerOff + pool.valueOffset, layerOff + pool.valueOffset + rows * kvDim), pg * P * kvDim);
+      }
+      for (let i = sp.first; i < sp.first + sp.count; i++) {
+        const from = window === null ? 0 : Math.max(0, pos[i] - window + 1);
+        attendInterleaved(q, i * qDim, keyRun, valueRun, from, pos[i], this.shape, attn.sinks, attnOut, i * qDim, scores);
+      }
+    }
+    linearBatch(attnOut, n, attn.o, H, qDim, attn.oBias, proj, this.simd);
+  }
+
   async step(plan: StepPlan): Promise<StepResult> {
     if (this.disposed) throw new MoeflashError('CLOSED', 'step() on a disposed model');
     const { spec, w, pool } = this;
     const H = spec.hiddenSize;
     const V = spec.vocabSize;
-    const a = spec.attention;
-    const qDim = a.numHeads * a.headDim;
-    const kvDim = a.numKvHeads * a.headDim;
     const P = pool.pageSize;
 
     const seen = new Set<SeqId>();
@@ -183,20 +255,7 @@ export class CpuModel implements LoadedModel {
     const hiddenOut = plan.sequences.map((s) => (s.hiddenLayers?.length ? new Map<number, Float32Array>() : undefined));
     const traces = plan.sequences.map((s): RoutingTrace | undefined => (s.traceRouting ? { logits: [], experts: [] } : undefined));
     const normed = new Float32Array(n * H);
-    const q = new Float32Array(n * qDim);
-    const k = new Float32Array(n * kvDim);
-    const v = new Float32Array(n * kvDim);
-    const attnOut = new Float32Array(n * qDim);
     const proj = new Float32Array(n * H);
-    let maxLen = 0;
-    for (const sp of spans) maxLen = Math.max(maxLen, sp.start + sp.count);
-    const scores = new Float64Array(maxLen);
-    if (this.keyRun.length < maxLen * kvDim) {
-      this.keyRun = new Float32Array(maxLen * kvDim);
-      this.valueRun = new Float32Array(maxLen * kvDim);
-    }
-    const keyRun = this.keyRun;
-    const valueRun = this.valueRun;
     const E = spec.moe.numExperts;
     const topK = spec.moe.topK;
     const routerLogits = new Float32Array(n * E);
@@ -209,49 +268,9 @@ export class CpuModel implements LoadedModel {
 
     for (let l = 0; l < spec.numLayers; l++) {
       const lw = w.layers[l];
-      const window = spec.layers[l].slidingWindow;
-      // Every token's q, and its k/v into the cache, before any attention: later tokens of a
-      // sequence see earlier ones of the same step exactly as if those had come in earlier steps.
       for (let i = 0; i < n; i++) rmsNorm(x, lw.inputNorm, spec.rmsNormEps, normed, i * H);
-      linearBatch(normed, n, lw.attn.q, qDim, H, lw.attn.qBias, q, this.simd);
-      linearBatch(normed, n, lw.attn.k, kvDim, H, lw.attn.kBias, k, this.simd);
-      linearBatch(normed, n, lw.attn.v, kvDim, H, lw.attn.vBias, v, this.simd);
-      const layerOff = l * pool.layerStride;
-      for (const sp of spans) {
-        for (let i = sp.first; i < sp.first + sp.count; i++) {
-          for (let h = 0; h < a.numHeads; h++) {
-            const off = i * qDim + h * a.headDim;
-            if (lw.attn.qNorm) rmsNorm(q, lw.attn.qNorm, spec.rmsNormEps, q, off);
-            applyRope(q, off, pos[i], this.rope);
-          }
-          for (let h = 0; h < a.numKvHeads; h++) {
-            const off = i * kvDim + h * a.headDim;
-            if (lw.attn.kNorm) rmsNorm(k, lw.attn.kNorm, spec.rmsNormEps, k, off);
-            applyRope(k, off, pos[i], this.rope);
-          }
-          const page = pool.page(sp.seq.pages[Math.floor(pos[i] / P)]);
-          const at = layerOff + (pos[i] % P) * kvDim;
-          page.set(k.subarray(i * kvDim, (i + 1) * kvDim), at);
-          page.set(v.subarray(i * kvDim, (i + 1) * kvDim), at + pool.valueOffset);
-        }
-      }
-      // Attention reads a sequence's rows from a contiguous run, gathered from its pages once per
-      // layer for all its tokens of the step.
-      for (const sp of spans) {
-        const end = sp.start + sp.count;
-        const lo = window === null ? 0 : Math.max(0, sp.start - window + 1);
-        for (let pg = Math.floor(lo / P); pg * P < end; pg++) {
-          const page = pool.page(sp.seq.pages[pg]);
-          const rows = Math.min(P, end - pg * P);
-          keyRun.set(page.subarray(layerOff, layerOff + rows * kvDim), pg * P * kvDim);
-          valueRun.set(page.subarray(layerOff + pool.valueOffset, layerOff + pool.valueOffset + rows * kvDim), pg * P * kvDim);
-        }
-        for (let i = sp.first; i < sp.first + sp.count; i++) {
-          const from = window === null ? 0 : Math.max(0, pos[i] - window + 1);
-          attendInterleaved(q, i * qDim, keyRun, valueRun, from, pos[i], this.shape, lw.attn.sinks, attnOut, i * qDim, scores);
-        }
-      }
-      linearBatch(attnOut, n, lw.attn.o, H, qDim, lw.attn.oBias, proj, this.simd);
+      if (this.mla) this.mla.forward(l, lw.mla!, normed, n, spans, pos, pool, proj);
+      else this.attendGqa(l, lw.attn, normed, n, spans, pos, proj);
       for (let j = 0; j < n * H; j++) x[j] += proj[j];
       for (let i = 0; i < n; i++) rmsNorm(x, lw.postAttnNorm, spec.rmsNormEps, normed, i * H);
 
@@ -263,7 +282,7 @@ export class CpuModel implements LoadedModel {
         linearBatch(normed, n, router.weight, E, H, router.bias, routerLogits, this.simd);
         for (const list of routedTo) list.length = 0;
         for (let i = 0; i < n; i++) {
-          const { experts, weights } = route(routerLogits.subarray(i * E, (i + 1) * E), spec.moe);
+          const { experts, weights } = route(routerLogits.subarray(i * E, (i + 1) * E), spec.moe, router.correctionBias ?? null);
           routeWeights[i] = weights;
           for (let j = 0; j < experts.length; j++) routedTo[experts[j]].push(i * topK + j);
         }
@@ -278,6 +297,8 @@ export class CpuModel implements LoadedModel {
           mlpBatch(gathered, m, lw.experts![e], spec.moe.activation, this.mlp, mlpOut, this.simd);
           for (let r = 0; r < m; r++) expertOut.set(mlpOut.subarray(r * H, (r + 1) * H), slots[r] * H);
         }
+        // Shared experts (deepseek_v3) see every token, unweighted.
+        if (lw.shared) mlpBatch(normed, n, lw.shared, { kind: 'swiglu' }, this.mlp, mlpOut, this.simd);
         // Each token sums its experts in routing order, exactly as one token alone would.
         for (let i = 0; i < n; i++) {
           const weights = routeWeights[i];
@@ -287,6 +308,7 @@ export class CpuModel implements LoadedModel {
             const wj = weights[j];
             for (let d = 0; d < H; d++) mlpAcc[d] += Math.fround(expertOut[y + d] * wj);
           }
+          if (lw.shared) for (let d = 0; d < H; d++) mlpAcc[d] += mlpOut[i * H + d];
           for (let d = 0; d < H; d++) x[i * H + d] += mlpAcc[d];
         }
         traces.forEach((t, si) => {
@@ -358,13 +380,13 @@ function placeWeights(spec: ModelSpec, w: ModelWeights, adopt: boolean): WasmLin
   const arrays: Float32Array[] = [w.lmHead];
   const a = spec.attention;
   const dims = [spec.vocabSize, spec.hiddenSize, a.numHeads * a.headDim, a.numKvHeads * a.headDim, spec.moe.numExperts];
-  const mlps = (l: ModelWeights['layers'][number]) => [...(l.experts ?? []), ...(l.dense ? [l.dense] : [])];
+  const m = a.mla;
+  if (m) dims.push(m.qLoraRank ?? 0, m.kvLoraRank + m.qkRopeHeadDim, a.numHeads * m.vHeadDim);
   for (const l of w.layers) {
-    const t = l.attn;
-    for (const x of [t.q, t.k, t.v, t.o, t.qBias, t.kBias, t.vBias, t.oBias, l.router?.weight, l.router?.bias]) if (x) arrays.push(x);
-    for (const m of mlps(l)) {
-      dims.push(m.inter);
-      for (const x of [m.gate, m.up, m.down, m.gateBias, m.upBias, m.downBias]) if (x) arrays.push(x);
+    for (const x of [...attentionMatrices(l), l.router?.weight, l.router?.bias]) if (x) arrays.push(x);
+    for (const mlp of mlpsOf(l)) {
+      dims.push(mlp.inter);
+      for (const x of [mlp.gate, mlp.up, mlp.down, mlp.gateBias, mlp.upBias, mlp.downBias]) if (x) arrays.push(x);
     }
   }
   const max = Math.max(...dims);
@@ -375,11 +397,26 @@ function placeWeights(spec: ModelSpec, w: ModelWeights, adopt: boolean): WasmLin
   w.lmHead = v(w.lmHead);
   for (const l of w.layers) {
     const t = l.attn;
-    [t.q, t.k, t.v, t.o, t.qBias, t.kBias, t.vBias, t.oBias] = [v(t.q), v(t.k), v(t.v), v(t.o), v(t.qBias), v(t.kBias), v(t.vBias), v(t.oBias)];
-    if (l.router) l.router = { weight: v(l.router.weight), bias: v(l.router.bias) };
-    for (const m of mlps(l)) [m.gate, m.up, m.down, m.gateBias, m.upBias, m.downBias] = [v(m.gate), v(m.up), v(m.down), v(m.gateBias), v(m.upBias), v(m.downBias)];
+    const la = l.mla;
+    if (la) [la.q, la.qA, la.qB, la.kvA, la.o] = [v(la.q), v(la.qA), v(la.qB), v(la.kvA), v(la.o)];
+    else [t.q, t.k, t.v, t.o, t.qBias, t.kBias, t.vBias, t.oBias] = [v(t.q), v(t.k), v(t.v), v(t.o), v(t.qBias), v(t.kBias), v(t.vBias), v(t.oBias)];
+    if (l.router) l.router = { ...l.router, weight: v(l.router.weight), bias: v(l.router.bias) };
+    for (const mlp of mlpsOf(l)) [mlp.gate, mlp.up, mlp.down, mlp.gateBias, mlp.upBias, mlp.downBias] = [v(mlp.gate), v(mlp.up), v(mlp.down), v(mlp.gateBias), v(mlp.upBias), v(mlp.downBias)];
   }
   return simd;
+}
+
+/** A layer's MLPs: routed experts, shared experts, the dense MLP. */
+function mlpsOf(l: LayerWeights) {
+  return [...(l.experts ?? []), ...(l.shared ? [l.shared] : []), ...(l.dense ? [l.dense] : [])];
+}
+
+/** The attention matrices of a layer that go through linearBatch (the per-head MLA up-projections do not). */
+function attentionMatrices(l: LayerWeights): (Float32Array | null)[] {
+  const m = l.mla;
+  if (m) return [m.q, m.qA, m.qB, m.kvA, m.o];
+  const t = l.attn;
+  return [t.q, t.k, t.v, t.o, t.qBias, t.kBias, t.vBias, t.oBias];
 }
 
 function countWeightBytes(w: ModelWeights): number {
@@ -398,11 +435,14 @@ function countWeightBytes(w: ModelWeights): number {
     add(l.inputNorm);
     add(l.postAttnNorm);
     Object.values(l.attn).forEach(add);
+    if (l.mla) {
+      const m = l.mla;
+      [m.q, m.qA, m.qANorm, m.qB, m.kvA, m.kvANorm, m.o, ...m.kUpT, ...m.vUp].forEach(add);
+    }
     add(l.router?.weight);
     add(l.router?.bias);
-    for (const m of [...(l.experts ?? []), ...(l.dense ? [l.dense] : [])]) {
-      [m.gate, m.up, m.down, m.gateBias, m.upBias, m.downBias].forEach(add);
-    }
+    add(l.router?.correctionBias);
+    for (const m of mlpsOf(l)) [m.gate, m.up, m.down, m.gateBias, m.upBias, m.downBias].forEach(add);
   }
   return bytes;
 }

@@ -28,8 +28,13 @@ export class PagedSequence {
 
 export interface KvPoolShape {
   numLayers: number;
-  /** Floats in one position's row of one layer (numKvHeads * headDim). */
+  /** Floats in one position's key row of one layer (numKvHeads * headDim). */
   rowSize: number;
+  /**
+   * Floats in one position's value row (default `rowSize`). 0 for latent attention, whose one
+   * cached row per position serves as both keys and values.
+   */
+  valueRowSize?: number;
   pageSize: number;
   pages: number;
   prefixCaching: boolean;
@@ -43,7 +48,8 @@ const EMPTY_HASH = [0x811c9dc5, 0x01000193] as const;
  * The count is fixed at load; the memory of a page is allocated the first time it is handed out
  * and then kept, so a generous pool costs only what a workload actually touches.
  *
- * Page layout: for each layer, keys then values, each `pageSize` rows of `rowSize` floats, so
+ * Page layout: for each layer, keys then values, each `pageSize` rows of `rowSize` (values:
+ * `valueRowSize`) floats, so
  * copying a page's rows of one layer into a contiguous run is one `set` per page.
  *
  * Pages carry reference counts. Full pages that a sequence has committed (everything before its
@@ -81,7 +87,7 @@ export class KvPagePool {
     this.pageSize = shape.pageSize;
     this.total = shape.pages;
     this.valueOffset = shape.pageSize * shape.rowSize;
-    this.layerStride = 2 * this.valueOffset;
+    this.layerStride = this.valueOffset + shape.pageSize * (shape.valueRowSize ?? shape.rowSize);
     this.pageFloats = shape.numLayers * this.layerStride;
     this.data = new Array(shape.pages).fill(null);
     this.refs = new Int32Array(shape.pages);

@@ -119,7 +119,7 @@ export interface RopeOptions {
 }
 
 /** YaRN's attention scaling as a function of the context extension (`get_mscale` in HF). */
-function yarnMscale(scale: number, mscale = 1): number {
+export function yarnMscale(scale: number, mscale = 1): number {
   return scale <= 1 ? 1 : 0.1 * mscale * Math.log(scale) + 1;
 }
 
@@ -128,7 +128,7 @@ function yarnMscale(scale: number, mscale = 1): number {
  * a non-empty dict and `rope_parameters` otherwise (`convert_rope_params_to_dict`); the family
  * default applies only when the file has neither.
  */
-function selectRopeParameters(f: ConfigFields, opts: RopeOptions): ConfigFields {
+export function selectRopeParameters(f: ConfigFields, opts: RopeOptions): ConfigFields {
   const scaling = f.maybeObject('rope_scaling');
   let chosen: ConfigFields | null = scaling !== null && Object.keys(scaling.data).length > 0 ? scaling : null;
   chosen ??= f.maybeObject('rope_parameters');
