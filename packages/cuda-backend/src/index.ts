@@ -2,8 +2,9 @@
  * @moeflash/cuda-backend: moeflash on NVIDIA GPUs through a native addon (node-addon-api + nvcc).
  *
  * ```
- *  src/native.ts ──> build/Release/moeflash_cuda.node ──> native/*.cc ──> kernels/*.cu
- *   (typed boundary)     (node-gyp, cudart_static)         (glue, errors)   (one file a kernel family)
+ *  src/native.ts ──> moeflash_cuda.node ──> native/*.cc ──> kernels/*.cu
+ *   (typed boundary)   (prebuilt in @moeflash/cuda-backend-linux-x64, or node-gyp into build/Release/;
+ *                       cudart_static)      (glue, errors)   (one file a kernel family)
  *  src/ops.ts: test-only kernel calls, compared with @moeflash/core's math/ and sampling/
  * ```
  * @packageDocumentation
@@ -13,8 +14,12 @@ export {
   loadAddon,
   tryLoadAddon,
   translateNativeError,
+  addonCandidates,
   ADDON_PATH,
   BUILD_COMMAND,
+  LOCAL_ADDON_PATH,
+  PREBUILT_PACKAGE,
+  type AddonCandidate,
   type CudaAvailability,
   type CudaDeviceInfo,
   type CudaErrorFields,

@@ -1,8 +1,10 @@
 /**
- * The one typed boundary to the native addon (`build/Release/moeflash_cuda.node`): it loads the
- * addon through `bindings` and describes every native function in TypeScript. Nothing else in
- * moeflash touches the addon directly.
+ * The one typed boundary to the native addon (`moeflash_cuda.node`): it finds the addon (prebuilt
+ * in the platform package @moeflash/cuda-backend-linux-x64, or built from source into
+ * build/Release/), checks its ABI version and describes every native function in TypeScript.
+ * Nothing else in moeflash touches the addon directly.
  */
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -319,46 +321,95 @@ export interface NativeAddon {
 
 /** The package folder (one level above both src/ and dist/). */
 export const PACKAGE_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
-/** The addon file: MOEFLASH_CUDA_ADDON when set, else where node-gyp puts it. */
-export const ADDON_PATH = process.env.MOEFLASH_CUDA_ADDON || join(PACKAGE_ROOT, 'build', 'Release', 'moeflash_cuda.node');
-/** The command that builds the addon. */
+/** Where a build from source (node-gyp) puts the addon. */
+export const LOCAL_ADDON_PATH = join(PACKAGE_ROOT, 'build', 'Release', 'moeflash_cuda.node');
+/** The optional dependency that ships the addon prebuilt for this platform. */
+export const PREBUILT_PACKAGE = `@moeflash/cuda-backend-${process.platform}-${process.arch}`;
+/** The command that builds the addon from source in this repository. */
 export const BUILD_COMMAND = 'pnpm --filter @moeflash/cuda-backend build:native';
+/** The same, in an application that installed the package. */
+const REBUILD_COMMAND = 'MOEFLASH_CUDA_BUILD=source npm rebuild @moeflash/cuda-backend';
 
 const EXPECTED_ABI = 3;
 
-let loaded: { addon: NativeAddon } | { error: string } | undefined;
+/** An addon file to try, and where it comes from. */
+export interface AddonCandidate {
+  path: string;
+  from: 'MOEFLASH_CUDA_ADDON' | 'prebuilt' | 'local build';
+}
+
+/** sourceHash of the manifest beside an addon (moeflash_cuda.json, written by every build script). */
+function builtFrom(addon: string): string | null {
+  try {
+    const m = JSON.parse(readFileSync(addon.replace(/\.node$/, '.json'), 'utf8')) as { sourceHash?: unknown };
+    return typeof m.sourceHash === 'string' ? m.sourceHash : null;
+  } catch {
+    return null;
+  }
+}
+
+function prebuiltAddon(): string | null {
+  try {
+    const dir = dirname(createRequire(import.meta.url).resolve(`${PREBUILT_PACKAGE}/package.json`));
+    return existsSync(join(dir, 'moeflash_cuda.node')) ? join(dir, 'moeflash_cuda.node') : null;
+  } catch {
+    return null;
+  }
+}
 
 /**
- * Loads the addon once; on failure returns the reason instead of throwing. MOEFLASH_CUDA_ADDON,
- * when set, is the path of a .node file to load instead (a prebuilt addon, or a bundled test run).
+ * The addon files to try, in order. MOEFLASH_CUDA_ADDON, when set, is the only one. Otherwise the
+ * prebuilt addon of the platform package comes first, then the local build; except that a local
+ * build from other sources than the prebuilt's (kernels changed and rebuilt, a build asked for
+ * with MOEFLASH_CUDA_BUILD=source, a build by hand without a stamp) comes first: it is the newer
+ * one. Files that do not exist are left out.
  */
-export function tryLoadAddon(): { addon: NativeAddon } | { error: string } {
+export function addonCandidates(): AddonCandidate[] {
+  if (process.env.MOEFLASH_CUDA_ADDON) return [{ path: process.env.MOEFLASH_CUDA_ADDON, from: 'MOEFLASH_CUDA_ADDON' }];
+  const prebuilt = prebuiltAddon();
+  const local = existsSync(LOCAL_ADDON_PATH) ? LOCAL_ADDON_PATH : null;
+  const list: AddonCandidate[] = [];
+  if (prebuilt) list.push({ path: prebuilt, from: 'prebuilt' });
+  if (local) {
+    const hash = builtFrom(local);
+    const newer = prebuilt !== null && (hash === null || hash !== builtFrom(prebuilt));
+    list[newer ? 'unshift' : 'push']({ path: local, from: 'local build' });
+  }
+  return list;
+}
+
+/** The addon file this process loads first: MOEFLASH_CUDA_ADDON, the prebuilt or the local build (where none exists: the local build's path). */
+export const ADDON_PATH = addonCandidates()[0]?.path ?? LOCAL_ADDON_PATH;
+
+let loaded: ({ addon: NativeAddon } & AddonCandidate) | { error: string } | undefined;
+
+/**
+ * Loads the addon once (the first of addonCandidates() that loads and has this package's ABI); on
+ * failure returns the reason instead of throwing.
+ */
+export function tryLoadAddon(): ({ addon: NativeAddon } & AddonCandidate) | { error: string } {
   if (loaded) return loaded;
-  try {
-    const require = createRequire(import.meta.url);
-    let addon: NativeAddon;
-    if (process.env.MOEFLASH_CUDA_ADDON) {
-      addon = require(ADDON_PATH) as NativeAddon;
-    } else {
-      const bindings = require('bindings') as (opts: { bindings: string; module_root: string }) => unknown;
-      addon = bindings({ bindings: 'moeflash_cuda.node', module_root: PACKAGE_ROOT }) as NativeAddon;
+  const candidates = addonCandidates();
+  const failures: string[] = [];
+  const require = createRequire(import.meta.url);
+  for (const c of candidates) {
+    const name = c.from === 'prebuilt' ? `the prebuilt CUDA addon at ${c.path}` : `the CUDA addon at ${c.path}`;
+    try {
+      const addon = require(c.path) as NativeAddon;
+      if (addon.abiVersion === EXPECTED_ABI) return (loaded = { addon, ...c });
+      failures.push(`${name} is from another version of @moeflash/cuda-backend (ABI ${String(addon.abiVersion)}, expected ${EXPECTED_ABI})`);
+    } catch (e) {
+      failures.push(`${name} failed to load (${(e instanceof Error ? e.message : String(e)).split('\n')[0]})`);
     }
-    if (addon.abiVersion !== EXPECTED_ABI) {
-      loaded = {
-        error: `the CUDA addon at ${ADDON_PATH} is from another version of @moeflash/cuda-backend (ABI ${String(addon.abiVersion)}, expected ${EXPECTED_ABI}): rebuild it with \`${BUILD_COMMAND}\``,
-      };
-    } else {
-      loaded = { addon };
-    }
-  } catch (e) {
-    const message = e instanceof Error ? e.message : String(e);
-    loaded = /Could not locate the bindings file/.test(message)
-      ? {
-          error: `the CUDA addon is not built (no ${ADDON_PATH}): build it with \`${BUILD_COMMAND}\`, which needs nvcc from the CUDA toolkit (set CUDA_HOME if it is not in /usr/local/cuda)`,
-        }
-      : {
-          error: `the CUDA addon at ${ADDON_PATH} failed to load (${message}): rebuild it with \`${BUILD_COMMAND}\``,
-        };
+  }
+  const build = `build it from source (needs nvcc; set CUDA_HOME if it is not in /usr/local/cuda): \`${BUILD_COMMAND}\` in the repository, \`${REBUILD_COMMAND}\` in an application`;
+  if (candidates.length === 0) {
+    loaded = {
+      error: `the CUDA addon is not installed: no prebuilt addon (${PREBUILT_PACKAGE} is not installed) and no local build (no ${LOCAL_ADDON_PATH}); install with optional dependencies, or ${build}`,
+    };
+  } else {
+    const fix = candidates[0].from === 'MOEFLASH_CUDA_ADDON' ? 'point MOEFLASH_CUDA_ADDON at a build of this version, or unset it' : `reinstall @moeflash/cuda-backend, or ${build}`;
+    loaded = { error: `${failures.join('; ')}: ${fix}` };
   }
   return loaded;
 }
