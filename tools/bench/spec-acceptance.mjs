@@ -29,7 +29,8 @@ const prompts = fs.readFileSync(v.prompts, 'utf8').trim().split('\n').map((l) =>
 const blocks = v.blocks.split(',').map(Number);
 const temps = v.temps.split(',').map(Number);
 const maxTokens = Number(v['max-tokens']);
-const speculative = v.method === 'dflash' ? { method: 'dflash', draft: v.draft, blockSize: blocks[0] } : { method: v.method, blockSize: blocks[0] };
+// Fixed block sizes per row (the policy off), and with --adaptive one more row where it chooses.
+const speculative = v.method === 'dflash' ? { method: 'dflash', draft: v.draft, blockSize: blocks[0], adaptive: false } : { method: v.method, blockSize: blocks[0], adaptive: false };
 
 const engine = await createEngine({ model: v.model, backend: v.backend, speculative, log: () => {} });
 

@@ -65,7 +65,7 @@ describe.skipIf(!avail.ok)('DFlash on the device', () => {
     await plain.close();
     const rows: string[] = [];
     for (let b = 1; b <= 16; b++) {
-      const spec = await createEngine({ model: target, backend: createCudaBackend(), log: () => {}, speculative: { method: 'dflash', draft, blockSize: b } });
+      const spec = await createEngine({ model: target, backend: createCudaBackend(), log: () => {}, speculative: { method: 'dflash', draft, blockSize: b, adaptive: false } });
       let rounds = 0, accepted = 0;
       for (const [i, p] of PROMPTS.entries()) {
         const r = await spec.generate(p, { maxTokens: GEN, temperature: 0 }).result;
@@ -77,6 +77,10 @@ describe.skipIf(!avail.ok)('DFlash on the device', () => {
       rows.push(`B=${b}: ${(((accepted + rounds) / rounds)).toFixed(2)} tokens a round`);
       await spec.close();
     }
+    // The default on the device: the policy picks B in 0..16 from the rounds' measured cost.
+    const adaptive = await createEngine({ model: target, backend: createCudaBackend(), log: () => {}, speculative: { method: 'dflash', draft, blockSize: 16 } });
+    for (const [i, p] of PROMPTS.entries()) expect((await adaptive.generate(p, { maxTokens: GEN, temperature: 0 }).result).text, `adaptive, prompt ${i}`).toBe(want[i]);
+    await adaptive.close();
     console.log(`[dflash device] ${rows.join('; ')}`);
   });
 
@@ -124,7 +128,7 @@ describe.skipIf(!avail.ok)('DFlash on the device', () => {
 
   it('the device drafter accepts what the host drafter accepts on the same prompts (bundled pair)', async () => {
     const run = async (device: boolean) => {
-      const e = await createEngine({ model: target, backend: device ? createCudaBackend() : 'cpu', log: () => {}, speculative: { method: 'dflash', draft, blockSize: 8 } });
+      const e = await createEngine({ model: target, backend: device ? createCudaBackend() : 'cpu', log: () => {}, speculative: { method: 'dflash', draft, blockSize: 8, adaptive: false } });
       const stats = [];
       for (const p of PROMPTS) stats.push((await e.generate(p, { maxTokens: GEN, temperature: 0 }).result).speculation!);
       await e.close();

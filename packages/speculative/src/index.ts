@@ -63,7 +63,7 @@ function intOption(options: Record<string, unknown>, key: string, fallback: numb
  *   `device: false` keeps the drafter on the host (the reference path) anyway.
  * - `method: 'prompt-lookup'`: `blockSize` (default 8), `minNgram` (default 1), `maxNgram`
  *   (default 3).
- * - Both: `adaptive: true` lets the block-size policy choose B in 0..blockSize each round from
+ * - Both: `adaptive: true` (the default for rounds on the device) lets the block-size policy choose B in 0..blockSize each round from
  *   measured timings and acceptance (policy.ts); otherwise every round drafts blockSize tokens.
  *   A request's `speculative: { blockSize }` replaces the engine's for that request.
  */
@@ -71,11 +71,13 @@ export async function createSpeculator(input: SpeculatorFactoryInput): Promise<S
   const o = input.options;
   const blockSize = o.blockSize === undefined ? DEFAULT_BLOCK_SIZE : blockSizeOf(o.blockSize, 'speculative.blockSize');
   if (o.adaptive !== undefined && typeof o.adaptive !== 'boolean') throw invalid(`speculative.adaptive must be a boolean; got ${JSON.stringify(o.adaptive)}`);
-  const adaptive = o.adaptive === true;
-  const choice = (requested: number | undefined): BlockChoice => ({
+  // Rounds on the device measure their whole cost, so there the policy is on unless turned off;
+  // on the host path it stays opt-in.
+  const choiceFor = (adaptive: boolean) => (requested: number | undefined): BlockChoice => ({
     blockSize: requested === undefined ? blockSize : blockSizeOf(requested, 'the request\'s speculative.blockSize'),
     adaptive,
   });
+  const choice = choiceFor(o.adaptive === true);
 
   if (o.method === 'prompt-lookup') {
     const maxNgram = intOption(o, 'maxNgram', 3, 1);
@@ -101,7 +103,7 @@ export async function createSpeculator(input: SpeculatorFactoryInput): Promise<S
     if (cfg.maskTokenId >= t.vocabSize) throw mismatch(`mask_token_id ${cfg.maskTokenId} is outside the target's vocabulary of ${t.vocabSize}`);
     // On a backend that runs drafters itself, the whole round happens there (one call a round).
     if (o.device !== false) {
-      const onDevice = await attachDeviceDflash(cfg, draftDir, input.target, t, choice);
+      const onDevice = await attachDeviceDflash(cfg, draftDir, input.target, t, choiceFor(o.adaptive !== false));
       if (onDevice) return onDevice;
     }
     const weights = await loadDflashWeights(cfg, draftDir, input.targetDir, t);
