@@ -46,3 +46,20 @@ export {
   type CudaStepPlan,
 } from './model.js';
 export { measureCopyBandwidth, deviceMemory } from './bench.js';
+export {
+  buildStepProgram,
+  exportStepProgram,
+  formatStepProgram,
+  simulate as simulateStepProgram,
+  TASK_KINDS,
+  TASK_ARG_NAMES,
+  TASK_ARGS,
+  type CounterWait,
+  type StepCounter,
+  type StepProgram,
+  type StepProgramArrays,
+  type StepProgramOptions,
+  type StepProgramSummary,
+  type StepTask,
+  type TaskKind,
+} from './step-program.js';
