@@ -388,4 +388,9 @@ int profile_times(const char* cls);
 // measurement knobs read it at launch, so a benchmark can capture a graph with each setting.
 int env_int(const char* name, int fallback);
 
+// ---------------------------------------------------------------- fault.cu (tests)
+// Launches one thread that executes a trap: the stream's next synchronization fails with a sticky
+// error (the process's CUDA context is unusable afterwards). Only for fault-injection tests.
+cudaError_t launch_trap(cudaStream_t stream);
+
 }  // namespace moeflash

@@ -240,6 +240,7 @@ struct State {
   std::map<int, cudaGraphExec_t> graphs;  // decode graphs by 4 * bucket + (absorbs ? 2 : 0) + (samples ? 1 : 0)
   std::map<int, cudaGraphExec_t> round_graphs;  // DFlash rounds of uniform layout by (sequences, block size, forced)
   bool prepared = false;
+  int steps_run = 0;  // steps and rounds, counted only for MOEFLASH_FAULT_AFTER_STEPS
   // Sampling buffers (SampleLayout), reserved with everything else at load (a step allocates
   // nothing); `sampling` says whether the step being run samples (forward then runs sample_rows
   // after argmax_rows).
@@ -864,6 +865,15 @@ void plan_prefill_tiles(Napi::Env env, State& s, const int32_t* pin, int T) {
              "cudaMemcpyAsync (attention tiles)");
 }
 
+// Fault injection for tests: MOEFLASH_FAULT_AFTER_STEPS=N (N >= 1) makes a model's Nth step or
+// round launch a kernel that traps after its forward, so that the step fails with a real sticky
+// CUDA error. Read once per process; unset or 0 it is off and costs one comparison a step.
+void inject_fault(Napi::Env env, State& s) {
+  static const int after = std::max(0, env_int("MOEFLASH_FAULT_AFTER_STEPS", 0));
+  if (after == 0 || ++s.steps_run != after) return;
+  check_cuda(env, launch_trap(s.stream), "fault injection (launch_trap)");
+}
+
 class Model : public Napi::ObjectWrap<Model> {
  public:
   static Napi::Function Class(Napi::Env env) {
@@ -1112,6 +1122,7 @@ class Model : public Napi::ObjectWrap<Model> {
     } else {
       run_eager(T, n_logit, max_len);
     }
+    inject_fault(env, s);
     float* out_logits = s.out_host.get<float>();
     int32_t* out_ids = reinterpret_cast<int32_t*>(out_logits + static_cast<size_t>(c.max_logit_rows) * c.vocab);
     const int want = n_logit;
@@ -1406,6 +1417,7 @@ class Model : public Napi::ObjectWrap<Model> {
       if (!stt.ok()) fail(stt);
     }
     s.capture_features = false;
+    inject_fault(env, s);
     Napi::Int32Array ids = Napi::Int32Array::New(env, n_logit);
     Napi::Int32Array emitted = Napi::Int32Array::New(env, static_cast<size_t>(S) * (kMaxDraftBlock + 1));
     Napi::Int32Array accepted = Napi::Int32Array::New(env, S);

@@ -14,6 +14,7 @@ export {
   loadAddon,
   tryLoadAddon,
   translateNativeError,
+  STICKY_CUDA_ERRORS,
   addonCandidates,
   ADDON_PATH,
   BUILD_COMMAND,

@@ -438,7 +438,7 @@ export function isCudaAvailable(): CudaAvailability {
   }
 }
 
-/** A native error that carries a CUDA error name (code 'CUDA_ERROR'). */
+/** A native error that carries a CUDA error name (code 'CUDA_ERROR'); see translateNativeError. */
 export interface CudaErrorFields {
   code: 'CUDA_ERROR';
   cudaError: string;
@@ -446,9 +446,34 @@ export interface CudaErrorFields {
 }
 
 /**
- * Re-raises an error thrown by the addon as a MoeflashError where moeflash has a code for it
- * (OUT_OF_MEMORY, INVALID_ARGUMENT); CUDA failures keep their own error (code 'CUDA_ERROR',
- * with `cudaError` and `cudaCall`).
+ * CUDA errors that are sticky: after one, the CUDA context of the process is unusable and every
+ * later call fails the same way until the process exits (driver_types.h: "the process must be
+ * terminated and relaunched"). Device-side faults of a kernel, mostly: an illegal address, a
+ * trap or assert, a launch failure. Any other CUDA error (a bad argument, too many resources
+ * for a launch) leaves the context working.
+ */
+export const STICKY_CUDA_ERRORS: ReadonlySet<string> = new Set([
+  'cudaErrorIllegalAddress',
+  'cudaErrorLaunchTimeout',
+  'cudaErrorAssert',
+  'cudaErrorHardwareStackError',
+  'cudaErrorIllegalInstruction',
+  'cudaErrorMisalignedAddress',
+  'cudaErrorInvalidAddressSpace',
+  'cudaErrorInvalidPc',
+  'cudaErrorLaunchFailure',
+  'cudaErrorECCUncorrectable',
+  'cudaErrorContained',
+  'cudaErrorExternalDevice',
+  'cudaErrorMpsClientTerminated',
+  'cudaErrorTensorMemoryLeak',
+]);
+
+/**
+ * Re-raises an error thrown by the addon as a MoeflashError: OUT_OF_MEMORY and INVALID_ARGUMENT
+ * keep their code; a CUDA failure (native code 'CUDA_ERROR') becomes DEVICE_ERROR with its
+ * `cudaError` and `cudaCall`, and `fatal: true` when the error is sticky (STICKY_CUDA_ERRORS), so
+ * that the engine fails every pending request and refuses new ones instead of stepping again.
  */
 export function translateNativeError(e: unknown): unknown {
   if (e instanceof Error) {
@@ -460,6 +485,14 @@ export function translateNativeError(e: unknown): unknown {
         if (typeof v === 'number') (err as unknown as Record<string, unknown>)[k] = v;
       }
       return err;
+    }
+    if (code === 'CUDA_ERROR') {
+      const { cudaError, cudaCall } = e as unknown as Partial<CudaErrorFields>;
+      const fatal = typeof cudaError === 'string' && STICKY_CUDA_ERRORS.has(cudaError);
+      const message = fatal
+        ? `${e.message}. This CUDA error is sticky: the device's CUDA context in this process is unusable and nothing more can run on it; close the engine and start a new process`
+        : e.message;
+      return Object.assign(new MoeflashError('DEVICE_ERROR', message, { cause: e, fatal }), { cudaError, cudaCall });
     }
   }
   return e;

@@ -258,6 +258,15 @@ export class Engine extends EventEmitter<EngineEvents> {
   private streamBuffer = 64;
   private readonly counters = { completed: 0, aborted: 0, failed: 0, rejected: 0, promptTokens: 0, generatedTokens: 0, ttftSum: 0, queueSum: 0, finished: 0 };
 
+  /**
+   * The fatal backend error (a device fault: MoeflashError.fatal) that ended this engine, or null
+   * while it works. After one, every request that was pending has failed, generate() throws a
+   * DEVICE_ERROR naming it, and only close() is left to call.
+   */
+  get fault(): unknown {
+    return this.scheduler.fault;
+  }
+
   /** Counters of the scheduler, the KV cache and finished requests. */
   stats(): EngineStats {
     const s = this.scheduler.stats();
@@ -280,6 +289,8 @@ export class Engine extends EventEmitter<EngineEvents> {
   /** Generate from a prompt string (tokenized as is) or from token ids. */
   generate(prompt: string | number[], opts: GenerateOptions = {}): GenerateStream {
     if (this.closed) throw new MoeflashError('CLOSED', 'the engine is closed; create a new one');
+    const refused = this.scheduler.refusal();
+    if (refused) throw refused;
     const params = this.samplingDefaults(opts);
     validateSamplingParams(params);
     const grammar = outputGrammar(opts.responseFormat, opts.grammar);

@@ -1,4 +1,4 @@
-import { MoeflashError } from '../errors.js';
+import { isFatalBackendError, MoeflashError } from '../errors.js';
 import type { KvPageStats, LoadedModel, SeqId, SequenceOutput, StepPlan, StepSample } from '../backends/backend.js';
 
 /** One request's share of the next step. */
@@ -151,15 +151,25 @@ const setImmediateP = () => new Promise<void>((r) => setImmediate(r));
  * stalls the decodes. On a backend with a KV page pool it reuses cached prompt prefixes, reserves
  * pages before each step, and when the pool runs dry preempts the youngest sequence (its cache is
  * freed and recomputed later) rather than failing anyone.
+ *
+ * Failures: a request that could never fit the pool alone fails (OUT_OF_MEMORY saying so) and the
+ * others go on; a step that throws fails the requests in it and the others go on, unless the
+ * error is fatal (MoeflashError.fatal: the device is unusable), in which case every pending
+ * request fails with it, submit() refuses from then on, and the loop stops. Every sequence is
+ * released however its request ended.
  */
 export class Scheduler {
   private readonly queue: Entry[] = [];
   private readonly running: Entry[] = [];
   private loopDone: Promise<void> | null = null;
+  /** True from a loop's start until its last check of the lists (loopDone settles a few ticks later). */
+  private looping = false;
   private nextSeq = 1;
   private nextOrder = 0;
   private accepting = true;
   private aborting: MoeflashError | null = null;
+  /** The fatal error that ended the loop (a device fault), once there is one. */
+  private fatal: unknown = null;
   private wakeUp: (() => void) | null = null;
   private woken = false;
   private steps = 0;
@@ -181,6 +191,8 @@ export class Scheduler {
    * the whole KV pool even alone.
    */
   submit(req: ScheduledRequest): void {
+    const refused = this.refusal();
+    if (refused) throw refused;
     if (!this.accepting) throw new MoeflashError('CLOSED', 'the engine is closed; create a new one');
     const pool = this.model.kvPages?.();
     if (pool && Math.ceil(req.maxPositions / pool.pageSize) > pool.total) {
@@ -207,8 +219,30 @@ export class Scheduler {
     };
     this.insertSorted(this.queue, e);
     this.wake();
-    this.loopDone ??= this.loop().finally(() => {
-      this.loopDone = null;
+    if (!this.looping) {
+      // A request that ended inside plan() (no step, so no yield) can settle the caller's promise
+      // and let it submit again before the finished loop's promise settles: `looping` says that
+      // the loop is past its last look at the queue, so this submission starts a new one.
+      this.looping = true;
+      const done = this.loop();
+      this.loopDone = done;
+      void done.finally(() => {
+        if (this.loopDone === done) this.loopDone = null;
+      });
+    }
+  }
+
+  /** The fatal backend error that ended this scheduler, or null while it runs. */
+  get fault(): unknown {
+    return this.fatal;
+  }
+
+  /** What submit() throws after a fatal backend error (null before one). */
+  refusal(): MoeflashError | null {
+    if (this.fatal === null) return null;
+    return new MoeflashError('DEVICE_ERROR', `the engine failed and takes no new requests: ${messageOf(this.fatal)}; close it and create a new one`, {
+      cause: this.fatal,
+      fatal: true,
     });
   }
 
@@ -276,7 +310,12 @@ export class Scheduler {
     const list = e.state === 'queued' ? this.queue : this.running;
     list.splice(list.indexOf(e), 1);
     e.state = 'done';
-    this.model.release(e.seq);
+    try {
+      this.model.release(e.seq);
+    } catch (err) {
+      // After a device fault the backend may refuse even this; the request ends all the same.
+      if (this.fatal === null) throw err;
+    }
     if (error !== undefined) e.req.fail(error);
     e.req.finished();
   }
@@ -399,7 +438,7 @@ export class Scheduler {
         }
         if (!this.makeRoom(e, this.model.length(e.seq) + 1 + b, planned)) {
           if (this.running.length > 1) this.preempt(e);
-          else this.retire(e, new MoeflashError('OUT_OF_MEMORY', `the KV cache cannot hold ${this.model.length(e.seq) + 1 + b} positions of one sequence`));
+          else this.retire(e, this.cannotHold(this.model.length(e.seq) + 1 + b));
           continue;
         }
         const anchor = [ctx[ctx.length - 1]];
@@ -426,7 +465,7 @@ export class Scheduler {
       const tokens = [ctx[ctx.length - 1], ...drafts];
       if (!this.makeRoom(e, this.model.length(e.seq) + tokens.length, planned)) {
         if (this.running.length > 1) this.preempt(e);
-        else this.retire(e, new MoeflashError('OUT_OF_MEMORY', `the KV cache cannot hold ${this.model.length(e.seq) + tokens.length} positions of one sequence`));
+        else this.retire(e, this.cannotHold(this.model.length(e.seq) + tokens.length));
         continue;
       }
       const work: StepWork = { tokens, logits: drafts.length ? 'all' : 'last', hiddenLayers: e.req.hiddenLayers };
@@ -439,7 +478,12 @@ export class Scheduler {
       if (planned.length >= maxBatch || budget <= 0) break;
       if (e.state !== 'running') continue;
       const { work, final } = this.chunkWork(e, budget);
-      if (!this.makeRoom(e, this.model.length(e.seq) + work.tokens.length, planned)) continue;
+      if (!this.makeRoom(e, this.model.length(e.seq) + work.tokens.length, planned)) {
+        // Alone, nothing will ever free the room it needs (the backend holds fewer positions a
+        // sequence than the pool does, say); with others it waits for them.
+        if (this.running.length === 1) this.retire(e, this.cannotHold(this.model.length(e.seq) + work.tokens.length));
+        continue;
+      }
       planned.push({ e, work, prefill: true, final });
       budget = this.opts.maxStepTokens - tokensOf();
     }
@@ -456,6 +500,11 @@ export class Scheduler {
       const admitted = this.makeRoom(e, length, planned);
       const pool = this.model.kvPages?.();
       // Leave a page of headroom per running sequence so that admissions do not force preemptions.
+      if (!admitted && !this.running.length) {
+        // Nothing runs, so nothing will free room: waiting would hold it (and everyone behind it) forever.
+        this.retire(e, this.cannotHold(length));
+        continue;
+      }
       if (!admitted || (pool && this.running.length && pool.free + pool.cached < this.running.length)) {
         this.model.release(e.seq);
         break;
@@ -481,6 +530,52 @@ export class Scheduler {
     return planned;
   }
 
+  /** A sequence that cannot get `length` positions even with every other request preempted. */
+  private cannotHold(length: number): MoeflashError {
+    const pool = this.model.kvPages?.();
+    const size = pool ? ` (the pool holds ${pool.total} pages of ${pool.pageSize} positions)` : '';
+    return new MoeflashError(
+      'OUT_OF_MEMORY',
+      `the KV cache cannot hold ${length} positions of this request even with every other request preempted${size}; lower maxTokens, shorten the prompt, or load with a larger kvCache (and maxSequenceLength)`,
+    );
+  }
+
+  /**
+   * The error the requests of a failed step get: the backend's, with the step's size added when
+   * it ran out of memory (a smaller step needs less working memory).
+   */
+  private stepError(err: unknown, live: Planned[]): unknown {
+    if ((err as { code?: unknown } | null)?.code !== 'OUT_OF_MEMORY') return err;
+    const tokens = live.reduce((n, p) => n + p.work.tokens.length + (p.work.speculate?.blockSize ?? 0), 0);
+    return new MoeflashError(
+      'OUT_OF_MEMORY',
+      `a step of ${live.length} sequence${live.length === 1 ? '' : 's'} (${tokens} tokens) ran out of memory, which ends its requests (the engine goes on with the others): ${messageOf(err)}; a smaller maxBatch or maxStepTokens makes smaller steps`,
+      { cause: err },
+    );
+  }
+
+  /**
+   * A fatal backend error (or one the loop itself could not handle): the requests of the step get
+   * it as is, every other pending request an error naming it, and submit() refuses from now on.
+   */
+  private failAll(err: unknown, live: Planned[] = []): void {
+    this.fatal = err;
+    this.accepting = false;
+    for (const p of live) this.retire(p.e, err);
+    this.aborting = new MoeflashError('DEVICE_ERROR', `the engine failed before this request could finish: ${messageOf(err)}; close it and create a new one`, {
+      cause: err,
+      fatal: true,
+    });
+    this.sweep();
+  }
+
+  /** The loop's condition; false ends the loop, in the same tick (see `looping`). */
+  private pending(): boolean {
+    if (this.queue.length || this.running.length) return true;
+    this.looping = false;
+    return false;
+  }
+
   private idle(): Promise<void> {
     if (this.woken) {
       this.woken = false;
@@ -495,17 +590,28 @@ export class Scheduler {
   }
 
   private async loop(): Promise<void> {
+    try {
+      await this.run();
+    } catch (err) {
+      this.looping = false;
+      // A bug or a backend call outside step() threw: the loop's state is unknown, so it ends
+      // every request rather than leaving them waiting (or the rejection unhandled).
+      this.failAll(err);
+    }
+  }
+
+  private async run(): Promise<void> {
     // Yield once so that requests submitted in the same tick share the first step.
     await setImmediateP();
-    while (this.queue.length || this.running.length) {
+    while (this.pending()) {
       this.woken = false;
       this.sweep();
-      if (!this.queue.length && !this.running.length) break;
+      if (!this.queue.length && !this.running.length) continue;
       const planned = await this.plan();
       this.sweep();
       // plan() retires requests whose host work failed (a schema that does not compile): when
       // that was the last one, waiting below would hold close({ drain }) until its timeout.
-      if (!this.queue.length && !this.running.length) break;
+      if (!this.queue.length && !this.running.length) continue;
       const live = planned.filter((p) => p.e.state === 'running');
       if (!live.length) {
         // Requests left out only because their host work is pending: the next plan awaits it.
@@ -519,7 +625,12 @@ export class Scheduler {
       try {
         result = await this.model.step(plan);
       } catch (err) {
-        for (const p of live) this.retire(p.e, err);
+        if (isFatalBackendError(err)) {
+          this.failAll(err, live);
+          continue;
+        }
+        const error = this.stepError(err, live);
+        for (const p of live) this.retire(p.e, error);
         continue;
       }
       const ms = performance.now() - t0;
@@ -565,4 +676,8 @@ export class Scheduler {
       await setImmediateP();
     }
   }
+}
+
+function messageOf(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
 }
