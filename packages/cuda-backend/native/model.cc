@@ -807,6 +807,23 @@ void replay_or_capture(Napi::Env env, State& s, std::map<int, cudaGraphExec_t>& 
   graphs[key] = exec;
 }
 
+// Every row's KV slot must lie inside the cache (the scratch page included).
+void check_slots(const ArgReader& r, const State& s, const int32_t* inputs, int rows, const char* what) {
+  const Config& c = s.c;
+  for (int t = 0; t < rows; ++t) {
+    const int slot = inputs[2 * c.max_tokens + t];
+    if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail(std::string(what) + " KV slot is outside the cache");
+  }
+}
+
+// A step's inputs and block tables in one copy: the tables follow the 5 maxTokens input rows on
+// both sides, and only the first `rows` table rows are sent.
+void upload_inputs(Napi::Env env, const State& s, int32_t* device, const int32_t* host, int rows, const char* what) {
+  const Config& c = s.c;
+  const size_t ints = 5 * static_cast<size_t>(c.max_tokens) + static_cast<size_t>(rows) * c.max_pages_per_seq;
+  check_cuda(env, cudaMemcpyAsync(device, host, sizeof(int32_t) * ints, cudaMemcpyHostToDevice, s.stream), what);
+}
+
 // Sampling settings of a step's logits rows ([rows][9], SampleField order) into the device buffers.
 void stage_sampling(const ArgReader& r, State& s, const Napi::Float64Array& sample_in, int n_logit) {
   const Config& c = s.c;
@@ -1067,18 +1084,11 @@ class Model : public Napi::ObjectWrap<Model> {
       for (int t = 0; t < bucket; ++t) pin[4 * MT + t] = t;
       rows = bucket;
     }
-    for (int t = 0; t < rows; ++t) {
-      const int slot = pin[2 * MT + t];
-      if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a KV slot is outside the cache");
-    }
+    check_slots(r, s, pin, rows, "a");
     cudaStream_t st = s.stream;
     s.sampling = sampling;
     if (sampling) stage_sampling(r, s, sample_in, n_logit);
-    // Inputs and block tables are one copy: the tables follow the 5 MT input rows on both sides.
-    check_cuda(env,
-               cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(rows) * c.max_pages_per_seq),
-                               cudaMemcpyHostToDevice, st),
-               "cudaMemcpyAsync (inputs)");
+    upload_inputs(env, s, s.in_tokens, pin, rows, "cudaMemcpyAsync (inputs)");
     // Several rows of one sequence in a step (a prefill chunk, a verify block) share their K/V
     // reads through attention_prefill. src/model.ts lays a sequence's rows out consecutively; a
     // row continues the previous row's sequence when it is the next position on the same pages.
@@ -1347,25 +1357,13 @@ class Model : public Napi::ObjectWrap<Model> {
     }
     int32_t* pin = s.in_host.get<int32_t>();
     std::memcpy(pin, vin.Data(), sizeof(int32_t) * input_ints);
-    for (int t = 0; t < T; ++t) {
-      const int slot = pin[2 * MT + t];
-      if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a KV slot is outside the cache");
-    }
-    for (int t = 0; t < DT; ++t) {
-      const int slot = din[2 * MT + t];
-      if (slot < 0 || slot >= (c.num_pages + 1) * c.page_size) r.fail("a draft KV slot is outside the cache");
-    }
+    check_slots(r, s, pin, T, "a");
+    check_slots(r, s, din.Data(), DT, "a draft");
     cudaStream_t st = s.stream;
     s.sampling = sampling;
     if (sampling) stage_sampling(r, s, sample_in, n_logit);
-    check_cuda(env,
-               cudaMemcpyAsync(s.in_tokens, pin, sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(T) * c.max_pages_per_seq),
-                               cudaMemcpyHostToDevice, st),
-               "cudaMemcpyAsync (verify inputs)");
-    check_cuda(env,
-               cudaMemcpyAsync(dr.in_tokens, din.Data(), sizeof(int32_t) * (5 * static_cast<size_t>(MT) + static_cast<size_t>(DT) * c.max_pages_per_seq),
-                               cudaMemcpyHostToDevice, st),
-               "cudaMemcpyAsync (draft inputs)");
+    upload_inputs(env, s, s.in_tokens, pin, T, "cudaMemcpyAsync (verify inputs)");
+    upload_inputs(env, s, dr.in_tokens, din.Data(), DT, "cudaMemcpyAsync (draft inputs)");
     std::vector<int32_t> spec_dev(3 * static_cast<size_t>(S));
     std::copy(row0.begin(), row0.end(), spec_dev.begin());
     std::copy(logit0.begin(), logit0.end(), spec_dev.begin() + S);

@@ -6,6 +6,7 @@
  */
 import { MoeflashError, ropeTable, type DeviceDrafterSpec, type ModelSpec } from '@moeflash/core';
 
+import { bf16Into } from './bf16.js';
 import type { NativeDrafterConfig } from './native.js';
 
 /** Keep in step with native/model.cc's DraftGlobal and DraftLayerField. */
@@ -13,16 +14,6 @@ const DRAFT_GLOBALS = 4;
 const DRAFT_LAYER_FIELDS = 10;
 /** Most tokens one round drafts (native kMaxDraftBlock). */
 export const MAX_DEVICE_BLOCK = 16;
-
-function toBf16Into(v: Float32Array, out: Uint16Array, at: number): void {
-  const f = new Float32Array(1);
-  const u = new Uint32Array(f.buffer);
-  for (let i = 0; i < v.length; i++) {
-    f[0] = v[i];
-    const b = u[0];
-    out[at + i] = (b & 0x7f800000) === 0x7f800000 && (b & 0x7fffff) !== 0 ? 0x7fc0 : ((b + 0x7fff + ((b >>> 16) & 1)) >>> 16) & 0xffff;
-  }
-}
 
 interface Piece {
   offset: number;
@@ -86,7 +77,7 @@ export function planDrafter(spec: DeviceDrafterSpec, target: ModelSpec): Drafter
             continue;
           }
           if (v.length !== p.elems) throw new MoeflashError('WEIGHTS_INVALID', `${spec.source}: tensor ${p.name} holds ${v.length} values where ${p.elems} were expected`);
-          toBf16Into(v, out, at);
+          bf16Into(v, out, at);
           at += p.elems;
           present++;
         }

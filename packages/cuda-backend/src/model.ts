@@ -36,6 +36,7 @@ import {
   type WeightSource,
 } from '@moeflash/core';
 
+import { bf16Array } from './bf16.js';
 import { MAX_DEVICE_BLOCK, planDrafter } from './drafter.js';
 import { isCudaAvailable, loadAddon, translateNativeError, type NativeModel } from './native.js';
 
@@ -149,19 +150,6 @@ interface Piece {
   fill: () => Promise<Uint8Array>;
 }
 
-const f32 = new Float32Array(1);
-const u32 = new Uint32Array(f32.buffer);
-function toBf16(x: number): number {
-  f32[0] = x;
-  const b = u32[0];
-  if ((b & 0x7f800000) === 0x7f800000 && (b & 0x7fffff) !== 0) return 0x7fc0;
-  return ((b + 0x7fff + ((b >>> 16) & 1)) >>> 16) & 0xffff;
-}
-function bf16Array(v: Float32Array): Uint16Array {
-  const out = new Uint16Array(v.length);
-  for (let i = 0; i < v.length; i++) out[i] = toBf16(v[i]);
-  return out;
-}
 const asBytes = (a: ArrayBufferView): Uint8Array => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
 
 function transpose<T extends Uint16Array | Float32Array>(m: T, rows: number, cols: number): T {
@@ -1217,23 +1205,15 @@ function appendRouting(
           ex.set(routing.experts.subarray((l * T + t) * K, (l * T + t + 1) * K), j * K);
         });
       }
-      tr.logits[l] = concatF32(tr.logits[l], lg);
-      tr.experts[l] = concatI32(tr.experts[l], ex);
+      tr.logits[l] = concat(tr.logits[l], lg);
+      tr.experts[l] = concat(tr.experts[l], ex);
     });
   });
 }
 
-function concatF32(a: Float32Array | undefined, b: Float32Array): Float32Array {
+function concat<T extends Float32Array | Int32Array>(a: T | undefined, b: T): T {
   if (!a || a.length === 0) return b;
-  const out = new Float32Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
-}
-
-function concatI32(a: Int32Array | undefined, b: Int32Array): Int32Array {
-  if (!a || a.length === 0) return b;
-  const out = new Int32Array(a.length + b.length);
+  const out = new (b.constructor as new (n: number) => T)(a.length + b.length);
   out.set(a);
   out.set(b, a.length);
   return out;

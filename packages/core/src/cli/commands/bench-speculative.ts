@@ -8,6 +8,7 @@ import { openWeights } from '../../weights/safetensors.js';
 import { num, parse, required } from '../args.js';
 import { precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
+import { median, rng } from './bench-stats.js';
 
 export const benchSpeculativeHelp = `moeflash bench --speculative dflash --model DIR --draft DIR [--accept TAU] [--blocks 1,2,4,8,16] [--batch 1,8] [--prompt 128] [--gen 128] [--out FILE.json]
   DFlash rounds on the backend (the drafter attached to the target: draft, verify and acceptance
@@ -23,20 +24,6 @@ interface SpeculativeModule {
   loadDflashConfig(dir: string): Promise<unknown>;
   deviceDrafterSpec(cfg: unknown, src: Awaited<ReturnType<typeof openWeights>>, target: ModelSpec): DeviceDrafterSpec;
 }
-
-/** mulberry32 */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)] ?? NaN;
 
 export interface SpeculativeRow {
   batch: number;

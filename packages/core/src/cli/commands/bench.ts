@@ -12,6 +12,7 @@ import { FINITE_CHECK_HELP, num, parse, required } from '../args.js';
 import { EXPERTS_HELP, PRECISION_HELP, describeExpertLoad, expertLoadOf, expertsFlag, precisionFlag } from '../experts.js';
 import { progressBar } from '../progress.js';
 import { benchSpeculative, benchSpeculativeHelp } from './bench-speculative.js';
+import { median, quantile, rng } from './bench-stats.js';
 
 export const benchHelp = `moeflash bench --model DIR [--backend cuda|cpu] [--batch 1,8,32] [--prompt 512] [--gen 256] [--out FILE.json] [--experts auto|stored|mxfp4] [--precision auto|bf16|f32]
   Prefill and decode throughput at each batch size (random prompts, greedy decoding): prefill
@@ -44,24 +45,6 @@ export interface BenchRow {
   shareOfCopyBandwidth: number | null;
   /** Distinct experts a MoE layer reads in one decode step (expected, independent routing). */
   expertsPerLayer: number;
-}
-
-const median = (xs: number[]) => quantile(xs, 0.5);
-function quantile(xs: number[], q: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(q * s.length))];
-}
-
-/** mulberry32: seeded prompt tokens. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /**
